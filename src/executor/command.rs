@@ -1,0 +1,242 @@
+//! The command action: a child process in its own process group.
+//!
+//! Ownership rules (`docs/supervision.md`):
+//! - the child leads a new process group, so the whole tree it forks can be
+//!   signalled at once with `killpg`;
+//! - it gets `PR_SET_PDEATHSIG = SIGKILL`, so it dies if the service dies.
+//!   The signal follows the *thread* that forked, so children are spawned
+//!   from the run's task on a runtime worker thread, which lives as long as
+//!   the runtime (never from the blocking pool, whose threads retire);
+//! - on timeout or cancellation the group gets SIGTERM, then SIGKILL after
+//!   the kill grace; when the leader exits on its own, whatever is left in
+//!   its group is killed too — the run is over;
+//! - a guard kills the group if the run's task is dropped mid-flight.
+//!
+//! Output: stdout and stderr are read concurrently into one bounded tail and
+//! drained until EOF, so a chatty child never blocks on a full pipe. Once the
+//! leader has exited, draining stops after [`DRAIN_AFTER_EXIT`], because a
+//! daemonized grandchild may hold the pipe open indefinitely.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::pin::pin;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::process::{ChildStderr, ChildStdout, Command};
+use tokio_util::sync::CancellationToken;
+
+use super::{Limits, Occurrence, Tail};
+use crate::action::CommandAction;
+use crate::run::{Outcome, RunStatus};
+
+/// How long output is still read after the leader exited.
+pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+
+/// The process a command run started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Its pid.
+    pub pid: i32,
+    /// Its process group (equal to the pid: it leads the group).
+    pub pgid: i32,
+    /// Its start time in clock ticks since boot (`/proc/<pid>/stat`).
+    pub start_ticks: Option<u64>,
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
+/// Together with the pid it identifies a process across pid reuse.
+pub fn process_start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses; the
+    // fields after its closing parenthesis are plain.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills the group when dropped, unless disarmed.
+struct GroupGuard(Option<Pid>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// Why the wait for the leader ended.
+#[derive(Clone, Copy)]
+enum End {
+    Exited,
+    TimedOut,
+    Cancelled,
+}
+
+pub(super) async fn execute<F, Fut>(
+    action: &CommandAction,
+    occurrence: &Occurrence,
+    limits: Limits,
+    tail_bytes: usize,
+    cancel: &CancellationToken,
+    on_spawn: F,
+) -> Outcome
+where
+    F: FnOnce(ProcessInfo) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut cmd = Command::new(&action.program);
+    cmd.args(&action.args)
+        .envs(&action.env)
+        .env("CRONGUARD_JOB", occurrence.job_id.to_string())
+        .env("CRONGUARD_JOB_NAME", &occurrence.job_name)
+        .env("CRONGUARD_RUN", occurrence.run_id.to_string())
+        .env("CRONGUARD_SCHEDULED_AT", occurrence.scheduled_at_text())
+        .env("CRONGUARD_ATTEMPT", occurrence.attempt.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(dir) = &action.working_dir {
+        cmd.current_dir(dir);
+    }
+    set_parent_death_signal(&mut cmd);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            return Outcome {
+                attempts: occurrence.attempt,
+                ..Outcome::failed(format!("could not start `{}`: {e}", action.program))
+            };
+        }
+    };
+    let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+        return Outcome::failed("the child exited before its pid could be read");
+    };
+    let group = Pid::from_raw(pid);
+    let mut guard = GroupGuard(Some(group));
+    on_spawn(ProcessInfo {
+        pid,
+        pgid: pid,
+        start_ticks: process_start_ticks(pid),
+    })
+    .await;
+
+    let tail = Mutex::new(Tail::new(tail_bytes));
+    let mut capture = pin!(capture(child.stdout.take(), child.stderr.take(), &tail));
+    let mut drained = false;
+
+    let deadline = tokio::time::Instant::now() + limits.timeout;
+    let (end, exited) = loop {
+        tokio::select! {
+            () = &mut capture, if !drained => drained = true,
+            status = child.wait() => break (End::Exited, Some(status)),
+            () = tokio::time::sleep_until(deadline) => break (End::TimedOut, None),
+            () = cancel.cancelled() => break (End::Cancelled, None),
+        }
+    };
+
+    let status = match exited {
+        Some(status) => status,
+        None => {
+            let _ = killpg(group, Signal::SIGTERM);
+            let grace = tokio::time::sleep(limits.kill_grace);
+            let mut grace = pin!(grace);
+            let exited = loop {
+                tokio::select! {
+                    () = &mut capture, if !drained => drained = true,
+                    status = child.wait() => break Some(status),
+                    () = &mut grace => break None,
+                }
+            };
+            match exited {
+                Some(status) => status,
+                None => {
+                    let _ = killpg(group, Signal::SIGKILL);
+                    child.wait().await
+                }
+            }
+        }
+    };
+    // The leader is gone; anything left in its group is a leftover of this
+    // run and goes with it.
+    let _ = killpg(group, Signal::SIGKILL);
+    guard.0 = None;
+    if !drained {
+        let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut capture).await;
+    }
+    let output = tail.lock().unwrap_or_else(|e| e.into_inner()).take_text();
+
+    let (run_status, error) = match (end, &status) {
+        (End::TimedOut, _) => (
+            RunStatus::TimedOut,
+            Some(format!("timed out after {}", humantime::format_duration(limits.timeout))),
+        ),
+        (End::Cancelled, _) => (RunStatus::Cancelled, Some("cancelled".to_owned())),
+        (End::Exited, Ok(s)) if s.success() => (RunStatus::Succeeded, None),
+        (End::Exited, Ok(s)) => (
+            RunStatus::Failed,
+            Some(match (s.code(), s.signal()) {
+                (Some(code), _) => format!("exited with code {code}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                (None, None) => "exited abnormally".to_owned(),
+            }),
+        ),
+        (End::Exited, Err(e)) => (RunStatus::Failed, Some(format!("waiting for the process failed: {e}"))),
+    };
+    Outcome {
+        status: run_status,
+        reason: None,
+        attempts: occurrence.attempt,
+        exit_code: status.as_ref().ok().and_then(ExitStatus::code),
+        http_status: None,
+        error,
+        output,
+    }
+}
+
+/// Reads both pipes into `tail` until both reach EOF.
+async fn capture(stdout: Option<ChildStdout>, stderr: Option<ChildStderr>, tail: &Mutex<Tail>) {
+    let mut out = stdout;
+    let mut err = stderr;
+    let mut buf_out = vec![0u8; 8192];
+    let mut buf_err = vec![0u8; 8192];
+    loop {
+        tokio::select! {
+            r = async { out.as_mut()?.read(&mut buf_out).await.ok() }, if out.is_some() => match r {
+                Some(n) if n > 0 => tail.lock().unwrap_or_else(|e| e.into_inner()).push(&buf_out[..n]),
+                _ => out = None,
+            },
+            r = async { err.as_mut()?.read(&mut buf_err).await.ok() }, if err.is_some() => match r {
+                Some(n) if n > 0 => tail.lock().unwrap_or_else(|e| e.into_inner()).push(&buf_err[..n]),
+                _ => err = None,
+            },
+            else => return,
+        }
+    }
+}
+
+/// Makes the child receive SIGKILL when the thread that forked it exits.
+#[expect(unsafe_code, reason = "pre_exec is the only way to run prctl in the child before exec")]
+fn set_parent_death_signal(cmd: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child between fork and exec.
+    // It makes only async-signal-safe system calls (prctl, getppid), takes
+    // no locks and allocates nothing (the error is built from a raw errno).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            // The parent may have died between fork and prctl, in which
+            // case the signal was never delivered: refuse to run orphaned.
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,134 @@
+//! Runs one attempt of an action and reports how it ended.
+//!
+//! The executor never records anything itself: it returns an [`Outcome`]
+//! and the supervisor, which owns the run, writes it. Every attempt has a
+//! deadline and honours its cancellation token; command attempts kill their
+//! whole process group on either.
+
+mod command;
+mod http;
+mod output;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::action::Action;
+use crate::clock::SharedClock;
+use crate::job::JobId;
+use crate::run::{Outcome, RunId};
+use crate::store::Store;
+
+pub use self::command::{ProcessInfo, process_start_ticks};
+pub use self::output::Tail;
+
+/// The occurrence identity every action receives (headers or environment),
+/// so receivers can deduplicate a fire that was executed twice.
+#[derive(Debug, Clone)]
+pub struct Occurrence {
+    /// The job.
+    pub job_id: JobId,
+    /// The job's name.
+    pub job_name: String,
+    /// This run.
+    pub run_id: RunId,
+    /// The nominal fire instant.
+    pub scheduled_at: DateTime<Utc>,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+}
+
+impl Occurrence {
+    /// `scheduled_at` as RFC 3339 with milliseconds, in UTC.
+    pub fn scheduled_at_text(&self) -> String {
+        self.scheduled_at.to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+}
+
+/// Settings the operator chose for execution.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Whether command actions may run.
+    pub commands_enabled: bool,
+    /// Bytes of output kept per run.
+    pub output_tail_bytes: usize,
+}
+
+/// Runs actions; cheap to clone.
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ExecutorConfig,
+    http: reqwest::Client,
+    store: Store,
+    #[cfg_attr(not(feature = "fault-injection"), expect(dead_code, reason = "used by the test action"))]
+    clock: SharedClock,
+}
+
+/// How an attempt is to be bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The attempt's timeout.
+    pub timeout: Duration,
+    /// SIGTERM-to-SIGKILL grace for command process groups.
+    pub kill_grace: Duration,
+}
+
+impl Executor {
+    /// An executor with one shared HTTP client (connection reuse across runs).
+    pub fn new(config: ExecutorConfig, store: Store, clock: SharedClock) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("cronguard/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(1024)
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                http,
+                store,
+                clock,
+            }),
+        })
+    }
+
+    /// Runs one attempt. `cancel` ends it early with `cancelled`.
+    pub async fn execute(
+        &self,
+        action: &Action,
+        occurrence: &Occurrence,
+        limits: Limits,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        let cfg = &self.inner.config;
+        match action {
+            Action::Http(a) => {
+                http::execute(&self.inner.http, a, occurrence, limits, cfg.output_tail_bytes, cancel).await
+            }
+            Action::Command(a) => {
+                if !cfg.commands_enabled {
+                    return Outcome::failed(
+                        "command actions are disabled on this server (--enable-command-jobs); \
+                         the job was stored while they were enabled",
+                    );
+                }
+                let store = self.inner.store.clone();
+                let run_id = occurrence.run_id;
+                let on_spawn = move |p: ProcessInfo| async move {
+                    if let Err(e) = store.record_process(run_id, p.pid, p.pgid, p.start_ticks).await {
+                        tracing::warn!(error = %e, "could not record the run's process");
+                    }
+                };
+                command::execute(a, occurrence, limits, cfg.output_tail_bytes, cancel, on_spawn).await
+            }
+            #[cfg(feature = "fault-injection")]
+            Action::Test(spec) => crate::fault::execute_test_action(spec, occurrence, &self.inner.clock, cancel).await,
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! Persistence: the narrow interface every other module uses.
+//!
+//! [`Store`] is the source of truth for jobs and runs. Writes go through a
+//! single writer task that commits whatever is queued in one transaction
+//! (group commit), so fires at thousands per second cost one fsync per batch
+//! and never meet `SQLITE_BUSY`; reads use a separate pool of read-only
+//! connections (WAL lets them run beside the writer). After a job write
+//! commits, the writer publishes a [`JobChange`] in commit order, which is
+//! how the engine learns about creates, updates, pauses and deletes without
+//! polling and without races between concurrent API calls.
+
+mod rows;
+mod sqlite;
+mod writer;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+
+use crate::job::{Job, JobDefinition, JobId, Source};
+use crate::run::{Incarnation, Outcome, Run, RunId, RunStatus};
+
+pub use self::sqlite::{SqliteOptions, Synchronous};
+
+/// Everything that can go wrong in the store, by what the caller can do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such job or run.
+    #[error("not found")]
+    NotFound,
+    /// Another job already has this name.
+    #[error("a job named `{0}` already exists")]
+    NameTaken(String),
+    /// Optimistic concurrency: the job changed since the caller read it.
+    #[error("job version is {current}, not the expected {expected}")]
+    VersionMismatch {
+        /// What the caller expected.
+        expected: i64,
+        /// What is stored.
+        current: i64,
+    },
+    /// A run for this job and scheduled instant already exists.
+    #[error("a run for this fire already exists")]
+    DuplicateFire,
+    /// The run is already in a final state.
+    #[error("the run already ended")]
+    AlreadyFinal,
+    /// The writer task is gone (shutting down).
+    #[error("the store is shut down")]
+    Closed,
+    /// Stored data that does not decode (corruption or a downgrade).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// A committed change to a job, published in commit order.
+#[derive(Debug, Clone)]
+pub enum JobChange {
+    /// Created, replaced, paused or resumed.
+    Upserted(Arc<Job>),
+    /// Deleted.
+    Removed(JobId),
+}
+
+/// Addresses a job by id or by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobKey {
+    /// By id.
+    Id(JobId),
+    /// By unique name.
+    Name(String),
+}
+
+impl JobKey {
+    /// A UUID is an id; anything else a name (names cannot be UUIDs).
+    pub fn parse(text: &str) -> Self {
+        match text.parse() {
+            Ok(id) => Self::Id(id),
+            Err(_) => Self::Name(text.to_owned()),
+        }
+    }
+}
+
+/// Filters for listing jobs.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Every `(key, value)` label must match.
+    pub labels: Vec<(String, String)>,
+    /// Only paused (or only active) jobs.
+    pub paused: Option<bool>,
+    /// Only jobs from this source.
+    pub source: Option<Source>,
+}
+
+/// Filters for listing runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only this job's runs.
+    pub job: Option<JobId>,
+    /// Only runs in one of these statuses.
+    pub statuses: Vec<RunStatus>,
+}
+
+/// A new job to insert.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// Its id.
+    pub id: JobId,
+    /// Its validated definition.
+    pub def: JobDefinition,
+    /// Start paused.
+    pub paused: bool,
+    /// Who owns it.
+    pub source: Source,
+    /// Creation time (also the initial schedule cursor).
+    pub now: DateTime<Utc>,
+}
+
+/// A replacement definition for an existing job.
+#[derive(Debug, Clone)]
+pub struct Replacement {
+    /// The job.
+    pub id: JobId,
+    /// `If-Match`: fail unless the stored version is this one.
+    pub expected_version: Option<i64>,
+    /// The new definition.
+    pub def: JobDefinition,
+    /// New paused state, or keep.
+    pub paused: Option<bool>,
+    /// When.
+    pub now: DateTime<Utc>,
+}
+
+/// A page of results and the cursor for the next one.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Present when more items follow.
+    pub next: Option<String>,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<sqlite::SqliteStore>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if missing) and migrates the database at `url`, and
+    /// starts the writer; committed job changes are sent to `changes`.
+    pub async fn open(
+        options: &SqliteOptions,
+        changes: mpsc::UnboundedSender<JobChange>,
+    ) -> Result<(Self, writer::WriterTask), StoreError> {
+        let (inner, task) = sqlite::SqliteStore::open(options, changes).await?;
+        Ok((
+            Self {
+                inner: Arc::new(inner),
+            },
+            task,
+        ))
+    }
+
+    /// Applies pending migrations and returns (used by `cronguard migrate`).
+    pub async fn migrate_only(options: &SqliteOptions) -> Result<(), StoreError> {
+        sqlite::SqliteStore::migrate_only(options).await
+    }
+
+    // ---- jobs -----------------------------------------------------------
+
+    /// Inserts a job; fails with [`StoreError::NameTaken`] on a duplicate name.
+    pub async fn create_job(&self, job: NewJob) -> Result<Arc<Job>, StoreError> {
+        self.inner.write(|reply| writer::Op::CreateJob { job, reply }).await
+    }
+
+    /// Replaces a job's definition, keeping its history and id.
+    pub async fn replace_job(&self, replacement: Replacement) -> Result<Arc<Job>, StoreError> {
+        self.inner
+            .write(|reply| writer::Op::ReplaceJob { replacement, reply })
+            .await
+    }
+
+    /// Pauses (with an optional note) or resumes a job. Resuming moves the
+    /// schedule cursor to `now`: fires due while paused are not replayed.
+    pub async fn set_paused(
+        &self,
+        id: JobId,
+        paused: bool,
+        note: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Arc<Job>, StoreError> {
+        self.inner
+            .write(|reply| writer::Op::SetPaused {
+                id,
+                paused,
+                note,
+                now,
+                reply,
+            })
+            .await
+    }
+
+    /// Deletes a job and its run history.
+    pub async fn delete_job(&self, id: JobId) -> Result<(), StoreError> {
+        self.inner.write(|reply| writer::Op::DeleteJob { id, reply }).await
+    }
+
+    /// One job by id or name.
+    pub async fn get_job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
+        self.inner.get_job(key).await
+    }
+
+    /// Jobs in id order after `cursor`, filtered.
+    pub async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<JobId>,
+        limit: u32,
+    ) -> Result<Page<Job>, StoreError> {
+        self.inner.list_jobs(filter, cursor, limit).await
+    }
+
+    /// Every job, for the engine to schedule.
+    pub async fn load_jobs(&self) -> Result<Vec<Arc<Job>>, StoreError> {
+        self.inner.load_jobs().await
+    }
+
+    /// Counts of jobs: (active, paused).
+    pub async fn count_jobs(&self) -> Result<(u64, u64), StoreError> {
+        self.inner.count_jobs().await
+    }
+
+    // ---- runs -----------------------------------------------------------
+
+    /// Inserts a run. A scheduled or catch-up run also moves the job's
+    /// schedule cursor to its scheduled time, in the same transaction, so a
+    /// restart resumes exactly after the last recorded fire. Fails with
+    /// [`StoreError::DuplicateFire`] if the fire was already recorded.
+    pub async fn insert_run(&self, run: Run) -> Result<(), StoreError> {
+        self.inner.write(|reply| writer::Op::InsertRun { run, reply }).await
+    }
+
+    /// Moves a queued run to running.
+    pub async fn start_run(&self, id: RunId, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner.write(|reply| writer::Op::StartRun { id, at, reply }).await
+    }
+
+    /// Records the process a command run started.
+    pub async fn record_process(
+        &self,
+        id: RunId,
+        pid: i32,
+        pgid: i32,
+        start_ticks: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .write(|reply| writer::Op::RecordProcess {
+                id,
+                pid,
+                pgid,
+                start_ticks,
+                reply,
+            })
+            .await
+    }
+
+    /// Records a run's final state; [`StoreError::AlreadyFinal`] if it had one.
+    pub async fn finish_run(
+        &self,
+        id: RunId,
+        outcome: Outcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .write(|reply| writer::Op::FinishRun {
+                id,
+                outcome,
+                at,
+                reply,
+            })
+            .await
+    }
+
+    /// Marks every live run not owned by `current` as orphaned and returns
+    /// them as they were (with their recorded process).
+    pub async fn orphan_foreign_runs(
+        &self,
+        current: Incarnation,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<Run>, StoreError> {
+        self.inner
+            .write(|reply| writer::Op::OrphanForeignRuns { current, at, reply })
+            .await
+    }
+
+    /// One run.
+    pub async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        self.inner.get_run(id).await
+    }
+
+    /// Runs newest first, before `cursor`, filtered.
+    pub async fn list_runs(
+        &self,
+        filter: &RunFilter,
+        cursor: Option<RunId>,
+        limit: u32,
+    ) -> Result<Page<Run>, StoreError> {
+        self.inner.list_runs(filter, cursor, limit).await
+    }
+
+    // ---- incarnations ---------------------------------------------------
+
+    /// Records this process's start.
+    pub async fn register_incarnation(
+        &self,
+        id: Incarnation,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .write(|reply| writer::Op::RegisterIncarnation { id, at, reply })
+            .await
+    }
+
+    /// Records this process's clean stop.
+    pub async fn stop_incarnation(&self, id: Incarnation, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner
+            .write(|reply| writer::Op::StopIncarnation { id, at, reply })
+            .await
+    }
+
+    /// Checks that the database answers (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}

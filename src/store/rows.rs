@@ -1,0 +1,120 @@
+//! Row decoding and the column encodings shared by reads and writes.
+//!
+//! Instants are stored as integer Unix milliseconds (sortable, compact,
+//! exact); ids as their canonical UUID text (UUID v7 text sorts by time).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use super::StoreError;
+use crate::action::ActionPolicy;
+use crate::job::{Job, JobId, JobSpec, Source};
+use crate::run::{Incarnation, Run, RunId};
+
+/// Columns selected for a job, in the order [`job`] reads them.
+pub const JOB_COLUMNS: &str =
+    "id, spec, paused, pause_note, source, version, created_at, updated_at, cursor_at";
+
+/// Columns selected for a run, in the order [`run`] reads them.
+pub const RUN_COLUMNS: &str = "id, job_id, job_name, scheduled_at, scheduled_until, fires, status, \
+     trigger, reason, created_at, started_at, ended_at, attempts, exit_code, http_status, error, \
+     output, pid, pgid, process_start_ticks, incarnation";
+
+/// Unix milliseconds.
+pub fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+/// From Unix milliseconds.
+pub fn instant(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("instant {ms}")))
+}
+
+fn opt_instant(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
+    ms.map(instant).transpose()
+}
+
+fn parse<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Corrupt(format!("{what} `{text}`")))
+}
+
+/// The spec as stored: `paused` lives in its own column.
+pub fn spec_json(spec: &JobSpec) -> Result<String, StoreError> {
+    let mut spec = spec.clone();
+    spec.paused = None;
+    serde_json::to_string(&spec).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Decodes a job row selected with [`JOB_COLUMNS`].
+///
+/// Stored specs were validated when written; they are validated again
+/// here (schedules must be compiled anyway). Whether command actions may
+/// *run* is decided by the executor at run time, so a job stored while
+/// commands were enabled still loads, and its runs fail with a clear error.
+pub fn job(row: &SqliteRow) -> Result<Job, StoreError> {
+    let id: String = row.try_get(0)?;
+    let spec_text: String = row.try_get(1)?;
+    let spec: JobSpec = serde_json::from_str(&spec_text)
+        .map_err(|e| StoreError::Corrupt(format!("job {id} spec: {e}")))?;
+    let def = spec
+        .validate(&ActionPolicy {
+            commands_enabled: true,
+        })
+        .map_err(|e| StoreError::Corrupt(format!("job {id} spec: {e}")))?;
+    let source: String = row.try_get(4)?;
+    Ok(Job {
+        id: parse::<JobId>(&id, "job id")?,
+        def,
+        paused: row.try_get(2)?,
+        pause_note: row.try_get(3)?,
+        source: Source::parse(&source).ok_or_else(|| StoreError::Corrupt(format!("source {source}")))?,
+        version: row.try_get(5)?,
+        created_at: instant(row.try_get(6)?)?,
+        updated_at: instant(row.try_get(7)?)?,
+        cursor_at: instant(row.try_get(8)?)?,
+    })
+}
+
+/// Decodes a job row into a shared job.
+pub fn shared_job(row: &SqliteRow) -> Result<Arc<Job>, StoreError> {
+    job(row).map(Arc::new)
+}
+
+/// Decodes a run row selected with [`RUN_COLUMNS`].
+pub fn run(row: &SqliteRow) -> Result<Run, StoreError> {
+    let id: String = row.try_get(0)?;
+    let job_id: String = row.try_get(1)?;
+    let status: String = row.try_get(6)?;
+    let trigger: String = row.try_get(7)?;
+    let reason: Option<String> = row.try_get(8)?;
+    let incarnation: String = row.try_get(20)?;
+    let http_status: Option<i64> = row.try_get(14)?;
+    let ticks: Option<i64> = row.try_get(19)?;
+    Ok(Run {
+        id: parse::<RunId>(&id, "run id")?,
+        job_id: parse(&job_id, "job id")?,
+        job_name: row.try_get(2)?,
+        scheduled_at: instant(row.try_get(3)?)?,
+        scheduled_until: opt_instant(row.try_get(4)?)?,
+        fires: row.try_get::<i64, _>(5)?.try_into().unwrap_or(u32::MAX),
+        status: parse(&status, "status")?,
+        trigger: parse(&trigger, "trigger")?,
+        reason: reason.as_deref().map(|r| parse(r, "reason")).transpose()?,
+        created_at: instant(row.try_get(9)?)?,
+        started_at: opt_instant(row.try_get(10)?)?,
+        ended_at: opt_instant(row.try_get(11)?)?,
+        attempts: row.try_get::<i64, _>(12)?.try_into().unwrap_or(u32::MAX),
+        exit_code: row.try_get(13)?,
+        http_status: http_status.and_then(|s| u16::try_from(s).ok()),
+        error: row.try_get(15)?,
+        output: row.try_get(16)?,
+        pid: row.try_get(17)?,
+        pgid: row.try_get(18)?,
+        process_start_ticks: ticks.and_then(|t| u64::try_from(t).ok()),
+        incarnation: Incarnation(parse(&incarnation, "incarnation")?),
+    })
+}

@@ -1,0 +1,258 @@
+//! The SQLite implementation: connection setup, migrations and reads.
+//!
+//! Pitfalls handled here (see `../shared/STACK.md`): sqlx leaves SQLite in
+//! rollback-journal mode with full sync unless told otherwise, so WAL and
+//! the synchronous level are set explicitly; all writes go through one
+//! connection owned by the writer task, so `SQLITE_BUSY` cannot arise
+//! between our own writers.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, QueryBuilder, Sqlite};
+use tokio::sync::{mpsc, oneshot};
+
+use super::rows::{self, JOB_COLUMNS, RUN_COLUMNS};
+use super::writer::{Op, Writer, WriterTask};
+use super::{JobChange, JobFilter, JobKey, Page, RunFilter, StoreError};
+use crate::job::{Job, JobId};
+use crate::run::{Run, RunId};
+
+/// Migrations for the SQLite backend, embedded in the binary.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How durable a commit is (SQLite `PRAGMA synchronous` in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Survives a crash or `kill -9` of the service; the last commits can
+    /// be lost on power failure or a kernel crash.
+    #[default]
+    Normal,
+    /// Also survives power failure, at one fsync per group commit.
+    Full,
+}
+
+/// Where the database is and how to open it.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// `sqlite://path`, `sqlite:path` or a plain file path.
+    pub url: String,
+    /// Durability of commits.
+    pub synchronous: Synchronous,
+    /// How long a statement waits for a lock held by another process.
+    pub busy_timeout: Duration,
+    /// Size of the read-only connection pool.
+    pub read_connections: u32,
+}
+
+impl SqliteOptions {
+    /// Options for the file at `url` with defaults for the rest.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            synchronous: Synchronous::Normal,
+            busy_timeout: Duration::from_secs(5),
+            read_connections: 4,
+        }
+    }
+
+    fn connect_options(&self) -> Result<SqliteConnectOptions, StoreError> {
+        let url = if self.url.starts_with("sqlite:") {
+            self.url.clone()
+        } else {
+            format!("sqlite://{}", self.url)
+        };
+        let sync = match self.synchronous {
+            Synchronous::Normal => SqliteSynchronous::Normal,
+            Synchronous::Full => SqliteSynchronous::Full,
+        };
+        Ok(SqliteConnectOptions::from_str(&url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(sync)
+            .busy_timeout(self.busy_timeout)
+            .foreign_keys(true)
+            .pragma("temp_store", "memory"))
+    }
+}
+
+/// The SQLite store: a read pool and the writer's queue.
+pub struct SqliteStore {
+    read: SqlitePool,
+    writer: mpsc::Sender<Op>,
+}
+
+/// Queue depth of the writer; senders wait (backpressure) when it is full.
+const WRITER_QUEUE: usize = 16 * 1024;
+
+impl SqliteStore {
+    pub(super) async fn open(
+        options: &SqliteOptions,
+        changes: mpsc::UnboundedSender<JobChange>,
+    ) -> Result<(Self, WriterTask), StoreError> {
+        let connect = options.connect_options()?;
+        let mut conn = SqliteConnection::connect_with(&connect).await?;
+        MIGRATOR.run(&mut conn).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(options.read_connections.max(1))
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(connect.read_only(true))
+            .await?;
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let task = Writer::new(conn, rx, changes).into_task();
+        Ok((Self { read, writer: tx }, task))
+    }
+
+    pub(super) async fn migrate_only(options: &SqliteOptions) -> Result<(), StoreError> {
+        let mut conn = SqliteConnection::connect_with(&options.connect_options()?).await?;
+        MIGRATOR.run(&mut conn).await?;
+        conn.close().await?;
+        Ok(())
+    }
+
+    /// Queues a write and waits for its commit.
+    pub(super) async fn write<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(op(tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub(super) async fn get_job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
+        let row = match key {
+            JobKey::Id(id) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?")))
+                    .bind(id.to_string())
+                    .fetch_optional(&self.read)
+                    .await?
+            }
+            JobKey::Name(name) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE name = ?")))
+                    .bind(name)
+                    .fetch_optional(&self.read)
+                    .await?
+            }
+        };
+        row.as_ref().map(rows::job).transpose()
+    }
+
+    pub(super) async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<JobId>,
+        limit: u32,
+    ) -> Result<Page<Job>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new(format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE 1=1"));
+        if let Some(paused) = filter.paused {
+            q.push(" AND j.paused = ").push_bind(paused);
+        }
+        if let Some(source) = filter.source {
+            q.push(" AND j.source = ").push_bind(source.as_str());
+        }
+        if let Some(cursor) = cursor {
+            q.push(" AND j.id > ").push_bind(cursor.to_string());
+        }
+        for (key, value) in &filter.labels {
+            q.push(" AND EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = j.id AND l.key = ")
+                .push_bind(key.clone())
+                .push(" AND l.value = ")
+                .push_bind(value.clone())
+                .push(")");
+        }
+        q.push(" ORDER BY j.id LIMIT ").push_bind(i64::from(limit) + 1);
+        let found = q.build().fetch_all(&self.read).await?;
+        let mut items = found.iter().map(rows::job).collect::<Result<Vec<_>, _>>()?;
+        let next = page_cursor(&mut items, limit, |j| j.id.to_string());
+        Ok(Page { items, next })
+    }
+
+    pub(super) async fn load_jobs(&self) -> Result<Vec<Arc<Job>>, StoreError> {
+        let found = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id")))
+            .fetch_all(&self.read)
+            .await?;
+        let mut jobs = Vec::with_capacity(found.len());
+        for row in &found {
+            match rows::shared_job(row) {
+                Ok(job) => jobs.push(job),
+                // One undecodable row must not keep every other job from
+                // firing; it is reported loudly instead.
+                Err(e) => tracing::error!(error = %e, "skipping a stored job that does not decode"),
+            }
+        }
+        Ok(jobs)
+    }
+
+    pub(super) async fn count_jobs(&self) -> Result<(u64, u64), StoreError> {
+        let (active, paused): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(paused = 0), 0), COALESCE(SUM(paused = 1), 0) FROM jobs",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        Ok((active.max(0) as u64, paused.max(0) as u64))
+    }
+
+    pub(super) async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?")))
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(rows::run).transpose()
+    }
+
+    pub(super) async fn list_runs(
+        &self,
+        filter: &RunFilter,
+        cursor: Option<RunId>,
+        limit: u32,
+    ) -> Result<Page<Run>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1=1"));
+        if let Some(job) = filter.job {
+            q.push(" AND job_id = ").push_bind(job.to_string());
+        }
+        if !filter.statuses.is_empty() {
+            q.push(" AND status IN (");
+            let mut list = q.separated(", ");
+            for status in &filter.statuses {
+                list.push_bind(status.as_str());
+            }
+            q.push(")");
+        }
+        if let Some(cursor) = cursor {
+            q.push(" AND id < ").push_bind(cursor.to_string());
+        }
+        q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit) + 1);
+        let found = q.build().fetch_all(&self.read).await?;
+        let mut items = found.iter().map(rows::run).collect::<Result<Vec<_>, _>>()?;
+        let next = page_cursor(&mut items, limit, |r| r.id.to_string());
+        Ok(Page { items, next })
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1 FROM _sqlx_migrations LIMIT 1")
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Trims the look-ahead row and returns the cursor for the next page.
+fn page_cursor<T>(items: &mut Vec<T>, limit: u32, key: impl Fn(&T) -> String) -> Option<String> {
+    if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(key)
+    } else {
+        None
+    }
+}
