@@ -11,3 +11,7 @@ pub mod run;
 pub mod schedule;
 pub mod store;
 pub mod validation;
+pub mod metrics;
+pub mod supervisor;
+pub mod engine;
+pub mod health;

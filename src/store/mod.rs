@@ -13,10 +13,12 @@ mod rows;
 mod sqlite;
 mod writer;
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::job::{Job, JobDefinition, JobId, Source};
 use crate::run::{Incarnation, Outcome, Run, RunId, RunStatus};
@@ -147,6 +149,42 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+/// The commit acknowledgement of a submitted write.
+///
+/// Write methods enqueue their operation when *called*, not when the
+/// returned future is first polled, so writes submitted in order from one
+/// task commit in that order; awaiting the `Ack` waits for the commit.
+#[must_use = "a write is only known to be durable once its Ack resolves"]
+pub struct Ack<T>(AckState<T>);
+
+enum AckState<T> {
+    Waiting(oneshot::Receiver<Result<T, StoreError>>),
+    Failed(Option<StoreError>),
+}
+
+impl<T> Ack<T> {
+    fn waiting(rx: oneshot::Receiver<Result<T, StoreError>>) -> Self {
+        Self(AckState::Waiting(rx))
+    }
+
+    fn failed(e: StoreError) -> Self {
+        Self(AckState::Failed(Some(e)))
+    }
+}
+
+impl<T> Future for Ack<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            AckState::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(StoreError::Closed))),
+            AckState::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(StoreError::Closed))),
+        }
+    }
+}
+
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -183,26 +221,26 @@ impl Store {
     // ---- jobs -----------------------------------------------------------
 
     /// Inserts a job; fails with [`StoreError::NameTaken`] on a duplicate name.
-    pub async fn create_job(&self, job: NewJob) -> Result<Arc<Job>, StoreError> {
-        self.inner.write(|reply| writer::Op::CreateJob { job, reply }).await
+    pub fn create_job(&self, job: NewJob) -> Ack<Arc<Job>> {
+        self.inner.write(|reply| writer::Op::CreateJob { job, reply })
     }
 
     /// Replaces a job's definition, keeping its history and id.
-    pub async fn replace_job(&self, replacement: Replacement) -> Result<Arc<Job>, StoreError> {
+    pub fn replace_job(&self, replacement: Replacement) -> Ack<Arc<Job>> {
         self.inner
             .write(|reply| writer::Op::ReplaceJob { replacement, reply })
-            .await
+            
     }
 
     /// Pauses (with an optional note) or resumes a job. Resuming moves the
     /// schedule cursor to `now`: fires due while paused are not replayed.
-    pub async fn set_paused(
+    pub fn set_paused(
         &self,
         id: JobId,
         paused: bool,
         note: Option<String>,
         now: DateTime<Utc>,
-    ) -> Result<Arc<Job>, StoreError> {
+    ) -> Ack<Arc<Job>> {
         self.inner
             .write(|reply| writer::Op::SetPaused {
                 id,
@@ -211,12 +249,12 @@ impl Store {
                 now,
                 reply,
             })
-            .await
+            
     }
 
     /// Deletes a job and its run history.
-    pub async fn delete_job(&self, id: JobId) -> Result<(), StoreError> {
-        self.inner.write(|reply| writer::Op::DeleteJob { id, reply }).await
+    pub fn delete_job(&self, id: JobId) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::DeleteJob { id, reply })
     }
 
     /// One job by id or name.
@@ -250,23 +288,23 @@ impl Store {
     /// schedule cursor to its scheduled time, in the same transaction, so a
     /// restart resumes exactly after the last recorded fire. Fails with
     /// [`StoreError::DuplicateFire`] if the fire was already recorded.
-    pub async fn insert_run(&self, run: Run) -> Result<(), StoreError> {
-        self.inner.write(|reply| writer::Op::InsertRun { run, reply }).await
+    pub fn insert_run(&self, run: Run) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::InsertRun { run, reply })
     }
 
     /// Moves a queued run to running.
-    pub async fn start_run(&self, id: RunId, at: DateTime<Utc>) -> Result<(), StoreError> {
-        self.inner.write(|reply| writer::Op::StartRun { id, at, reply }).await
+    pub fn start_run(&self, id: RunId, at: DateTime<Utc>) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::StartRun { id, at, reply })
     }
 
     /// Records the process a command run started.
-    pub async fn record_process(
+    pub fn record_process(
         &self,
         id: RunId,
         pid: i32,
         pgid: i32,
         start_ticks: Option<u64>,
-    ) -> Result<(), StoreError> {
+    ) -> Ack<()> {
         self.inner
             .write(|reply| writer::Op::RecordProcess {
                 id,
@@ -275,16 +313,16 @@ impl Store {
                 start_ticks,
                 reply,
             })
-            .await
+            
     }
 
     /// Records a run's final state; [`StoreError::AlreadyFinal`] if it had one.
-    pub async fn finish_run(
+    pub fn finish_run(
         &self,
         id: RunId,
         outcome: Outcome,
         at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Ack<()> {
         self.inner
             .write(|reply| writer::Op::FinishRun {
                 id,
@@ -292,19 +330,19 @@ impl Store {
                 at,
                 reply,
             })
-            .await
+            
     }
 
     /// Marks every live run not owned by `current` as orphaned and returns
     /// them as they were (with their recorded process).
-    pub async fn orphan_foreign_runs(
+    pub fn orphan_foreign_runs(
         &self,
         current: Incarnation,
         at: DateTime<Utc>,
-    ) -> Result<Vec<Run>, StoreError> {
+    ) -> Ack<Vec<Run>> {
         self.inner
             .write(|reply| writer::Op::OrphanForeignRuns { current, at, reply })
-            .await
+            
     }
 
     /// One run.
@@ -325,21 +363,21 @@ impl Store {
     // ---- incarnations ---------------------------------------------------
 
     /// Records this process's start.
-    pub async fn register_incarnation(
+    pub fn register_incarnation(
         &self,
         id: Incarnation,
         at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Ack<()> {
         self.inner
             .write(|reply| writer::Op::RegisterIncarnation { id, at, reply })
-            .await
+            
     }
 
     /// Records this process's clean stop.
-    pub async fn stop_incarnation(&self, id: Incarnation, at: DateTime<Utc>) -> Result<(), StoreError> {
+    pub fn stop_incarnation(&self, id: Incarnation, at: DateTime<Utc>) -> Ack<()> {
         self.inner
             .write(|reply| writer::Op::StopIncarnation { id, at, reply })
-            .await
+            
     }
 
     /// Checks that the database answers (readiness).

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{self, JOB_COLUMNS, RUN_COLUMNS};
 use super::writer::{Op, Writer, WriterTask};
-use super::{JobChange, JobFilter, JobKey, Page, RunFilter, StoreError};
+use super::{Ack, JobChange, JobFilter, JobKey, Page, RunFilter, StoreError};
 use crate::job::{Job, JobId};
 use crate::run::{Run, RunId};
 
@@ -83,13 +83,15 @@ impl SqliteOptions {
 }
 
 /// The SQLite store: a read pool and the writer's queue.
+///
+/// The queue is unbounded so that a write is enqueued synchronously when it
+/// is submitted, which is what makes the commit order equal the submission
+/// order (see [`super::Ack`]). Its producers are bounded upstream: fires by
+/// the schedule, API writes by the HTTP concurrency limit.
 pub struct SqliteStore {
     read: SqlitePool,
-    writer: mpsc::Sender<Op>,
+    writer: mpsc::UnboundedSender<Op>,
 }
-
-/// Queue depth of the writer; senders wait (backpressure) when it is full.
-const WRITER_QUEUE: usize = 16 * 1024;
 
 impl SqliteStore {
     pub(super) async fn open(
@@ -105,7 +107,7 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(connect.read_only(true))
             .await?;
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let (tx, rx) = mpsc::unbounded_channel();
         let task = Writer::new(conn, rx, changes).into_task();
         Ok((Self { read, writer: tx }, task))
     }
@@ -117,17 +119,13 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Queues a write and waits for its commit.
-    pub(super) async fn write<T>(
-        &self,
-        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
-    ) -> Result<T, StoreError> {
+    /// Enqueues a write now; the returned [`Ack`] resolves after its commit.
+    pub(super) fn write<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Ack<T> {
         let (tx, rx) = oneshot::channel();
-        self.writer
-            .send(op(tx))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        match self.writer.send(op(tx)) {
+            Ok(()) => Ack::waiting(rx),
+            Err(_) => Ack::failed(StoreError::Closed),
+        }
     }
 
     pub(super) async fn get_job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {

@@ -63,7 +63,7 @@ fn pending<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>, ch
 /// The writer: owns the only write connection.
 pub struct Writer {
     conn: SqliteConnection,
-    rx: mpsc::Receiver<Op>,
+    rx: mpsc::UnboundedReceiver<Op>,
     changes: mpsc::UnboundedSender<JobChange>,
 }
 
@@ -95,7 +95,7 @@ impl WriterTask {
 impl Writer {
     pub(super) fn new(
         conn: SqliteConnection,
-        rx: mpsc::Receiver<Op>,
+        rx: mpsc::UnboundedReceiver<Op>,
         changes: mpsc::UnboundedSender<JobChange>,
     ) -> Self {
         Self { conn, rx, changes }

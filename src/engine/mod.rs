@@ -1,0 +1,218 @@
+//! The engine: a timer heap over every active job's next fire.
+//!
+//! It sleeps until the earliest due instant, a committed job change, or
+//! cancellation — never on a polling tick — and hands due fires to the
+//! supervisor in one batch per wake-up. It keeps only what it needs in
+//! memory (the job, its cursor, its next fire); the store stays the source
+//! of truth, so a (re)started engine simply reloads it, and a fire already
+//! recorded can never be recorded twice (unique `(job, scheduled_at)`).
+//!
+//! The engine also wakes at least every heartbeat interval to stamp its
+//! heartbeat and to re-read the wall clock, which bounds the error when the
+//! system clock is stepped while it sleeps.
+
+mod plan;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use self::plan::{MAX_SCAN, Plan, due_at, plan};
+use crate::clock::SharedClock;
+use crate::health::{Health, Heartbeat};
+use crate::job::{Job, JobId};
+use crate::run::Reason;
+use crate::store::{JobChange, Store, StoreError};
+use crate::supervisor::{Fire, SupervisorHandle};
+
+struct Entry {
+    job: Arc<Job>,
+    /// The last nominal fire handed over (or the store's cursor).
+    cursor: DateTime<Utc>,
+    /// Generation of the live heap item; older items are stale.
+    generation: u64,
+    /// The nominal fire the live heap item stands for.
+    next: Option<DateTime<Utc>>,
+}
+
+/// The engine and its state.
+pub struct Engine {
+    store: Store,
+    clock: SharedClock,
+    supervisor: SupervisorHandle,
+    health: Arc<Health>,
+    heartbeat: Arc<Heartbeat>,
+    interval: Duration,
+    jobs: HashMap<JobId, Entry>,
+    heap: BinaryHeap<Reverse<(DateTime<Utc>, u64, JobId)>>,
+    generation: u64,
+}
+
+impl Engine {
+    /// An engine with nothing loaded; `interval` bounds every sleep.
+    pub fn new(
+        store: Store,
+        clock: SharedClock,
+        supervisor: SupervisorHandle,
+        health: Arc<Health>,
+        heartbeat: Arc<Heartbeat>,
+        interval: Duration,
+    ) -> Self {
+        Self {
+            store,
+            clock,
+            supervisor,
+            health,
+            heartbeat,
+            interval,
+            jobs: HashMap::new(),
+            heap: BinaryHeap::new(),
+            generation: 0,
+        }
+    }
+
+    /// Loads every job, plans what was missed while the service was down,
+    /// then fires jobs until `shutdown`. Changes arrive on `changes` in
+    /// commit order.
+    pub async fn run(
+        &mut self,
+        changes: &mut mpsc::UnboundedReceiver<JobChange>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        self.heartbeat.beat();
+        self.load(changes).await?;
+        loop {
+            let now = self.clock.now();
+            self.fire_due(now);
+            self.heartbeat.beat();
+            let idle = now + TimeDelta::from_std(self.interval).unwrap_or(TimeDelta::seconds(1));
+            let wake = self.next_due().map_or(idle, |due| due.min(idle));
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                change = changes.recv() => match change {
+                    Some(change) => {
+                        self.apply(change);
+                        while let Ok(change) = changes.try_recv() {
+                            self.apply(change);
+                        }
+                    }
+                    None => return Ok(()),
+                },
+                () = self.clock.sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Replaces the in-memory schedule with the store's and plans each job
+    /// from its cursor (downtime catch-up).
+    async fn load(&mut self, changes: &mut mpsc::UnboundedReceiver<JobChange>) -> Result<(), StoreError> {
+        self.health.set_schedule_loaded(false);
+        // Changes committed before the load are in it; drop their notices.
+        while changes.try_recv().is_ok() {}
+        let jobs = self.store.load_jobs().await?;
+        self.jobs.clear();
+        self.heap.clear();
+        let now = self.clock.now();
+        let mut fires = Vec::new();
+        let count = jobs.len();
+        for job in jobs {
+            self.schedule(job, now, Reason::Downtime, &mut fires);
+        }
+        tracing::info!(jobs = count, due = fires.len(), "schedule loaded");
+        self.supervisor.fire(fires);
+        self.health.set_schedule_loaded(true);
+        Ok(())
+    }
+
+    /// Puts `job` on the heap from its cursor; fires due now go to `fires`.
+    fn schedule(&mut self, job: Arc<Job>, now: DateTime<Utc>, reason: Reason, fires: &mut Vec<Fire>) {
+        let id = job.id;
+        if job.paused {
+            self.jobs.remove(&id);
+            return;
+        }
+        // The engine may be ahead of the stored cursor (fires handed over
+        // but not yet committed); never go back behind what it handed over.
+        let cursor = self.jobs.get(&id).map_or(job.cursor_at, |e| e.cursor.max(job.cursor_at));
+        let first = job.def.schedule.next_after(cursor);
+        self.jobs.insert(
+            id,
+            Entry {
+                job,
+                cursor,
+                generation: 0,
+                next: None,
+            },
+        );
+        if let Some(first) = first {
+            self.advance(id, first, now, reason, fires);
+        }
+    }
+
+    /// Plans job `id` from the nominal fire `first` up to `now` and pushes
+    /// its next fire on the heap.
+    fn advance(&mut self, id: JobId, first: DateTime<Utc>, now: DateTime<Utc>, reason: Reason, fires: &mut Vec<Fire>) {
+        let Some(entry) = self.jobs.get_mut(&id) else { return };
+        let planned = plan(&entry.job, first, now, reason);
+        if let Some(last) = planned.fires.last() {
+            entry.cursor = last.missed.map_or(last.scheduled_at, |m| m.until).max(entry.cursor);
+        }
+        fires.extend(planned.fires);
+        entry.next = planned.next;
+        if let Some(next) = entry.next {
+            self.generation += 1;
+            entry.generation = self.generation;
+            self.heap.push(Reverse((due_at(&entry.job, next), entry.generation, id)));
+        }
+    }
+
+    fn apply(&mut self, change: JobChange) {
+        match change {
+            JobChange::Upserted(job) => {
+                let mut fires = Vec::new();
+                let now = self.clock.now();
+                self.schedule(job, now, Reason::Misfire, &mut fires);
+                self.supervisor.fire(fires);
+            }
+            JobChange::Removed(id) => {
+                self.jobs.remove(&id);
+                self.supervisor.job_removed(id);
+            }
+        }
+    }
+
+    /// The earliest due instant, dropping stale heap items on the way.
+    fn next_due(&mut self) -> Option<DateTime<Utc>> {
+        while let Some(Reverse((due, generation, id))) = self.heap.peek() {
+            if self.jobs.get(id).is_some_and(|e| e.generation == *generation) {
+                return Some(*due);
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    fn fire_due(&mut self, now: DateTime<Utc>) {
+        let mut fires = Vec::new();
+        while let Some(due) = self.next_due() {
+            if due > now {
+                break;
+            }
+            let Some(Reverse((_, _, id))) = self.heap.pop() else { break };
+            let Some(first) = self.jobs.get_mut(&id).and_then(|e| e.next.take()) else { continue };
+            self.advance(id, first, now, Reason::Misfire, &mut fires);
+        }
+        self.supervisor.fire(fires);
+    }
+
+    /// Number of jobs with a pending fire.
+    pub fn scheduled(&self) -> usize {
+        self.jobs.values().filter(|e| e.next.is_some()).count()
+    }
+}

@@ -1,0 +1,169 @@
+//! The body of one run's task: record it, execute it, record its end.
+//!
+//! The order is the crash-safety argument: the `running` row is committed
+//! before the action starts, so a crash at any point leaves a row that the
+//! next incarnation finds and marks `orphaned`; the final state is committed
+//! before the task ends, so the supervisor frees the job's slot (and starts
+//! a queued run) only once the previous run is accounted for.
+
+use std::sync::{Arc, OnceLock};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::clock::SharedClock;
+use crate::executor::{Executor, Limits, Occurrence};
+use crate::job::Job;
+use crate::run::{Outcome, Reason, Run, RunId, RunStatus, Trigger};
+use super::TriggerError;
+use crate::store::{Ack, Store, StoreError};
+
+/// A run's cancellation: the token and why it was pulled.
+#[derive(Debug, Clone, Default)]
+pub struct RunCancel {
+    token: CancellationToken,
+    reason: Arc<OnceLock<Reason>>,
+}
+
+impl RunCancel {
+    /// Cancels for `reason`; the first reason given wins.
+    pub fn cancel(&self, reason: Reason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// The token the executor watches.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// Why it was cancelled, if it was.
+    pub fn reason(&self) -> Option<Reason> {
+        self.reason.get().copied()
+    }
+}
+
+/// How the run's row comes to say `running`: the supervisor submitted the
+/// write (an insert, or the update of a queued row) and the task waits for
+/// its commit before executing anything.
+pub enum Begin {
+    /// The submitted write.
+    Submitted(Ack<()>),
+}
+
+/// Everything a run task needs; cloned per task.
+#[derive(Clone)]
+pub struct TaskContext {
+    /// Persistence.
+    pub store: Store,
+    /// Runs the action.
+    pub executor: Executor,
+    /// Time.
+    pub clock: SharedClock,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// How a task ended.
+pub enum TaskEnd {
+    /// The run was recorded as started and then finished.
+    Finished(RunStatus),
+    /// The run could not be recorded as started; nothing was executed.
+    NotStarted(StoreError),
+}
+
+/// One run, ready to start.
+pub struct Planned {
+    /// Its job, as it was when the fire was admitted.
+    pub job: Arc<Job>,
+    /// Its id.
+    pub run_id: RunId,
+    /// Nominal fire instant.
+    pub scheduled_at: DateTime<Utc>,
+    /// When it should start (scheduled plus jitter); lateness is measured
+    /// from here.
+    pub due_at: DateTime<Utc>,
+    /// Why it exists.
+    pub trigger: Trigger,
+    /// How its row becomes `running`.
+    pub begin: Begin,
+    /// Its cancellation.
+    pub cancel: RunCancel,
+    /// Who waits for the stored row (manual triggers), and the row.
+    pub reply: Option<(oneshot::Sender<Result<Run, TriggerError>>, Run)>,
+}
+
+/// Records, executes and finishes one run.
+pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
+    let Planned {
+        job,
+        run_id,
+        scheduled_at,
+        due_at,
+        trigger,
+        begin,
+        cancel,
+        reply,
+    } = planned;
+    let Begin::Submitted(ack) = begin;
+    if let Err(e) = ack.await {
+        if let Some((reply, _)) = reply {
+            let _ = reply.send(Err(TriggerError::Store(StoreError::Corrupt(e.to_string()))));
+        }
+        return TaskEnd::NotStarted(e);
+    }
+    let started_at = ctx.clock.now();
+    if let Some((reply, run)) = reply {
+        let _ = reply.send(Ok(run));
+    }
+    ctx.metrics.run_started(trigger, due_at, started_at);
+
+    let span = tracing::info_span!(
+        "run",
+        job = %job.id,
+        job_name = %job.name(),
+        run = %run_id,
+        scheduled_at = %scheduled_at,
+        trigger = %trigger,
+        attempt = 1u32,
+    );
+    let outcome = async {
+        let occurrence = Occurrence {
+            job_id: job.id,
+            job_name: job.name().to_owned(),
+            run_id,
+            scheduled_at,
+            attempt: 1,
+        };
+        let limits = Limits {
+            timeout: job.def.action.timeout(),
+            kill_grace: job.def.policy.kill_grace,
+        };
+        let mut outcome = if cancel.token().is_cancelled() {
+            Outcome::cancelled(cancel.reason().unwrap_or(Reason::Requested), "cancelled before it started")
+        } else {
+            ctx.executor
+                .execute(&job.def.action, &occurrence, limits, cancel.token())
+                .await
+        };
+        if outcome.status == RunStatus::Cancelled {
+            outcome.reason = Some(cancel.reason().unwrap_or(Reason::Requested));
+        }
+        tracing::info!(status = %outcome.status, error = outcome.error.as_deref(), "run ended");
+        outcome
+    }
+    .instrument(span)
+    .await;
+
+    let status = outcome.status;
+    let ended_at = ctx.clock.now();
+    match ctx.store.finish_run(run_id, outcome, ended_at).await {
+        // The job (and its history) was deleted while the run was going.
+        Ok(()) | Err(StoreError::NotFound) => {}
+        Err(e) => tracing::error!(run = %run_id, error = %e, "could not record the end of a run"),
+    }
+    ctx.metrics.run_finished(trigger, status, started_at, ended_at);
+    TaskEnd::Finished(status)
+}
