@@ -82,6 +82,9 @@ pub struct Limits {
 impl Executor {
     /// An executor with one shared HTTP client (connection reuse across runs).
     pub fn new(config: ExecutorConfig, store: Store, clock: SharedClock) -> Result<Self, reqwest::Error> {
+        // reqwest is built without a default TLS provider (ring is lighter to
+        // build than aws-lc); install ring once per process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .user_agent(concat!("cronguard/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())

@@ -24,6 +24,7 @@ use crate::job::{Job, JobDefinition, JobId, Source};
 use crate::run::{Incarnation, Outcome, Run, RunId, RunStatus};
 
 pub use self::sqlite::{SqliteOptions, Synchronous};
+pub use self::writer::WriterTask;
 
 /// Everything that can go wrong in the store, by what the caller can do.
 #[derive(Debug, thiserror::Error)]

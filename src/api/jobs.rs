@@ -1,0 +1,338 @@
+//! `/v1/jobs`: create, read, list, replace, delete, pause, resume, trigger.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, Problem};
+use super::extract::{JsonBody, MaybeJson, Params};
+use super::{ApiContext, PageParams};
+use crate::job::{Job, JobDefinition, JobId, JobSpec, Source, check_note};
+use crate::run::Run;
+use crate::store::{JobFilter, JobKey, NewJob, Replacement};
+use crate::validation::{FieldError, FieldErrors};
+
+/// A job as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobView {
+    /// Identity (UUID v7).
+    pub id: JobId,
+    /// Unique name (also in `spec`).
+    pub name: String,
+    /// Bumped on every change; sent as the `ETag`, expected in `If-Match`.
+    pub version: i64,
+    /// Who owns the definition.
+    pub source: Source,
+    /// Whether fires are suspended.
+    pub paused: bool,
+    /// Why it was paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_note: Option<String>,
+    /// The next scheduled fire (absent when paused or finished).
+    pub next_fire_at: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// The definition; `PUT` accepts it back unchanged.
+    pub spec: JobSpec,
+}
+
+impl JobView {
+    fn from_job(job: &Job) -> Self {
+        let mut spec = job.def.spec.clone();
+        spec.paused = Some(job.paused);
+        Self {
+            id: job.id,
+            name: job.name().to_owned(),
+            version: job.version,
+            source: job.source,
+            paused: job.paused,
+            pause_note: job.pause_note.clone(),
+            next_fire_at: job.next_fire(),
+            created_at: job.created_at,
+            updated_at: job.updated_at,
+            spec,
+        }
+    }
+}
+
+/// A page of jobs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobPage {
+    /// Jobs in creation order.
+    pub items: Vec<JobView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Body of `pause`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PauseRequest {
+    /// Why; shown on the job until it is resumed.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// A job response with its `ETag`.
+fn job_response(status: StatusCode, job: &Job) -> Response {
+    let mut response = (status, Json(JobView::from_job(job))).into_response();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", job.version)) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    if status == StatusCode::CREATED {
+        if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+    }
+    response
+}
+
+/// Validates a spec against the server's settings and the current time.
+fn validate(ctx: &ApiContext, spec: JobSpec, schedule_changed: bool) -> Result<JobDefinition, ApiError> {
+    let def = spec.validate(&ctx.actions)?;
+    if schedule_changed && def.schedule.next_after(ctx.clock.now()).is_none() {
+        return Err(FieldErrors::from(FieldError::new(
+            "/schedule",
+            "the schedule has no fire after now (`at` or `end` is in the past)",
+        ))
+        .into());
+    }
+    Ok(def)
+}
+
+pub(super) async fn find(ctx: &ApiContext, key: &str) -> Result<Job, ApiError> {
+    ctx.store
+        .get_job(&JobKey::parse(key))
+        .await?
+        .ok_or(ApiError::NotFound("job"))
+}
+
+/// Create a job.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSpec,
+    responses(
+        (status = 201, description = "Created", body = JobView,
+            headers(("ETag" = String, description = "The job's version"), ("Location" = String, description = "The job's URL"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name taken", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn create_job(
+    State(ctx): State<Arc<ApiContext>>,
+    JsonBody(spec): JsonBody<JobSpec>,
+) -> Result<Response, ApiError> {
+    let paused = spec.paused.unwrap_or(false);
+    let def = validate(&ctx, spec, true)?;
+    let job = ctx
+        .store
+        .create_job(NewJob {
+            id: JobId::new(),
+            def,
+            paused,
+            source: Source::Api,
+            now: ctx.clock.now(),
+        })
+        .await?;
+    tracing::info!(job = %job.id, name = %job.name(), "job created");
+    Ok(job_response(StatusCode::CREATED, &job))
+}
+
+/// List jobs, filtered by labels and paused state.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    params(
+        ("label" = Option<Vec<String>>, Query, description = "`key=value`; repeat to require several labels"),
+        ("paused" = Option<bool>, Query, description = "Only paused (true) or active (false) jobs"),
+        ("source" = Option<Source>, Query, description = "Only jobs from this source"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of jobs", body = JobPage),
+        (status = 400, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn list_jobs(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result<Json<JobPage>, ApiError> {
+    params.only(&["label", "paused", "source", "limit", "cursor"])?;
+    let mut labels = Vec::new();
+    for label in params.all("label") {
+        let Some((key, value)) = label.split_once('=') else {
+            return Err(ApiError::BadQuery {
+                name: "label".into(),
+                detail: format!("`{label}` is not `key=value`"),
+            });
+        };
+        labels.push((key.to_owned(), value.to_owned()));
+    }
+    if labels.len() > crate::job::MAX_LABELS {
+        return Err(ApiError::BadQuery {
+            name: "label".into(),
+            detail: format!("at most {} label filters", crate::job::MAX_LABELS),
+        });
+    }
+    let source = match params.one::<String>("source")? {
+        None => None,
+        Some(s) => Some(Source::parse(&s).ok_or_else(|| ApiError::BadQuery {
+            name: "source".into(),
+            detail: "`api` or `backend`".into(),
+        })?),
+    };
+    let filter = JobFilter {
+        labels,
+        paused: params.one("paused")?,
+        source,
+    };
+    let page = PageParams::<JobId>::parse(&params)?;
+    let found = ctx.store.list_jobs(&filter, page.cursor, page.limit).await?;
+    Ok(Json(JobPage {
+        items: found.items.iter().map(JobView::from_job).collect(),
+        next_cursor: found.next,
+    }))
+}
+
+/// Get a job by id or name.
+#[utoipa::path(get, path = "/v1/jobs/{job}", tag = "jobs",
+    params(("job" = String, Path, description = "Job id or name")),
+    responses(
+        (status = 200, description = "The job", body = JobView, headers(("ETag" = String, description = "The job's version"))),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_job(State(ctx): State<Arc<ApiContext>>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    let job = find(&ctx, &key).await?;
+    Ok(job_response(StatusCode::OK, &job))
+}
+
+/// Reads `If-Match` as a job version.
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let bad = || ApiError::BadHeader {
+        name: "If-Match",
+        detail: "expected the job's ETag, such as \"3\"".into(),
+    };
+    let text = value.to_str().map_err(|_| bad())?.trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    let text = text.strip_prefix("W/").unwrap_or(text);
+    let text = text.trim_matches('"');
+    text.parse().map(Some).map_err(|_| bad())
+}
+
+/// Replace a job's definition (keeps its id and run history).
+#[utoipa::path(put, path = "/v1/jobs/{job}", tag = "jobs", request_body = JobSpec,
+    params(
+        ("job" = String, Path, description = "Job id or name"),
+        ("If-Match" = Option<String>, Header, description = "The `ETag` last read; 412 if the job changed since"),
+    ),
+    responses(
+        (status = 200, description = "Replaced", body = JobView, headers(("ETag" = String, description = "The job's new version"))),
+        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name taken", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "Version mismatch", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn replace_job(
+    State(ctx): State<Arc<ApiContext>>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    JsonBody(spec): JsonBody<JobSpec>,
+) -> Result<Response, ApiError> {
+    let expected_version = if_match(&headers)?;
+    let current = find(&ctx, &key).await?;
+    let paused = spec.paused;
+    let schedule_changed = spec.schedule != current.def.spec.schedule;
+    let def = validate(&ctx, spec, schedule_changed)?;
+    let job = ctx
+        .store
+        .replace_job(Replacement {
+            id: current.id,
+            expected_version,
+            def,
+            paused,
+            now: ctx.clock.now(),
+        })
+        .await?;
+    tracing::info!(job = %job.id, name = %job.name(), version = job.version, "job replaced");
+    Ok(job_response(StatusCode::OK, &job))
+}
+
+/// Delete a job and its run history; its live runs are cancelled.
+#[utoipa::path(delete, path = "/v1/jobs/{job}", tag = "jobs",
+    params(("job" = String, Path, description = "Job id or name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn delete_job(State(ctx): State<Arc<ApiContext>>, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
+    let job = find(&ctx, &key).await?;
+    ctx.store.delete_job(job.id).await?;
+    tracing::info!(job = %job.id, name = %job.name(), "job deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Pause a job: no scheduled fires until it is resumed.
+#[utoipa::path(post, path = "/v1/jobs/{job}/pause", tag = "jobs", request_body(content = Option<PauseRequest>, description = "Optional note"),
+    params(("job" = String, Path, description = "Job id or name")),
+    responses(
+        (status = 200, description = "Paused", body = JobView),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid note", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn pause_job(
+    State(ctx): State<Arc<ApiContext>>,
+    Path(key): Path<String>,
+    MaybeJson(body): MaybeJson<PauseRequest>,
+) -> Result<Response, ApiError> {
+    let note = body.and_then(|b| b.note);
+    if let Some(note) = &note {
+        check_note(note)?;
+    }
+    let job = find(&ctx, &key).await?;
+    let job = ctx.store.set_paused(job.id, true, note, ctx.clock.now()).await?;
+    tracing::info!(job = %job.id, name = %job.name(), note = job.pause_note.as_deref(), "job paused");
+    Ok(job_response(StatusCode::OK, &job))
+}
+
+/// Resume a job: it fires again from now on (fires due while paused are
+/// not replayed).
+#[utoipa::path(post, path = "/v1/jobs/{job}/resume", tag = "jobs",
+    params(("job" = String, Path, description = "Job id or name")),
+    responses(
+        (status = 200, description = "Resumed", body = JobView),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn resume_job(State(ctx): State<Arc<ApiContext>>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    let job = find(&ctx, &key).await?;
+    let job = ctx.store.set_paused(job.id, false, None, ctx.clock.now()).await?;
+    tracing::info!(job = %job.id, name = %job.name(), "job resumed");
+    Ok(job_response(StatusCode::OK, &job))
+}
+
+/// Run a job now. The overlap policy applies: the run may be `running`,
+/// `queued` or `skipped`. Works on paused jobs too.
+#[utoipa::path(post, path = "/v1/jobs/{job}/trigger", tag = "jobs",
+    params(("job" = String, Path, description = "Job id or name")),
+    responses(
+        (status = 202, description = "The run as recorded", body = Run),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Shutting down", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn trigger_job(
+    State(ctx): State<Arc<ApiContext>>,
+    Path(key): Path<String>,
+) -> Result<(StatusCode, Json<Run>), ApiError> {
+    let job = find(&ctx, &key).await?;
+    let run = ctx.supervisor.trigger(Arc::new(job)).await?;
+    tracing::info!(job = %run.job_id, run = %run.id, status = %run.status, "job triggered");
+    Ok((StatusCode::ACCEPTED, Json(run)))
+}

@@ -1,0 +1,131 @@
+//! The HTTP API: router, shared context, and the layers around it.
+//!
+//! Handlers are thin: parse (extractors), call the store or supervisor,
+//! shape the response. Every error leaves as problem+json via
+//! [`error::ApiError`]. The OpenAPI document is generated from the same
+//! handler annotations (`openapi.rs`), so it cannot drift from the routes.
+
+pub mod error;
+pub mod extract;
+pub mod jobs;
+pub mod openapi;
+pub mod probes;
+pub mod runs;
+pub mod schedules;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use self::error::ApiError;
+use self::extract::{BodyLimit, Params};
+use crate::action::ActionPolicy;
+use crate::clock::SharedClock;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::supervisor::SupervisorHandle;
+
+/// Default page size of list endpoints.
+pub const DEFAULT_PAGE: u32 = 50;
+/// Largest page size of list endpoints.
+pub const MAX_PAGE: u32 = 500;
+
+/// What handlers share.
+pub struct ApiContext {
+    /// Persistence.
+    pub store: Store,
+    /// Runs and cancels runs.
+    pub supervisor: SupervisorHandle,
+    /// Time.
+    pub clock: SharedClock,
+    /// Probe state.
+    pub health: Arc<Health>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// What actions may do.
+    pub actions: ActionPolicy,
+}
+
+/// HTTP-level limits.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Longest a request may take before a 503.
+    pub request_timeout: Duration,
+    /// Most requests processed at once (others wait).
+    pub max_concurrent_requests: usize,
+}
+
+/// `limit` and `cursor` of a list request.
+pub struct PageParams<C> {
+    /// Where the previous page ended.
+    pub cursor: Option<C>,
+    /// Page size.
+    pub limit: u32,
+}
+
+impl<C: std::str::FromStr> PageParams<C> {
+    /// Reads and checks `limit` and `cursor`.
+    pub fn parse(params: &Params) -> Result<Self, ApiError> {
+        let limit = params.one::<u32>("limit")?.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::BadQuery {
+                name: "limit".into(),
+                detail: format!("must be between 1 and {MAX_PAGE}"),
+            });
+        }
+        let cursor = match params.one::<String>("cursor")? {
+            None => None,
+            Some(c) => Some(c.parse::<C>().map_err(|_| ApiError::BadQuery {
+                name: "cursor".into(),
+                detail: "not a cursor returned by this endpoint".into(),
+            })?),
+        };
+        Ok(Self { cursor, limit })
+    }
+}
+
+/// The complete router with its layers.
+pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
+    let (api, spec) = openapi::routes().split_for_parts();
+    let spec = Arc::new(spec);
+    let layers = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::debug_span!("request", method = %req.method(), uri = %req.uri(), id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            axum::response::IntoResponse::into_response(ApiError::Internal("a request handler panicked".into()))
+        }))
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, limits.request_timeout))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(limits.max_concurrent_requests))
+        .layer(axum::Extension(BodyLimit(limits.max_body_bytes)))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes));
+    api.route(
+        "/openapi.json",
+        axum::routing::get(move || {
+            let spec = spec.clone();
+            async move { axum::Json((*spec).clone()) }
+        }),
+    )
+    .fallback(|| async { ApiError::NotFound("route") })
+    .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+    .with_state(ctx)
+    .layer(layers)
+}

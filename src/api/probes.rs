@@ -1,0 +1,139 @@
+//! `/livez`, `/readyz` and `/metrics`: what orchestrators and Prometheus read.
+//!
+//! Liveness fails only when this process cannot do its job (an internal
+//! loop is stuck or dead); readiness fails when it should not get traffic
+//! (database unreachable, startup recovery not done, shutting down). A
+//! dependency being down never fails liveness: restarting a fleet during an
+//! outage cures nothing. Both probes read atomics plus, for readiness, one
+//! trivial indexed query.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::ApiContext;
+use super::error::ApiError;
+use super::extract::Params;
+
+/// One probe check.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Check {
+    /// What is checked.
+    pub name: String,
+    /// Whether it passes.
+    pub ok: bool,
+    /// Its current value, where it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<serde_json::Value>,
+    /// The threshold it is held to, where it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<serde_json::Value>,
+    /// Why it fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A probe's verdict.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProbeReport {
+    /// `ok` or `fail`.
+    pub status: &'static str,
+    /// Every check.
+    pub checks: Vec<Check>,
+}
+
+fn respond(params: &Params, checks: Vec<Check>) -> Result<Response, ApiError> {
+    params.only(&["verbose"])?;
+    let ok = checks.iter().all(|c| c.ok);
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let verbose = params.all("verbose").next().is_some();
+    Ok(if verbose {
+        let report = ProbeReport {
+            status: if ok { "ok" } else { "fail" },
+            checks,
+        };
+        (status, Json(report)).into_response()
+    } else {
+        let mut text = String::from(if ok { "ok\n" } else { "fail\n" });
+        for c in checks.iter().filter(|c| !c.ok) {
+            text.push_str(&format!("{}: {}\n", c.name, c.reason.as_deref().unwrap_or("failing")));
+        }
+        (status, text).into_response()
+    })
+}
+
+fn flag(name: &str, ok: bool, reason: &str) -> Check {
+    Check {
+        name: name.to_owned(),
+        ok,
+        value: Some(ok.into()),
+        threshold: None,
+        reason: (!ok).then(|| reason.to_owned()),
+    }
+}
+
+/// Liveness: every internal loop beats within its threshold.
+#[utoipa::path(get, path = "/livez", tag = "health",
+    params(("verbose" = Option<String>, Query, description = "Present: answer JSON with every check")),
+    responses(
+        (status = 200, description = "Alive", body = ProbeReport),
+        (status = 503, description = "A loop is stuck or dead", body = ProbeReport),
+    ))]
+pub async fn livez(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result<Response, ApiError> {
+    let checks = ctx
+        .health
+        .loop_checks()
+        .into_iter()
+        .map(|c| Check {
+            name: format!("loop:{}", c.name),
+            ok: c.ok,
+            value: c.age_seconds.map(Into::into),
+            threshold: Some(c.threshold_seconds.into()),
+            reason: c.reason,
+        })
+        .collect();
+    respond(&params, checks)
+}
+
+/// Readiness: database reachable and migrated, startup recovery done,
+/// schedule loaded, not shutting down.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    params(("verbose" = Option<String>, Query, description = "Present: answer JSON with every check")),
+    responses(
+        (status = 200, description = "Ready", body = ProbeReport),
+        (status = 503, description = "Not ready", body = ProbeReport),
+    ))]
+pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result<Response, ApiError> {
+    let h = &ctx.health;
+    let db = tokio::time::timeout(std::time::Duration::from_secs(2), ctx.store.ping()).await;
+    let db_check = match db {
+        Ok(Ok(())) => flag("database", true, ""),
+        Ok(Err(e)) => flag("database", false, &format!("database unreachable: {e}")),
+        Err(_) => flag("database", false, "database did not answer within 2s"),
+    };
+    let checks = vec![
+        flag("shutting_down", !h.shutting_down(), "the service is shutting down"),
+        db_check,
+        flag("recovery", h.recovered(), "startup recovery has not finished"),
+        flag("schedule_loaded", h.schedule_loaded(), "the engine has not loaded the schedule"),
+    ];
+    respond(&params, checks)
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4", body = String)))]
+pub async fn metrics(State(ctx): State<Arc<ApiContext>>) -> Result<Response, ApiError> {
+    let text = ctx.metrics.render().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(response)
+}

@@ -1,0 +1,265 @@
+//! Configuration: defaults → TOML file → environment → flags, validated.
+//!
+//! Every setting is declared once in [`Settings`] (with its flag, its
+//! `CRONGUARD_*` variable and its help text, which `cronguard serve --help`
+//! prints) and once in [`Config`] (typed, defaults applied). The file uses
+//! the same names as the flags, with `_` for `-`. An invalid value fails at
+//! startup with an error naming the setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::store::Synchronous;
+
+/// Every setting as given (all optional); flags and environment via clap,
+/// the file via serde.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address and port to listen on [default: 127.0.0.1:8080]
+    #[arg(long, env = "CRONGUARD_LISTEN", value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+
+    /// Database URL or path [default: sqlite://./cronguard.db]
+    #[arg(long, env = "CRONGUARD_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
+
+    /// Allow `command` actions (they run programs on this host) [default: false]
+    #[arg(long, env = "CRONGUARD_ENABLE_COMMAND_JOBS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub enable_command_jobs: Option<bool>,
+
+    /// SQLite durability: `normal` survives a crash of the service, `full` also power loss [default: normal]
+    #[arg(long, env = "CRONGUARD_SQLITE_SYNCHRONOUS", value_name = "LEVEL")]
+    pub sqlite_synchronous: Option<Synchronous>,
+
+    /// How long SIGTERM waits for running runs before cancelling them [default: 30s]
+    #[arg(long, env = "CRONGUARD_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+
+    /// Most runs executing at once over all jobs; more wait as `queued` [default: 10000]
+    #[arg(long, env = "CRONGUARD_MAX_RUNNING", value_name = "N")]
+    pub max_running: Option<usize>,
+
+    /// Bytes of command output (or HTTP response body) kept per run [default: 16384]
+    #[arg(long, env = "CRONGUARD_OUTPUT_TAIL_BYTES", value_name = "BYTES")]
+    pub output_tail_bytes: Option<usize>,
+
+    /// Largest request body accepted [default: 262144]
+    #[arg(long, env = "CRONGUARD_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+
+    /// Longest an API request may take before a 503 [default: 30s]
+    #[arg(long, env = "CRONGUARD_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub request_timeout: Option<String>,
+
+    /// Most API requests processed at once; others wait [default: 1024]
+    #[arg(long, env = "CRONGUARD_MAX_CONCURRENT_REQUESTS", value_name = "N")]
+    pub max_concurrent_requests: Option<usize>,
+
+    /// Log filter, e.g. `info` or `info,cronguard=debug` [default: info]
+    #[arg(long, env = "CRONGUARD_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+
+    /// Log format: `text` or `json` [default: text]
+    #[arg(long, env = "CRONGUARD_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Settings {
+    /// `self` where set, else `lower` (flags/env over the file).
+    pub fn or(self, lower: Settings) -> Settings {
+        macro_rules! pick {
+            ($($field:ident),+ $(,)?) => {
+                Settings { $($field: self.$field.or(lower.$field)),+ }
+            };
+        }
+        pick!(
+            listen,
+            database,
+            enable_command_jobs,
+            sqlite_synchronous,
+            shutdown_grace,
+            max_running,
+            output_tail_bytes,
+            max_body_bytes,
+            request_timeout,
+            max_concurrent_requests,
+            log,
+            log_format,
+        )
+    }
+
+    /// Reads a TOML settings file.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            setting: "config",
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError {
+            setting: "config",
+            message: format!("{}: {e}", path.display()),
+        })
+    }
+}
+
+/// A setting that does not validate.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting `{setting}`: {message}")]
+pub struct ConfigError {
+    /// The setting's name (flag without dashes, file key).
+    pub setting: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The validated configuration of `cronguard serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Database URL.
+    pub database: String,
+    /// Whether command actions are allowed.
+    pub enable_command_jobs: bool,
+    /// SQLite durability.
+    pub sqlite_synchronous: Synchronous,
+    /// Shutdown grace.
+    pub shutdown_grace: Duration,
+    /// Global running limit.
+    pub max_running: usize,
+    /// Output kept per run.
+    pub output_tail_bytes: usize,
+    /// Request body limit.
+    pub max_body_bytes: usize,
+    /// Request timeout.
+    pub request_timeout: Duration,
+    /// Concurrent request limit.
+    pub max_concurrent_requests: usize,
+    /// Log filter.
+    pub log: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// How often the engine wakes when idle (heartbeat, clock re-read).
+    pub engine_tick: Duration,
+}
+
+/// Default database location.
+pub const DEFAULT_DATABASE: &str = "sqlite://./cronguard.db";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+fn duration(setting: &'static str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(&text).map_err(|e| ConfigError {
+            setting,
+            message: format!("`{text}` is not a duration like `30s`: {e}"),
+        }),
+    }
+}
+
+fn bounded(setting: &'static str, value: Option<usize>, default: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    let v = value.unwrap_or(default);
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError {
+            setting,
+            message: format!("{v} is outside {min}..={max}"),
+        })
+    }
+}
+
+impl Config {
+    /// Layers `flags_env` over the optional file, then defaults, and validates.
+    pub fn load(flags_env: Settings, file: Option<&PathBuf>) -> Result<Config, ConfigError> {
+        let settings = match file {
+            Some(path) => flags_env.or(Settings::from_file(path)?),
+            None => flags_env,
+        };
+        Self::from_settings(settings)
+    }
+
+    /// Applies defaults and validates.
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let listen_text = s.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_text.parse().map_err(|_| ConfigError {
+            setting: "listen",
+            message: format!("`{listen_text}` is not ADDR:PORT such as 127.0.0.1:8080 or [::]:8080"),
+        })?;
+        let database = s.database.unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+        if database.trim().is_empty() || database.contains(":memory:") || database.contains("mode=memory") {
+            return Err(ConfigError {
+                setting: "database",
+                message: "must name a file (an in-memory database would lose every job on restart)".into(),
+            });
+        }
+        if database.contains("://") && !database.starts_with("sqlite://") {
+            return Err(ConfigError {
+                setting: "database",
+                message: format!("`{database}`: only sqlite:// URLs (or plain paths) are supported"),
+            });
+        }
+        Ok(Config {
+            listen,
+            database,
+            enable_command_jobs: s.enable_command_jobs.unwrap_or(false),
+            sqlite_synchronous: s.sqlite_synchronous.unwrap_or_default(),
+            shutdown_grace: duration("shutdown_grace", s.shutdown_grace, Duration::from_secs(30))?,
+            max_running: bounded("max_running", s.max_running, 10_000, 1, 1_000_000)?,
+            output_tail_bytes: bounded("output_tail_bytes", s.output_tail_bytes, 16 * 1024, 0, 1024 * 1024)?,
+            max_body_bytes: bounded("max_body_bytes", s.max_body_bytes, 256 * 1024, 1024, 64 * 1024 * 1024)?,
+            request_timeout: duration("request_timeout", s.request_timeout, Duration::from_secs(30))?,
+            max_concurrent_requests: bounded("max_concurrent_requests", s.max_concurrent_requests, 1024, 1, 1_000_000)?,
+            log: s.log.unwrap_or_else(|| "info".to_owned()),
+            log_format: s.log_format.unwrap_or_default(),
+            engine_tick: Duration::from_secs(1),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_out_of_the_box() {
+        let c = Config::from_settings(Settings::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database, "sqlite://./cronguard.db");
+        assert!(!c.enable_command_jobs);
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_errors_name_the_setting() {
+        let file: Settings = toml::from_str("listen = \"0.0.0.0:9000\"\nshutdown_grace = \"5s\"").unwrap();
+        let flags = Settings {
+            listen: Some("127.0.0.1:9001".into()),
+            ..Settings::default()
+        };
+        let c = Config::from_settings(flags.or(file)).unwrap();
+        assert_eq!(c.listen.port(), 9001);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+        let e = Config::from_settings(Settings {
+            listen: Some("nope".into()),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.setting, "listen");
+        assert!(toml::from_str::<Settings>("lisen = 1").is_err());
+    }
+}
