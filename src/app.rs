@@ -104,6 +104,11 @@ impl App {
             .unwrap_or(self.config.listen)
     }
 
+    /// Probe state (tests await readiness through it).
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
     /// This process's incarnation id.
     pub fn incarnation(&self) -> Incarnation {
         self.incarnation

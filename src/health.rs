@@ -126,7 +126,7 @@ pub struct Health {
     started: Instant,
     loops: std::sync::RwLock<BTreeMap<&'static str, Arc<Heartbeat>>>,
     recovered: AtomicBool,
-    schedule_loaded: AtomicBool,
+    schedule_loaded: tokio::sync::watch::Sender<bool>,
     shutting_down: AtomicBool,
 }
 
@@ -143,7 +143,7 @@ impl Health {
             started: Instant::now(),
             loops: std::sync::RwLock::new(BTreeMap::new()),
             recovered: AtomicBool::new(false),
-            schedule_loaded: AtomicBool::new(false),
+            schedule_loaded: tokio::sync::watch::Sender::new(false),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -195,12 +195,18 @@ impl Health {
 
     /// The engine loaded every job's next fire.
     pub fn set_schedule_loaded(&self, loaded: bool) {
-        self.schedule_loaded.store(loaded, Ordering::Relaxed);
+        self.schedule_loaded.send_replace(loaded);
     }
 
     /// Whether the engine has the schedule loaded.
     pub fn schedule_loaded(&self) -> bool {
-        self.schedule_loaded.load(Ordering::Relaxed)
+        *self.schedule_loaded.borrow()
+    }
+
+    /// Resolves once the engine has loaded the schedule.
+    pub async fn wait_schedule_loaded(&self) {
+        let mut rx = self.schedule_loaded.subscribe();
+        let _ = rx.wait_for(|loaded| *loaded).await;
     }
 
     /// Shutdown began.

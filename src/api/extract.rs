@@ -87,9 +87,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             Category::Data => {
                 let message = inner.to_string();
                 let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+                // The path stops at the parent for missing fields, and for
+                // any error inside an internally tagged enum (`schedule`,
+                // `action`); the message names the field.
                 let pointer = match field_in(&message) {
-                    Some(field) => format!("{pointer}/{field}"),
-                    None => pointer,
+                    Some(field) if !pointer.ends_with(&format!("/{field}")) => format!("{pointer}/{field}"),
+                    _ => pointer,
                 };
                 ApiError::Validation(FieldErrors::from(FieldError::new(pointer, message)))
             }
@@ -100,10 +103,11 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// The field a "missing field" message names (the path stops at its
-/// parent; for unknown fields the path already ends at the field).
+/// The field an "unknown field" or "missing field" message names.
 fn field_in(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("missing field `")?;
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("missing field `"))?;
     let name = rest.split('`').next()?;
     Some(crate::action::escape_pointer(name))
 }

@@ -128,13 +128,23 @@ impl Schedule {
                 .map_err(|e| errors.push(e.pointer, e.detail))
                 .ok();
                 let rule = every.map(|every| Rule::Interval {
-                    every_ms: every.as_millis() as i64,
+                    every_ms: every.as_millis().max(1) as i64,
                     anchor_ms: i.start.map_or(0, |s| s.timestamp_millis()),
                 });
                 (rule, i.start, i.end, i.jitter.as_deref())
             }
             ScheduleSpec::Once(o) => (Some(Rule::Once(o.at)), None, None, None),
         };
+        // Instants are kept to the millisecond, the precision runs and
+        // cursors are stored with, so a stored cursor compares exactly.
+        let (rule, start, end) = (
+            rule.map(|r| match r {
+                Rule::Once(at) => Rule::Once(to_millis(at)),
+                r => r,
+            }),
+            start.map(to_millis),
+            end.map(to_millis),
+        );
         if let (Some(s), Some(e)) = (start, end) {
             if e <= s {
                 errors.push(format!("{pointer}/end"), "must be after `start`");
@@ -232,6 +242,11 @@ impl Schedule {
             _ => chrono_tz::UTC,
         }
     }
+}
+
+/// `t` truncated to whole milliseconds.
+fn to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
 /// A well-mixed 64-bit hash step (Steele, Lea, Flood: SplitMix64).

@@ -1,0 +1,434 @@
+//! Test harness: the real service in-process or as the real binary, a
+//! recording HTTP receiver, and small HTTP helpers.
+//!
+//! Nothing here sleeps to wait for something that can be awaited: the app
+//! signals readiness, the receiver pushes hits into a channel, the binary's
+//! log says when it is up. Where state changes asynchronously in the
+//! database, [`eventually`] retries a check with a generous deadline.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use chrono::{DateTime, Utc};
+use cronguard::app::App;
+use cronguard::clock::{ManualClock, SharedClock, SystemClock};
+use cronguard::config::{Config, Settings};
+use cronguard::shutdown::Shutdown;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// How long any single wait in a test may take before it fails. Generous:
+/// CI is a busy 2-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// An HTTP client for tests (TLS provider installed as the service does).
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// Fails the test if `fut` takes longer than [`PATIENCE`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Retries `check` until it returns `Some`, for state that settles
+/// asynchronously (a run's final row is committed after its action ends).
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    within(what, async {
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await
+}
+
+/// A running in-process service.
+pub struct TestApp {
+    pub base: String,
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub shutdown: Shutdown,
+    pub dir: Arc<tempfile::TempDir>,
+    pub db: PathBuf,
+    task: Option<JoinHandle<Result<(), cronguard::app::AppError>>>,
+}
+
+/// Options for [`TestApp::start`].
+pub struct Options {
+    pub settings: Settings,
+    pub clock: SharedClock,
+    pub dir: Option<Arc<tempfile::TempDir>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            settings: Settings::default(),
+            clock: Arc::new(SystemClock),
+            dir: None,
+        }
+    }
+}
+
+impl Options {
+    pub fn commands() -> Self {
+        let mut o = Self::default();
+        o.settings.enable_command_jobs = Some(true);
+        o
+    }
+
+    pub fn manual_clock(clock: &ManualClock) -> Self {
+        Self {
+            clock: Arc::new(clock.clone()),
+            ..Self::default()
+        }
+    }
+}
+
+/// A fixed instant for manual-clock tests.
+pub fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2027-06-01T12:00:00Z").unwrap().to_utc()
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::start(Options::default()).await
+    }
+
+    pub async fn start(options: Options) -> Self {
+        let dir = options
+            .dir
+            .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("tempdir")));
+        let db = dir.path().join("cronguard.db");
+        let mut settings = options.settings;
+        settings.listen.get_or_insert_with(|| "127.0.0.1:0".into());
+        settings.database = Some(format!("sqlite://{}", db.display()));
+        settings.shutdown_grace.get_or_insert_with(|| "5s".into());
+        let config = Config::from_settings(settings).expect("config");
+        let app = App::build(config, options.clock).await.expect("build");
+        let addr = app.local_addr();
+        let health = app.health();
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(app.run(shutdown.clone()));
+        within("the schedule to load", health.wait_schedule_loaded()).await;
+        Self {
+            base: format!("http://{addr}"),
+            addr,
+            client: client(),
+            shutdown,
+            dir,
+            db,
+            task: Some(task),
+        }
+    }
+
+    /// Graceful stop; returns once the app has finished.
+    pub async fn stop(mut self) {
+        self.shutdown.stop.cancel();
+        if let Some(task) = self.task.take() {
+            within("the app to stop", task)
+                .await
+                .expect("app task")
+                .expect("app result");
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self.client.get(self.url(path)).send().await.expect("GET");
+        read(r).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self.client.post(self.url(path)).json(&body).send().await.expect("POST");
+        read(r).await
+    }
+
+    pub async fn post_empty(&self, path: &str) -> (StatusCode, Value) {
+        let r = self.client.post(self.url(path)).send().await.expect("POST");
+        read(r).await
+    }
+
+    /// Creates a job, asserting 201.
+    pub async fn create(&self, spec: Value) -> Value {
+        let (status, body) = self.post("/v1/jobs", spec).await;
+        assert_eq!(status, StatusCode::CREATED, "create failed: {body}");
+        body
+    }
+
+    /// Runs of a job, newest first.
+    pub async fn runs(&self, job: &str) -> Vec<Value> {
+        let (status, body) = self.get(&format!("/v1/jobs/{job}/runs?limit=500")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until run `id` is final and returns it.
+    pub async fn final_run(&self, id: &str) -> Value {
+        eventually(&format!("run {id} to end"), || async {
+            let (status, run) = self.get(&format!("/v1/runs/{id}")).await;
+            let s = run["status"].as_str().unwrap_or("");
+            (status == StatusCode::OK && !matches!(s, "running" | "queued")).then_some(run)
+        })
+        .await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.stop.cancel();
+        self.shutdown.kill.cancel();
+    }
+}
+
+pub async fn read(r: reqwest::Response) -> (StatusCode, Value) {
+    let status = StatusCode::from_u16(r.status().as_u16()).expect("status");
+    let text = r.text().await.expect("body");
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+/// An HTTP action aimed at `url`.
+pub fn http_job(name: &str, schedule: Value, url: &str) -> Value {
+    json!({
+        "name": name,
+        "schedule": schedule,
+        "action": {"kind": "http", "method": "POST", "url": url},
+    })
+}
+
+pub fn every_second() -> Value {
+    json!({"kind": "cron", "expr": "* * * * * *"})
+}
+
+/// A request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub at: DateTime<Utc>,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Hit {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    pub fn scheduled_at(&self) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(self.header("x-cronguard-scheduled-at"))
+            .expect("scheduled-at header")
+            .to_utc()
+    }
+}
+
+/// A local HTTP server recording every request. `/status/<code>` answers
+/// with that code, `/sleep/<ms>` answers after a delay; anything else 200.
+pub struct Receiver {
+    pub base: String,
+    rx: mpsc::UnboundedReceiver<Hit>,
+    task: JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        async fn record(tx: &mpsc::UnboundedSender<Hit>, path: String, headers: HeaderMap, body: Bytes) {
+            let _ = tx.send(Hit {
+                at: Utc::now(),
+                path,
+                headers,
+                body,
+            });
+        }
+        let app = axum::Router::new()
+            .route(
+                "/status/{code}",
+                axum::routing::any(
+                    |State(tx): State<mpsc::UnboundedSender<Hit>>, UrlPath(code): UrlPath<u16>, headers: HeaderMap, body: Bytes| async move {
+                        record(&tx, format!("/status/{code}"), headers, body).await;
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::OK)
+                    },
+                ),
+            )
+            .route(
+                "/sleep/{ms}",
+                axum::routing::any(
+                    |State(tx): State<mpsc::UnboundedSender<Hit>>, UrlPath(ms): UrlPath<u64>, headers: HeaderMap, body: Bytes| async move {
+                        record(&tx, format!("/sleep/{ms}"), headers, body).await;
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        "slept"
+                    },
+                ),
+            )
+            .fallback(
+                |State(tx): State<mpsc::UnboundedSender<Hit>>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes| async move {
+                    record(&tx, uri.path().to_owned(), headers, body).await;
+                    "ok"
+                },
+            )
+            .with_state(tx);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            base: format!("http://{addr}"),
+            rx,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The next request, failing the test if none comes in time.
+    pub async fn next(&mut self) -> Hit {
+        within("a request at the receiver", self.rx.recv())
+            .await
+            .expect("receiver closed")
+    }
+
+    /// The next request on `path`, skipping others.
+    pub async fn next_on(&mut self, path: &str) -> Hit {
+        loop {
+            let hit = self.next().await;
+            if hit.path == path {
+                return hit;
+            }
+        }
+    }
+
+    /// Requests already received, without waiting.
+    pub fn drain(&mut self) -> Vec<Hit> {
+        let mut out = Vec::new();
+        while let Ok(hit) = self.rx.try_recv() {
+            out.push(hit);
+        }
+        out
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The real `cronguard` binary, started with `serve`.
+pub struct Binary {
+    pub child: Child,
+    pub base: String,
+    pub db: PathBuf,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl Binary {
+    /// Starts `cronguard serve` on an ephemeral port with the database in
+    /// `dir`, and waits until it logs that the schedule is loaded.
+    pub async fn start(dir: &Path, extra: &[&str]) -> Self {
+        let db = dir.join("cronguard.db");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cronguard"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--log", "info"])
+            .arg("--database")
+            .arg(format!("sqlite://{}", db.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn cronguard");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, mut lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if std::env::var_os("CRONGUARD_TEST_LOG").is_some() {
+                    eprintln!("[cronguard] {line}");
+                }
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        within("the binary to start", async {
+            while let Some(line) = lines.recv().await {
+                let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                if v["message"] == "cronguard started" {
+                    addr = v["addr"].as_str().map(str::to_owned);
+                }
+                if v["message"] == "schedule loaded" {
+                    return;
+                }
+            }
+            panic!("cronguard exited during startup");
+        })
+        .await;
+        Self {
+            child,
+            base: format!("http://{}", addr.expect("addr in log")),
+            db,
+            lines,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("pid") as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn wait(&mut self) -> Option<i32> {
+        within("the binary to exit", self.child.wait()).await.expect("wait").code()
+    }
+
+    /// Waits for a JSON log line whose `message` is `message`.
+    pub async fn log_line(&mut self, message: &str) -> Value {
+        within(&format!("log line `{message}`"), async {
+            while let Some(line) = self.lines.recv().await {
+                let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                if v["message"] == message {
+                    return v;
+                }
+            }
+            panic!("cronguard exited before logging `{message}`");
+        })
+        .await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}

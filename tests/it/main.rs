@@ -1,0 +1,9 @@
+//! One integration-test binary (link time on a 2-core machine); one module
+//! per area. Every test talks HTTP to the real service on an ephemeral port.
+
+mod helpers;
+
+mod api;
+mod commands;
+mod restart;
+mod scheduling;
