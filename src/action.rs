@@ -243,13 +243,19 @@ impl HttpSpec {
             }
         };
         let url = if self.url.len() > MAX_URL_LEN {
-            errors.push(format!("{pointer}/url"), format!("longer than {MAX_URL_LEN} bytes"));
+            errors.push(
+                format!("{pointer}/url"),
+                format!("longer than {MAX_URL_LEN} bytes"),
+            );
             None
         } else {
             match reqwest::Url::parse(&self.url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
                 Ok(_) => {
-                    errors.push(format!("{pointer}/url"), "must be an http or https URL with a host");
+                    errors.push(
+                        format!("{pointer}/url"),
+                        "must be an http or https URL with a host",
+                    );
                     None
                 }
                 Err(e) => {
@@ -260,7 +266,10 @@ impl HttpSpec {
         };
         let mut headers = HeaderMap::new();
         if self.headers.len() > MAX_HEADERS {
-            errors.push(format!("{pointer}/headers"), format!("more than {MAX_HEADERS} headers"));
+            errors.push(
+                format!("{pointer}/headers"),
+                format!("more than {MAX_HEADERS} headers"),
+            );
         }
         for (name, value) in &self.headers {
             let at = format!("{pointer}/headers/{}", escape_pointer(name));
@@ -284,9 +293,17 @@ impl HttpSpec {
         }
         let body = self.body.as_ref().map(|b| bytes::Bytes::from(b.clone()));
         if body.as_ref().is_some_and(|b| b.len() > MAX_BODY_BYTES) {
-            errors.push(format!("{pointer}/body"), format!("larger than {MAX_BODY_BYTES} bytes"));
+            errors.push(
+                format!("{pointer}/body"),
+                format!("larger than {MAX_BODY_BYTES} bytes"),
+            );
         }
-        let timeout = parse_timeout(self.timeout.as_deref(), DEFAULT_HTTP_TIMEOUT, pointer, &mut errors);
+        let timeout = parse_timeout(
+            self.timeout.as_deref(),
+            DEFAULT_HTTP_TIMEOUT,
+            pointer,
+            &mut errors,
+        );
         let success = StatusSet::parse(
             self.success_status.as_deref(),
             &format!("{pointer}/success_status"),
@@ -316,7 +333,10 @@ impl CommandSpec {
             );
         }
         if self.args.len() > MAX_ARGS {
-            errors.push(format!("{pointer}/args"), format!("more than {MAX_ARGS} arguments"));
+            errors.push(
+                format!("{pointer}/args"),
+                format!("more than {MAX_ARGS} arguments"),
+            );
         }
         for (i, arg) in self.args.iter().enumerate() {
             if arg.len() > MAX_ARG_LEN || arg.contains('\0') {
@@ -336,7 +356,10 @@ impl CommandSpec {
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             let at = format!("{pointer}/env/{}", escape_pointer(name));
             if !valid_name {
-                errors.push(at, "variable names are letters, digits and `_`, not starting with a digit");
+                errors.push(
+                    at,
+                    "variable names are letters, digits and `_`, not starting with a digit",
+                );
             } else if name.starts_with("CRONGUARD_") {
                 errors.push(at, "CRONGUARD_* variables are set by the service");
             } else if value.len() > MAX_ARG_LEN || value.contains('\0') {
@@ -361,7 +384,12 @@ impl CommandSpec {
                 None
             }
         });
-        let timeout = parse_timeout(self.timeout.as_deref(), DEFAULT_COMMAND_TIMEOUT, pointer, &mut errors);
+        let timeout = parse_timeout(
+            self.timeout.as_deref(),
+            DEFAULT_COMMAND_TIMEOUT,
+            pointer,
+            &mut errors,
+        );
         errors.finish(|| CommandAction {
             program: self.program.clone(),
             args: self.args.clone(),
@@ -421,10 +449,9 @@ mod tests {
         };
         assert_eq!(a.method, reqwest::Method::POST);
         assert!(a.success.contains(204) && !a.success.contains(301));
-        let Action::Http(a) = http(
-            r#"{"kind":"http","url":"http://h/","success_status":["2xx","304"]}"#,
-        )
-        .unwrap() else {
+        let Action::Http(a) =
+            http(r#"{"kind":"http","url":"http://h/","success_status":["2xx","304"]}"#).unwrap()
+        else {
             panic!()
         };
         assert!(a.success.contains(304) && !a.success.contains(404));
@@ -457,7 +484,12 @@ mod tests {
         let e = spec.parse(&ActionPolicy::default(), "/action").unwrap_err();
         assert_eq!(e.0[0].pointer, "/action/kind");
         let e = spec
-            .parse(&ActionPolicy { commands_enabled: true }, "/action")
+            .parse(
+                &ActionPolicy {
+                    commands_enabled: true,
+                },
+                "/action",
+            )
             .unwrap_err();
         assert_eq!(e.0[0].pointer, "/action/working_dir");
     }

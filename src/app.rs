@@ -29,8 +29,8 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::run::Incarnation;
 use crate::shutdown::Shutdown;
-use crate::store::{JobChange, SqliteOptions, Store, StoreError};
 use crate::store::WriterTask;
+use crate::store::{JobChange, SqliteOptions, Store, StoreError};
 use crate::supervisor::{Supervisor, SupervisorConfig, TaskContext};
 
 /// Threshold after which the engine's heartbeat counts as stale.
@@ -99,9 +99,7 @@ impl App {
 
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.config.listen)
+        self.listener.local_addr().unwrap_or(self.config.listen)
     }
 
     /// Probe state (tests await readiness through it).
@@ -202,7 +200,11 @@ impl App {
             }
         };
         let supervise = supervisor.run(stop.clone(), shutdown.kill.clone());
-        let (served, (), ()) = tokio::join!(async { server.await.map_err(AppError::Serve) }, engine_task, supervise);
+        let (served, (), ()) = tokio::join!(
+            async { server.await.map_err(AppError::Serve) },
+            engine_task,
+            supervise
+        );
         drop(engine);
 
         if let Err(e) = store.stop_incarnation(incarnation, clock.now()).await {

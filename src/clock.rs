@@ -26,7 +26,10 @@ pub trait Clock: Send + Sync + 'static {
     /// Resolves after `duration` of this clock's time.
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
         let delta = TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX);
-        let deadline = self.now().checked_add_signed(delta).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let deadline = self
+            .now()
+            .checked_add_signed(delta)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         self.sleep_until(deadline)
     }
 }

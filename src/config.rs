@@ -162,7 +162,11 @@ pub const DEFAULT_DATABASE: &str = "sqlite://./cronguard.db";
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
-fn duration(setting: &'static str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration(
+    setting: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
         Some(text) => humantime::parse_duration(&text).map_err(|e| ConfigError {
@@ -172,7 +176,13 @@ fn duration(setting: &'static str, value: Option<String>, default: Duration) -> 
     }
 }
 
-fn bounded(setting: &'static str, value: Option<usize>, default: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+fn bounded(
+    setting: &'static str,
+    value: Option<usize>,
+    default: usize,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
     let v = value.unwrap_or(default);
     if (min..=max).contains(&v) {
         Ok(v)
@@ -221,10 +231,28 @@ impl Config {
             sqlite_synchronous: s.sqlite_synchronous.unwrap_or_default(),
             shutdown_grace: duration("shutdown_grace", s.shutdown_grace, Duration::from_secs(30))?,
             max_running: bounded("max_running", s.max_running, 10_000, 1, 1_000_000)?,
-            output_tail_bytes: bounded("output_tail_bytes", s.output_tail_bytes, 16 * 1024, 0, 1024 * 1024)?,
-            max_body_bytes: bounded("max_body_bytes", s.max_body_bytes, 256 * 1024, 1024, 64 * 1024 * 1024)?,
+            output_tail_bytes: bounded(
+                "output_tail_bytes",
+                s.output_tail_bytes,
+                16 * 1024,
+                0,
+                1024 * 1024,
+            )?,
+            max_body_bytes: bounded(
+                "max_body_bytes",
+                s.max_body_bytes,
+                256 * 1024,
+                1024,
+                64 * 1024 * 1024,
+            )?,
             request_timeout: duration("request_timeout", s.request_timeout, Duration::from_secs(30))?,
-            max_concurrent_requests: bounded("max_concurrent_requests", s.max_concurrent_requests, 1024, 1, 1_000_000)?,
+            max_concurrent_requests: bounded(
+                "max_concurrent_requests",
+                s.max_concurrent_requests,
+                1024,
+                1,
+                1_000_000,
+            )?,
             log: s.log.unwrap_or_else(|| "info".to_owned()),
             log_format: s.log_format.unwrap_or_default(),
             engine_tick: Duration::from_secs(1),

@@ -46,7 +46,11 @@ impl Heartbeat {
     /// Age of the last beat; `None` if it never beat.
     pub fn age(&self) -> Option<Duration> {
         let last = self.last.load(Ordering::Relaxed);
-        (last > 0).then(|| self.epoch.elapsed().saturating_sub(Duration::from_millis(last - 1)))
+        (last > 0).then(|| {
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last - 1))
+        })
     }
 
     /// Unix seconds of the last beat (0 if never).

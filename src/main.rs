@@ -58,7 +58,9 @@ struct ServeArgs {
 fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
@@ -80,7 +82,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     init_logging(&config.log, config.log_format);
     let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
         rt.block_on(async {
-            let app = App::build(config, Arc::new(SystemClock)).await.map_err(|e| e.to_string())?;
+            let app = App::build(config, Arc::new(SystemClock))
+                .await
+                .map_err(|e| e.to_string())?;
             let shutdown = Shutdown::new();
             let signals = tokio::spawn(shutdown.clone().watch_signals());
             let result = app.run(shutdown.clone()).await.map_err(|e| e.to_string());
@@ -101,9 +105,10 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 fn migrate(database: Option<String>) -> ExitCode {
     let url = database.unwrap_or_else(|| cronguard::config::DEFAULT_DATABASE.to_owned());
-    let result = runtime()
-        .map_err(|e| e.to_string())
-        .and_then(|rt| rt.block_on(Store::migrate_only(&SqliteOptions::new(url.clone()))).map_err(|e| e.to_string()));
+    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(Store::migrate_only(&SqliteOptions::new(url.clone())))
+            .map_err(|e| e.to_string())
+    });
     match result {
         Ok(()) => {
             println!("{url}: schema up to date");
@@ -126,7 +131,10 @@ fn healthcheck(url: Option<String>, listen: Option<String>, timeout: Duration) -
     let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
         rt.block_on(async {
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let client = reqwest::Client::builder().timeout(timeout).build().map_err(|e| e.to_string())?;
+            let client = reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .map_err(|e| e.to_string())?;
             let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
             let status = response.status();
             let body = response.text().await.unwrap_or_default();

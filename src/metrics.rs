@@ -6,8 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::run::{Reason, RunStatus, Trigger};
@@ -64,8 +63,9 @@ impl Metrics {
             "Runs that reached a final status after starting, by status and trigger.",
             &["status", "trigger"],
         );
-        let runs_running = IntGauge::with_opts(Opts::new("runs_running", "Runs executing now.").namespace(NS))
-            .unwrap_or_else(|e| unreachable!("runs_running: {e}"));
+        let runs_running =
+            IntGauge::with_opts(Opts::new("runs_running", "Runs executing now.").namespace(NS))
+                .unwrap_or_else(|e| unreachable!("runs_running: {e}"));
         r.register(Box::new(runs_running.clone()))
             .unwrap_or_else(|e| unreachable!("runs_running: {e}"));
         let fires_not_run = counter_vec(
@@ -79,17 +79,24 @@ impl Metrics {
             "fire_lateness_seconds",
             "Actual start of a scheduled run minus its due instant (scheduled time plus jitter).",
             vec![
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
             ],
         );
         let run_duration = histogram(
             r,
             "run_duration_seconds",
             "Duration of runs from start to final status.",
-            vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0],
+            vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+            ],
         );
         let build = IntGaugeVec::new(
-            Opts::new("build_info", "Build of the running binary; the value is always 1.").namespace(NS),
+            Opts::new(
+                "build_info",
+                "Build of the running binary; the value is always 1.",
+            )
+            .namespace(NS),
             &["version"],
         )
         .unwrap_or_else(|e| unreachable!("build_info: {e}"));
@@ -111,17 +118,29 @@ impl Metrics {
     pub fn run_started(&self, trigger: Trigger, due_at: DateTime<Utc>, started_at: DateTime<Utc>) {
         self.runs_started.with_label_values(&[trigger.as_str()]).inc();
         if matches!(trigger, Trigger::Schedule) {
-            let late = (started_at - due_at).num_microseconds().unwrap_or(i64::MAX).max(0);
+            let late = (started_at - due_at)
+                .num_microseconds()
+                .unwrap_or(i64::MAX)
+                .max(0);
             self.fire_lateness.observe(late as f64 / 1e6);
         }
     }
 
     /// A started run reached its final status.
-    pub fn run_finished(&self, trigger: Trigger, status: RunStatus, started_at: DateTime<Utc>, ended_at: DateTime<Utc>) {
+    pub fn run_finished(
+        &self,
+        trigger: Trigger,
+        status: RunStatus,
+        started_at: DateTime<Utc>,
+        ended_at: DateTime<Utc>,
+    ) {
         self.runs_finished
             .with_label_values(&[status.as_str(), trigger.as_str()])
             .inc();
-        let took = (ended_at - started_at).num_microseconds().unwrap_or(i64::MAX).max(0);
+        let took = (ended_at - started_at)
+            .num_microseconds()
+            .unwrap_or(i64::MAX)
+            .max(0);
         self.run_duration.observe(took as f64 / 1e6);
     }
 

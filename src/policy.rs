@@ -113,15 +113,22 @@ impl PolicySpec {
         let mut errors = FieldErrors::default();
         let defaults = Policy::default();
         let day = Duration::from_secs(24 * 3600);
-        let mut duration = |field: &str, value: &Option<String>, min: Duration, max: Duration, default: Duration| {
-            value.as_deref().map_or(default, |text| {
-                parse_duration(&format!("{pointer}/{field}"), text, min, max).unwrap_or_else(|e| {
-                    errors.push(e.pointer, e.detail);
-                    default
+        let mut duration =
+            |field: &str, value: &Option<String>, min: Duration, max: Duration, default: Duration| {
+                value.as_deref().map_or(default, |text| {
+                    parse_duration(&format!("{pointer}/{field}"), text, min, max).unwrap_or_else(|e| {
+                        errors.push(e.pointer, e.detail);
+                        default
+                    })
                 })
-            })
-        };
-        let misfire_grace = duration("misfire_grace", &self.misfire_grace, Duration::ZERO, 366 * day, defaults.misfire_grace);
+            };
+        let misfire_grace = duration(
+            "misfire_grace",
+            &self.misfire_grace,
+            Duration::ZERO,
+            366 * day,
+            defaults.misfire_grace,
+        );
         let catch_up_window = duration(
             "catch_up_window",
             &self.catch_up_window,
@@ -129,7 +136,13 @@ impl PolicySpec {
             366 * day,
             defaults.catch_up_window,
         );
-        let kill_grace = duration("kill_grace", &self.kill_grace, Duration::ZERO, Duration::from_secs(3600), defaults.kill_grace);
+        let kill_grace = duration(
+            "kill_grace",
+            &self.kill_grace,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+            defaults.kill_grace,
+        );
         let overlap = self.overlap.unwrap_or_default();
         let max_concurrency = self.max_concurrency.unwrap_or(1);
         if !(1..=MAX_CONCURRENCY).contains(&max_concurrency) {

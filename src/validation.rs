@@ -58,11 +58,7 @@ impl FieldErrors {
 
     /// `Ok(value)` when nothing was recorded.
     pub fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, FieldErrors> {
-        if self.0.is_empty() {
-            Ok(value())
-        } else {
-            Err(self)
-        }
+        if self.0.is_empty() { Ok(value()) } else { Err(self) }
     }
 
     /// Whether no problem was recorded.
@@ -110,10 +106,7 @@ pub fn parse_duration(
     if parsed < min {
         return Err(FieldError::new(
             pointer,
-            format!(
-                "must be at least {}",
-                humantime::format_duration(min)
-            ),
+            format!("must be at least {}", humantime::format_duration(min)),
         ));
     }
     if parsed > max {

@@ -101,18 +101,46 @@ impl ApiError {
     /// Status, stable problem type URI and title.
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
-            Self::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "urn:cronguard:problem:validation", "Invalid request"),
-            Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "urn:cronguard:problem:malformed-json", "Malformed JSON"),
-            Self::BadQuery { .. } => (StatusCode::BAD_REQUEST, "urn:cronguard:problem:bad-query", "Invalid query parameter"),
-            Self::BadHeader { .. } => (StatusCode::BAD_REQUEST, "urn:cronguard:problem:bad-header", "Invalid header"),
+            Self::Validation(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "urn:cronguard:problem:validation",
+                "Invalid request",
+            ),
+            Self::MalformedJson(_) => (
+                StatusCode::BAD_REQUEST,
+                "urn:cronguard:problem:malformed-json",
+                "Malformed JSON",
+            ),
+            Self::BadQuery { .. } => (
+                StatusCode::BAD_REQUEST,
+                "urn:cronguard:problem:bad-query",
+                "Invalid query parameter",
+            ),
+            Self::BadHeader { .. } => (
+                StatusCode::BAD_REQUEST,
+                "urn:cronguard:problem:bad-header",
+                "Invalid header",
+            ),
             Self::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "urn:cronguard:problem:unsupported-media-type",
                 "Unsupported media type",
             ),
-            Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "urn:cronguard:problem:payload-too-large", "Payload too large"),
-            Self::NotFound(_) => (StatusCode::NOT_FOUND, "urn:cronguard:problem:not-found", "Not found"),
-            Self::NameTaken(_) => (StatusCode::CONFLICT, "urn:cronguard:problem:name-taken", "Name already taken"),
+            Self::PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "urn:cronguard:problem:payload-too-large",
+                "Payload too large",
+            ),
+            Self::NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "urn:cronguard:problem:not-found",
+                "Not found",
+            ),
+            Self::NameTaken(_) => (
+                StatusCode::CONFLICT,
+                "urn:cronguard:problem:name-taken",
+                "Name already taken",
+            ),
             Self::PreconditionFailed { .. } => (
                 StatusCode::PRECONDITION_FAILED,
                 "urn:cronguard:problem:version-mismatch",
@@ -123,9 +151,21 @@ impl ApiError {
                 "urn:cronguard:problem:method-not-allowed",
                 "Method not allowed",
             ),
-            Self::RunAlreadyFinal => (StatusCode::CONFLICT, "urn:cronguard:problem:run-final", "Run already ended"),
-            Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "urn:cronguard:problem:shutting-down", "Shutting down"),
-            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "urn:cronguard:problem:internal", "Internal error"),
+            Self::RunAlreadyFinal => (
+                StatusCode::CONFLICT,
+                "urn:cronguard:problem:run-final",
+                "Run already ended",
+            ),
+            Self::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "urn:cronguard:problem:shutting-down",
+                "Shutting down",
+            ),
+            Self::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "urn:cronguard:problem:internal",
+                "Internal error",
+            ),
         }
     }
 
@@ -179,7 +219,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => Self::NotFound("job"),
             StoreError::NameTaken(name) => Self::NameTaken(name),
-            StoreError::VersionMismatch { expected, current } => Self::PreconditionFailed { expected, current },
+            StoreError::VersionMismatch { expected, current } => {
+                Self::PreconditionFailed { expected, current }
+            }
             StoreError::AlreadyFinal => Self::RunAlreadyFinal,
             StoreError::Closed => Self::ShuttingDown,
             e @ (StoreError::DuplicateFire

@@ -162,7 +162,10 @@ impl Params {
 
     /// Every value of `name`.
     pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The single value of `name`, parsed; repeated values are an error.
@@ -171,7 +174,9 @@ impl Params {
         T::Err: std::fmt::Display,
     {
         let mut values = self.all(name);
-        let Some(first) = values.next() else { return Ok(None) };
+        let Some(first) = values.next() else {
+            return Ok(None);
+        };
         if values.next().is_some() {
             return Err(ApiError::BadQuery {
                 name: name.to_owned(),
@@ -212,7 +217,10 @@ mod tests {
         let (status, pointers) = problem(
             r#"{"name":"a","schedule":{"kind":"once","at":"2030-01-01T00:00:00Z"},"action":{"kind":"http","url":"http://h/"},"policy":{"max_concurrency":1e30}}"#,
         );
-        assert_eq!((status, pointers), (422, vec!["/policy/max_concurrency".to_owned()]));
+        assert_eq!(
+            (status, pointers),
+            (422, vec!["/policy/max_concurrency".to_owned()])
+        );
         let (status, pointers) = problem(r#"{"name":"a","action":{"kind":"http","url":"http://h/"}}"#);
         assert_eq!((status, pointers), (422, vec!["/schedule".to_owned()]));
     }

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -159,7 +159,10 @@ pub async fn create_job(
         (status = 200, description = "A page of jobs", body = JobPage),
         (status = 400, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn list_jobs(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result<Json<JobPage>, ApiError> {
+pub async fn list_jobs(
+    State(ctx): State<Arc<ApiContext>>,
+    params: Params,
+) -> Result<Json<JobPage>, ApiError> {
     params.only(&["label", "paused", "source", "limit", "cursor"])?;
     let mut labels = Vec::new();
     for label in params.all("label") {
@@ -204,14 +207,19 @@ pub async fn list_jobs(State(ctx): State<Arc<ApiContext>>, params: Params) -> Re
         (status = 200, description = "The job", body = JobView, headers(("ETag" = String, description = "The job's version"))),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn get_job(State(ctx): State<Arc<ApiContext>>, Path(key): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_job(
+    State(ctx): State<Arc<ApiContext>>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
     let job = find(&ctx, &key).await?;
     Ok(job_response(StatusCode::OK, &job))
 }
 
 /// Reads `If-Match` as a job version.
 fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
-    let Some(value) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
     let bad = || ApiError::BadHeader {
         name: "If-Match",
         detail: "expected the job's ETag, such as \"3\"".into(),
@@ -273,7 +281,10 @@ pub async fn replace_job(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn delete_job(State(ctx): State<Arc<ApiContext>>, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_job(
+    State(ctx): State<Arc<ApiContext>>,
+    Path(key): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let job = find(&ctx, &key).await?;
     ctx.store.delete_job(job.id).await?;
     tracing::info!(job = %job.id, name = %job.name(), "job deleted");
@@ -311,7 +322,10 @@ pub async fn pause_job(
         (status = 200, description = "Resumed", body = JobView),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn resume_job(State(ctx): State<Arc<ApiContext>>, Path(key): Path<String>) -> Result<Response, ApiError> {
+pub async fn resume_job(
+    State(ctx): State<Arc<ApiContext>>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
     let job = find(&ctx, &key).await?;
     let job = ctx.store.set_paused(job.id, false, None, ctx.clock.now()).await?;
     tracing::info!(job = %job.id, name = %job.name(), "job resumed");

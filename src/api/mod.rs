@@ -101,20 +101,29 @@ pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
     let spec = Arc::new(spec);
     let layers = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-");
-            tracing::debug_span!("request", method = %req.method(), uri = %req.uri(), id = %id)
-        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::debug_span!("request", method = %req.method(), uri = %req.uri(), id = %id)
+            }),
+        )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            axum::response::IntoResponse::into_response(ApiError::Internal("a request handler panicked".into()))
+            axum::response::IntoResponse::into_response(ApiError::Internal(
+                "a request handler panicked".into(),
+            ))
         }))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, limits.request_timeout))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(limits.max_concurrent_requests))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            limits.request_timeout,
+        ))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            limits.max_concurrent_requests,
+        ))
         .layer(axum::Extension(BodyLimit(limits.max_body_bytes)))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes));
     api.route(

@@ -50,7 +50,11 @@ pub struct ProbeReport {
 fn respond(params: &Params, checks: Vec<Check>) -> Result<Response, ApiError> {
     params.only(&["verbose"])?;
     let ok = checks.iter().all(|c| c.ok);
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let verbose = params.all("verbose").next().is_some();
     Ok(if verbose {
         let report = ProbeReport {
@@ -61,7 +65,11 @@ fn respond(params: &Params, checks: Vec<Check>) -> Result<Response, ApiError> {
     } else {
         let mut text = String::from(if ok { "ok\n" } else { "fail\n" });
         for c in checks.iter().filter(|c| !c.ok) {
-            text.push_str(&format!("{}: {}\n", c.name, c.reason.as_deref().unwrap_or("failing")));
+            text.push_str(&format!(
+                "{}: {}\n",
+                c.name,
+                c.reason.as_deref().unwrap_or("failing")
+            ));
         }
         (status, text).into_response()
     })
@@ -117,10 +125,18 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
         Err(_) => flag("database", false, "database did not answer within 2s"),
     };
     let checks = vec![
-        flag("shutting_down", !h.shutting_down(), "the service is shutting down"),
+        flag(
+            "shutting_down",
+            !h.shutting_down(),
+            "the service is shutting down",
+        ),
         db_check,
         flag("recovery", h.recovered(), "startup recovery has not finished"),
-        flag("schedule_loaded", h.schedule_loaded(), "the engine has not loaded the schedule"),
+        flag(
+            "schedule_loaded",
+            h.schedule_loaded(),
+            "the engine has not loaded the schedule",
+        ),
     ];
     respond(&params, checks)
 }
@@ -129,7 +145,10 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(ctx): State<Arc<ApiContext>>) -> Result<Response, ApiError> {
-    let text = ctx.metrics.render().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let text = ctx
+        .metrics
+        .render()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -59,7 +59,10 @@ async fn page(ctx: &ApiContext, filter: RunFilter, params: &Params) -> Result<Js
         (status = 200, description = "A page of runs", body = RunPage),
         (status = 400, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn list_runs(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result<Json<RunPage>, ApiError> {
+pub async fn list_runs(
+    State(ctx): State<Arc<ApiContext>>,
+    params: Params,
+) -> Result<Json<RunPage>, ApiError> {
     params.only(&["status", "job", "limit", "cursor"])?;
     let filter = RunFilter {
         job: params.one::<JobId>("job")?,
@@ -106,7 +109,10 @@ fn run_id(text: &str) -> Result<RunId, ApiError> {
         (status = 200, description = "The run", body = Run),
         (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn get_run(State(ctx): State<Arc<ApiContext>>, Path(id): Path<String>) -> Result<Json<Run>, ApiError> {
+pub async fn get_run(
+    State(ctx): State<Arc<ApiContext>>,
+    Path(id): Path<String>,
+) -> Result<Json<Run>, ApiError> {
     let id = run_id(&id)?;
     let run = ctx.store.get_run(id).await?.ok_or(ApiError::NotFound("run"))?;
     Ok(Json(run))

@@ -72,7 +72,10 @@ fn check_count(count: Option<u32>, pointer: &str) -> Result<u32, FieldError> {
     if (1..=MAX_PREVIEW).contains(&count) {
         Ok(count)
     } else {
-        Err(FieldError::new(pointer, format!("must be between 1 and {MAX_PREVIEW}")))
+        Err(FieldError::new(
+            pointer,
+            format!("must be between 1 and {MAX_PREVIEW}"),
+        ))
     }
 }
 
@@ -90,7 +93,9 @@ pub async fn preview_schedule(
 ) -> Result<Json<Preview>, ApiError> {
     let mut errors = FieldErrors::default();
     let schedule = errors.take(Schedule::parse(&request.schedule, "/schedule"));
-    let count = check_count(request.count, "/count").map_err(|e| errors.0.push(e)).ok();
+    let count = check_count(request.count, "/count")
+        .map_err(|e| errors.0.push(e))
+        .ok();
     match (schedule, count) {
         (Some(schedule), Some(count)) => Ok(Json(preview(
             &schedule,
@@ -128,6 +133,12 @@ pub async fn preview_job(
     // By default the preview starts where the engine searches for the next
     // fire, so its first entry is the job's `next_fire_at`; a paused job
     // would restart from now.
-    let after = after.unwrap_or_else(|| if job.paused { ctx.clock.now() } else { job.cursor_at });
+    let after = after.unwrap_or_else(|| {
+        if job.paused {
+            ctx.clock.now()
+        } else {
+            job.cursor_at
+        }
+    });
     Ok(Json(preview(&job.def.schedule, after, count)))
 }

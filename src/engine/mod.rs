@@ -139,7 +139,10 @@ impl Engine {
         }
         // The engine may be ahead of the stored cursor (fires handed over
         // but not yet committed); never go back behind what it handed over.
-        let cursor = self.jobs.get(&id).map_or(job.cursor_at, |e| e.cursor.max(job.cursor_at));
+        let cursor = self
+            .jobs
+            .get(&id)
+            .map_or(job.cursor_at, |e| e.cursor.max(job.cursor_at));
         let first = job.def.schedule.next_after(cursor);
         self.jobs.insert(
             id,
@@ -157,18 +160,31 @@ impl Engine {
 
     /// Plans job `id` from the nominal fire `first` up to `now` and pushes
     /// its next fire on the heap.
-    fn advance(&mut self, id: JobId, first: DateTime<Utc>, now: DateTime<Utc>, reason: Reason, fires: &mut Vec<Fire>) {
-        let Some(entry) = self.jobs.get_mut(&id) else { return };
+    fn advance(
+        &mut self,
+        id: JobId,
+        first: DateTime<Utc>,
+        now: DateTime<Utc>,
+        reason: Reason,
+        fires: &mut Vec<Fire>,
+    ) {
+        let Some(entry) = self.jobs.get_mut(&id) else {
+            return;
+        };
         let planned = plan(&entry.job, first, now, reason);
         if let Some(last) = planned.fires.last() {
-            entry.cursor = last.missed.map_or(last.scheduled_at, |m| m.until).max(entry.cursor);
+            entry.cursor = last
+                .missed
+                .map_or(last.scheduled_at, |m| m.until)
+                .max(entry.cursor);
         }
         fires.extend(planned.fires);
         entry.next = planned.next;
         if let Some(next) = entry.next {
             self.generation += 1;
             entry.generation = self.generation;
-            self.heap.push(Reverse((due_at(&entry.job, next), entry.generation, id)));
+            self.heap
+                .push(Reverse((due_at(&entry.job, next), entry.generation, id)));
         }
     }
 
@@ -204,8 +220,12 @@ impl Engine {
             if due > now {
                 break;
             }
-            let Some(Reverse((_, _, id))) = self.heap.pop() else { break };
-            let Some(first) = self.jobs.get_mut(&id).and_then(|e| e.next.take()) else { continue };
+            let Some(Reverse((_, _, id))) = self.heap.pop() else {
+                break;
+            };
+            let Some(first) = self.jobs.get_mut(&id).and_then(|e| e.next.take()) else {
+                continue;
+            };
             self.advance(id, first, now, Reason::Misfire, &mut fires);
         }
         self.supervisor.fire(fires);

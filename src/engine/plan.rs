@@ -103,7 +103,16 @@ pub fn plan(job: &Arc<Job>, first: DateTime<Utc>, now: DateTime<Utc>, reason: Re
         if lower_bound {
             tracing::warn!(job = %job.id, fires = missed_count, "missed fires exceed the scan limit; the count is a lower bound");
         }
-        fires.push(fire(job, from, Trigger::Schedule, Some(Missed { reason, until, fires: missed_count })));
+        fires.push(fire(
+            job,
+            from,
+            Trigger::Schedule,
+            Some(Missed {
+                reason,
+                until,
+                fires: missed_count,
+            }),
+        ));
     }
     for t in recent.iter().skip(recent.len() - replay) {
         fires.push(fire(job, *t, Trigger::CatchUp, None));
@@ -177,11 +186,21 @@ mod tests {
     fn ten_minutes_down_under_each_catch_up_policy() {
         let now = at("2027-01-01T00:10:30Z");
         let first = at("2027-01-01T00:01:00Z");
-        let p = plan(&job(serde_json::json!({"catch_up": "none"})), first, now, Reason::Downtime);
+        let p = plan(
+            &job(serde_json::json!({"catch_up": "none"})),
+            first,
+            now,
+            Reason::Downtime,
+        );
         assert_eq!(describe(&p), ["missed 00:01..00:09 x9", "schedule 00:10"]);
         assert_eq!(p.next, Some(at("2027-01-01T00:11:00Z")));
 
-        let p = plan(&job(serde_json::json!({"catch_up": "latest"})), first, now, Reason::Downtime);
+        let p = plan(
+            &job(serde_json::json!({"catch_up": "latest"})),
+            first,
+            now,
+            Reason::Downtime,
+        );
         assert_eq!(describe(&p), ["missed 00:01..00:09 x9", "schedule 00:10"]);
 
         let p = plan(
@@ -222,9 +241,19 @@ mod tests {
     #[test]
     fn the_normal_path_is_one_fire_on_time() {
         let j = job(serde_json::json!({}));
-        let p = plan(&j, at("2027-01-01T00:01:00Z"), at("2027-01-01T00:01:00.002Z"), Reason::Misfire);
+        let p = plan(
+            &j,
+            at("2027-01-01T00:01:00Z"),
+            at("2027-01-01T00:01:00.002Z"),
+            Reason::Misfire,
+        );
         assert_eq!(describe(&p), ["schedule 00:01"]);
-        let p = plan(&j, at("2027-01-01T00:02:00Z"), at("2027-01-01T00:01:00.002Z"), Reason::Misfire);
+        let p = plan(
+            &j,
+            at("2027-01-01T00:02:00Z"),
+            at("2027-01-01T00:01:00.002Z"),
+            Reason::Misfire,
+        );
         assert!(p.fires.is_empty());
         assert_eq!(p.next, Some(at("2027-01-01T00:02:00Z")));
     }

@@ -175,7 +175,10 @@ where
     let (run_status, error) = match (end, &status) {
         (End::TimedOut, _) => (
             RunStatus::TimedOut,
-            Some(format!("timed out after {}", humantime::format_duration(limits.timeout))),
+            Some(format!(
+                "timed out after {}",
+                humantime::format_duration(limits.timeout)
+            )),
         ),
         (End::Cancelled, _) => (RunStatus::Cancelled, Some("cancelled".to_owned())),
         (End::Exited, Ok(s)) if s.success() => (RunStatus::Succeeded, None),
@@ -187,7 +190,10 @@ where
                 (None, None) => "exited abnormally".to_owned(),
             }),
         ),
-        (End::Exited, Err(e)) => (RunStatus::Failed, Some(format!("waiting for the process failed: {e}"))),
+        (End::Exited, Err(e)) => (
+            RunStatus::Failed,
+            Some(format!("waiting for the process failed: {e}")),
+        ),
     };
     Outcome {
         status: run_status,
@@ -222,7 +228,10 @@ async fn capture(stdout: Option<ChildStdout>, stderr: Option<ChildStderr>, tail:
 }
 
 /// Makes the child receive SIGKILL when the thread that forked it exits.
-#[expect(unsafe_code, reason = "pre_exec is the only way to run prctl in the child before exec")]
+#[expect(
+    unsafe_code,
+    reason = "pre_exec is the only way to run prctl in the child before exec"
+)]
 fn set_parent_death_signal(cmd: &mut Command) {
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child between fork and exec.

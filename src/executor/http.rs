@@ -68,7 +68,11 @@ pub(super) async fn execute(
             let ok = action.success.contains(status);
             let output = (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned());
             Outcome {
-                status: if ok { RunStatus::Succeeded } else { RunStatus::Failed },
+                status: if ok {
+                    RunStatus::Succeeded
+                } else {
+                    RunStatus::Failed
+                },
                 reason: None,
                 attempts: occurrence.attempt,
                 exit_code: None,

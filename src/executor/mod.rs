@@ -66,7 +66,10 @@ struct Inner {
     config: ExecutorConfig,
     http: reqwest::Client,
     store: Store,
-    #[cfg_attr(not(feature = "fault-injection"), expect(dead_code, reason = "used by the test action"))]
+    #[cfg_attr(
+        not(feature = "fault-injection"),
+        expect(dead_code, reason = "used by the test action")
+    )]
     clock: SharedClock,
 }
 
@@ -112,7 +115,15 @@ impl Executor {
         let cfg = &self.inner.config;
         match action {
             Action::Http(a) => {
-                http::execute(&self.inner.http, a, occurrence, limits, cfg.output_tail_bytes, cancel).await
+                http::execute(
+                    &self.inner.http,
+                    a,
+                    occurrence,
+                    limits,
+                    cfg.output_tail_bytes,
+                    cancel,
+                )
+                .await
             }
             Action::Command(a) => {
                 if !cfg.commands_enabled {
@@ -131,7 +142,9 @@ impl Executor {
                 command::execute(a, occurrence, limits, cfg.output_tail_bytes, cancel, on_spawn).await
             }
             #[cfg(feature = "fault-injection")]
-            Action::Test(spec) => crate::fault::execute_test_action(spec, occurrence, &self.inner.clock, cancel).await,
+            Action::Test(spec) => {
+                crate::fault::execute_test_action(spec, occurrence, &self.inner.clock, cancel).await
+            }
         }
     }
 }

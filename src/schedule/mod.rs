@@ -111,22 +111,18 @@ impl Schedule {
         let mut errors = FieldErrors::default();
         let (rule, start, end, jitter) = match spec {
             ScheduleSpec::Cron(c) => {
-                let rule = errors.take(CronRule::parse(
-                    &c.expr,
-                    c.timezone.as_deref(),
-                    pointer,
-                ));
-                (rule.map(|r| Rule::Cron(Box::new(r))), c.start, c.end, c.jitter.as_deref())
+                let rule = errors.take(CronRule::parse(&c.expr, c.timezone.as_deref(), pointer));
+                (
+                    rule.map(|r| Rule::Cron(Box::new(r))),
+                    c.start,
+                    c.end,
+                    c.jitter.as_deref(),
+                )
             }
             ScheduleSpec::Interval(i) => {
-                let every = parse_duration(
-                    &format!("{pointer}/every"),
-                    &i.every,
-                    MIN_INTERVAL,
-                    MAX_INTERVAL,
-                )
-                .map_err(|e| errors.push(e.pointer, e.detail))
-                .ok();
+                let every = parse_duration(&format!("{pointer}/every"), &i.every, MIN_INTERVAL, MAX_INTERVAL)
+                    .map_err(|e| errors.push(e.pointer, e.detail))
+                    .ok();
                 let rule = every.map(|every| Rule::Interval {
                     every_ms: every.as_millis().max(1) as i64,
                     anchor_ms: i.start.map_or(0, |s| s.timestamp_millis()),
@@ -152,16 +148,11 @@ impl Schedule {
         }
         let jitter = match jitter {
             None => Duration::ZERO,
-            Some(text) => parse_duration(
-                &format!("{pointer}/jitter"),
-                text,
-                Duration::ZERO,
-                MAX_JITTER,
-            )
-            .unwrap_or_else(|e| {
-                errors.push(e.pointer, e.detail);
-                Duration::ZERO
-            }),
+            Some(text) => parse_duration(&format!("{pointer}/jitter"), text, Duration::ZERO, MAX_JITTER)
+                .unwrap_or_else(|e| {
+                    errors.push(e.pointer, e.detail);
+                    Duration::ZERO
+                }),
         };
         let schedule = match rule {
             Some(rule) if errors.is_empty() => Self {
@@ -185,10 +176,7 @@ impl Schedule {
         };
         let next = match &self.rule {
             Rule::Cron(rule) => rule.next_after(from)?,
-            Rule::Interval {
-                every_ms,
-                anchor_ms,
-            } => {
+            Rule::Interval { every_ms, anchor_ms } => {
                 let from_ms = from.timestamp_millis();
                 let k = if from_ms < *anchor_ms {
                     0

@@ -230,7 +230,6 @@ impl Store {
     pub fn replace_job(&self, replacement: Replacement) -> Ack<Arc<Job>> {
         self.inner
             .write(|reply| writer::Op::ReplaceJob { replacement, reply })
-            
     }
 
     /// Pauses (with an optional note) or resumes a job. Resuming moves the
@@ -242,15 +241,13 @@ impl Store {
         note: Option<String>,
         now: DateTime<Utc>,
     ) -> Ack<Arc<Job>> {
-        self.inner
-            .write(|reply| writer::Op::SetPaused {
-                id,
-                paused,
-                note,
-                now,
-                reply,
-            })
-            
+        self.inner.write(|reply| writer::Op::SetPaused {
+            id,
+            paused,
+            note,
+            now,
+            reply,
+        })
     }
 
     /// Deletes a job and its run history.
@@ -299,51 +296,31 @@ impl Store {
     }
 
     /// Records the process a command run started.
-    pub fn record_process(
-        &self,
-        id: RunId,
-        pid: i32,
-        pgid: i32,
-        start_ticks: Option<u64>,
-    ) -> Ack<()> {
-        self.inner
-            .write(|reply| writer::Op::RecordProcess {
-                id,
-                pid,
-                pgid,
-                start_ticks,
-                reply,
-            })
-            
+    pub fn record_process(&self, id: RunId, pid: i32, pgid: i32, start_ticks: Option<u64>) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::RecordProcess {
+            id,
+            pid,
+            pgid,
+            start_ticks,
+            reply,
+        })
     }
 
     /// Records a run's final state; [`StoreError::AlreadyFinal`] if it had one.
-    pub fn finish_run(
-        &self,
-        id: RunId,
-        outcome: Outcome,
-        at: DateTime<Utc>,
-    ) -> Ack<()> {
-        self.inner
-            .write(|reply| writer::Op::FinishRun {
-                id,
-                outcome,
-                at,
-                reply,
-            })
-            
+    pub fn finish_run(&self, id: RunId, outcome: Outcome, at: DateTime<Utc>) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::FinishRun {
+            id,
+            outcome,
+            at,
+            reply,
+        })
     }
 
     /// Marks every live run not owned by `current` as orphaned and returns
     /// them as they were (with their recorded process).
-    pub fn orphan_foreign_runs(
-        &self,
-        current: Incarnation,
-        at: DateTime<Utc>,
-    ) -> Ack<Vec<Run>> {
+    pub fn orphan_foreign_runs(&self, current: Incarnation, at: DateTime<Utc>) -> Ack<Vec<Run>> {
         self.inner
             .write(|reply| writer::Op::OrphanForeignRuns { current, at, reply })
-            
     }
 
     /// One run.
@@ -364,21 +341,15 @@ impl Store {
     // ---- incarnations ---------------------------------------------------
 
     /// Records this process's start.
-    pub fn register_incarnation(
-        &self,
-        id: Incarnation,
-        at: DateTime<Utc>,
-    ) -> Ack<()> {
+    pub fn register_incarnation(&self, id: Incarnation, at: DateTime<Utc>) -> Ack<()> {
         self.inner
             .write(|reply| writer::Op::RegisterIncarnation { id, at, reply })
-            
     }
 
     /// Records this process's clean stop.
     pub fn stop_incarnation(&self, id: Incarnation, at: DateTime<Utc>) -> Ack<()> {
         self.inner
             .write(|reply| writer::Op::StopIncarnation { id, at, reply })
-            
     }
 
     /// Checks that the database answers (readiness).

@@ -58,8 +58,8 @@ pub fn spec_json(spec: &JobSpec) -> Result<String, StoreError> {
 pub fn job(row: &SqliteRow) -> Result<Job, StoreError> {
     let id: String = row.try_get(0)?;
     let spec_text: String = row.try_get(1)?;
-    let spec: JobSpec = serde_json::from_str(&spec_text)
-        .map_err(|e| StoreError::Corrupt(format!("job {id} spec: {e}")))?;
+    let spec: JobSpec =
+        serde_json::from_str(&spec_text).map_err(|e| StoreError::Corrupt(format!("job {id} spec: {e}")))?;
     let def = spec
         .validate(&ActionPolicy {
             commands_enabled: true,

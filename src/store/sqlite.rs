@@ -131,16 +131,20 @@ impl SqliteStore {
     pub(super) async fn get_job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
         let row = match key {
             JobKey::Id(id) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?")))
-                    .bind(id.to_string())
-                    .fetch_optional(&self.read)
-                    .await?
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+                )))
+                .bind(id.to_string())
+                .fetch_optional(&self.read)
+                .await?
             }
             JobKey::Name(name) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE name = ?")))
-                    .bind(name)
-                    .fetch_optional(&self.read)
-                    .await?
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE name = ?"
+                )))
+                .bind(name)
+                .fetch_optional(&self.read)
+                .await?
             }
         };
         row.as_ref().map(rows::job).transpose()
@@ -177,9 +181,11 @@ impl SqliteStore {
     }
 
     pub(super) async fn load_jobs(&self) -> Result<Vec<Arc<Job>>, StoreError> {
-        let found = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id")))
-            .fetch_all(&self.read)
-            .await?;
+        let found = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs ORDER BY id"
+        )))
+        .fetch_all(&self.read)
+        .await?;
         let mut jobs = Vec::with_capacity(found.len());
         for row in &found {
             match rows::shared_job(row) {
@@ -193,19 +199,20 @@ impl SqliteStore {
     }
 
     pub(super) async fn count_jobs(&self) -> Result<(u64, u64), StoreError> {
-        let (active, paused): (i64, i64) = sqlx::query_as(
-            "SELECT COALESCE(SUM(paused = 0), 0), COALESCE(SUM(paused = 1), 0) FROM jobs",
-        )
-        .fetch_one(&self.read)
-        .await?;
+        let (active, paused): (i64, i64) =
+            sqlx::query_as("SELECT COALESCE(SUM(paused = 0), 0), COALESCE(SUM(paused = 1), 0) FROM jobs")
+                .fetch_one(&self.read)
+                .await?;
         Ok((active.max(0) as u64, paused.max(0) as u64))
     }
 
     pub(super) async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?")))
-            .bind(id.to_string())
-            .fetch_optional(&self.read)
-            .await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"
+        )))
+        .bind(id.to_string())
+        .fetch_optional(&self.read)
+        .await?;
         row.as_ref().map(rows::run).transpose()
     }
 

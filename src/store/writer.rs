@@ -26,23 +26,72 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// One queued write.
 pub enum Op {
-    CreateJob { job: NewJob, reply: Reply<Arc<Job>> },
-    ReplaceJob { replacement: Replacement, reply: Reply<Arc<Job>> },
-    SetPaused { id: JobId, paused: bool, note: Option<String>, now: DateTime<Utc>, reply: Reply<Arc<Job>> },
-    DeleteJob { id: JobId, reply: Reply<()> },
-    InsertRun { run: Run, reply: Reply<()> },
-    StartRun { id: RunId, at: DateTime<Utc>, reply: Reply<()> },
-    RecordProcess { id: RunId, pid: i32, pgid: i32, start_ticks: Option<u64>, reply: Reply<()> },
-    FinishRun { id: RunId, outcome: Outcome, at: DateTime<Utc>, reply: Reply<()> },
-    OrphanForeignRuns { current: Incarnation, at: DateTime<Utc>, reply: Reply<Vec<Run>> },
-    RegisterIncarnation { id: Incarnation, at: DateTime<Utc>, reply: Reply<()> },
-    StopIncarnation { id: Incarnation, at: DateTime<Utc>, reply: Reply<()> },
+    CreateJob {
+        job: NewJob,
+        reply: Reply<Arc<Job>>,
+    },
+    ReplaceJob {
+        replacement: Replacement,
+        reply: Reply<Arc<Job>>,
+    },
+    SetPaused {
+        id: JobId,
+        paused: bool,
+        note: Option<String>,
+        now: DateTime<Utc>,
+        reply: Reply<Arc<Job>>,
+    },
+    DeleteJob {
+        id: JobId,
+        reply: Reply<()>,
+    },
+    InsertRun {
+        run: Run,
+        reply: Reply<()>,
+    },
+    StartRun {
+        id: RunId,
+        at: DateTime<Utc>,
+        reply: Reply<()>,
+    },
+    RecordProcess {
+        id: RunId,
+        pid: i32,
+        pgid: i32,
+        start_ticks: Option<u64>,
+        reply: Reply<()>,
+    },
+    FinishRun {
+        id: RunId,
+        outcome: Outcome,
+        at: DateTime<Utc>,
+        reply: Reply<()>,
+    },
+    OrphanForeignRuns {
+        current: Incarnation,
+        at: DateTime<Utc>,
+        reply: Reply<Vec<Run>>,
+    },
+    RegisterIncarnation {
+        id: Incarnation,
+        at: DateTime<Utc>,
+        reply: Reply<()>,
+    },
+    StopIncarnation {
+        id: Incarnation,
+        at: DateTime<Utc>,
+        reply: Reply<()>,
+    },
 }
 
 /// What to do once the batch's commit is known: reply, publish changes.
 type Pending = Box<dyn FnOnce(Option<&str>, &mpsc::UnboundedSender<JobChange>) + Send>;
 
-fn pending<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>, change: Option<JobChange>) -> Pending {
+fn pending<T: Send + 'static>(
+    reply: Reply<T>,
+    result: Result<T, StoreError>,
+    change: Option<JobChange>,
+) -> Pending {
     Box::new(move |commit_error, changes| match commit_error {
         Some(e) => {
             let _ = reply.send(Err(StoreError::Corrupt(format!("commit failed: {e}"))));
@@ -140,7 +189,13 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op) -> Pending {
             let change = result.as_ref().ok().map(|j| JobChange::Upserted(j.clone()));
             pending(reply, result, change)
         }
-        Op::SetPaused { id, paused, note, now, reply } => {
+        Op::SetPaused {
+            id,
+            paused,
+            note,
+            now,
+            reply,
+        } => {
             let result = savepoint(tx, |c| Box::pin(set_paused(c, id, paused, note, now))).await;
             let change = result.as_ref().ok().map(|j| JobChange::Upserted(j.clone()));
             pending(reply, result, change)
@@ -151,17 +206,25 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op) -> Pending {
                 .execute(&mut **tx)
                 .await
                 .map_err(StoreError::from)
-                .and_then(|r| if r.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) });
+                .and_then(|r| {
+                    if r.rows_affected() == 0 {
+                        Err(StoreError::NotFound)
+                    } else {
+                        Ok(())
+                    }
+                });
             let change = result.as_ref().ok().map(|()| JobChange::Removed(id));
             pending(reply, result, change)
         }
         Op::InsertRun { run, reply } => pending(reply, insert_run(tx, &run).await, None),
         Op::StartRun { id, at, reply } => {
-            let result = sqlx::query("UPDATE runs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'")
-                .bind(ms(at))
-                .bind(id.to_string())
-                .execute(&mut **tx)
-                .await;
+            let result = sqlx::query(
+                "UPDATE runs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'",
+            )
+            .bind(ms(at))
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await;
             let result = match result {
                 Ok(r) if r.rows_affected() == 1 => Ok(()),
                 Ok(_) => Err(final_or_missing(tx, id).await),
@@ -169,19 +232,31 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op) -> Pending {
             };
             pending(reply, result, None)
         }
-        Op::RecordProcess { id, pid, pgid, start_ticks, reply } => {
-            let result = sqlx::query("UPDATE runs SET pid = ?, pgid = ?, process_start_ticks = ? WHERE id = ?")
-                .bind(pid)
-                .bind(pgid)
-                .bind(start_ticks.and_then(|t| i64::try_from(t).ok()))
-                .bind(id.to_string())
-                .execute(&mut **tx)
-                .await
-                .map(|_| ())
-                .map_err(StoreError::from);
+        Op::RecordProcess {
+            id,
+            pid,
+            pgid,
+            start_ticks,
+            reply,
+        } => {
+            let result =
+                sqlx::query("UPDATE runs SET pid = ?, pgid = ?, process_start_ticks = ? WHERE id = ?")
+                    .bind(pid)
+                    .bind(pgid)
+                    .bind(start_ticks.and_then(|t| i64::try_from(t).ok()))
+                    .bind(id.to_string())
+                    .execute(&mut **tx)
+                    .await
+                    .map(|_| ())
+                    .map_err(StoreError::from);
             pending(reply, result, None)
         }
-        Op::FinishRun { id, outcome, at, reply } => pending(reply, finish_run(tx, id, outcome, at).await, None),
+        Op::FinishRun {
+            id,
+            outcome,
+            at,
+            reply,
+        } => pending(reply, finish_run(tx, id, outcome, at).await, None),
         Op::OrphanForeignRuns { current, at, reply } => {
             pending(reply, orphan_foreign_runs(tx, current, at).await, None)
         }
@@ -288,11 +363,13 @@ async fn create_job(c: &mut SqliteConnection, job: NewJob) -> Result<Arc<Job>, S
 }
 
 async fn load_job(c: &mut SqliteConnection, id: JobId) -> Result<Job, StoreError> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?")))
-        .bind(id.to_string())
-        .fetch_optional(&mut *c)
-        .await?
-        .ok_or(StoreError::NotFound)?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+    )))
+    .bind(id.to_string())
+    .fetch_optional(&mut *c)
+    .await?
+    .ok_or(StoreError::NotFound)?;
     rows::job(&row)
 }
 
@@ -352,11 +429,19 @@ async fn set_paused(
     now: DateTime<Utc>,
 ) -> Result<Arc<Job>, StoreError> {
     let current = load_job(c, id).await?;
-    let note = if paused { note.or(current.pause_note.clone()) } else { None };
+    let note = if paused {
+        note.or(current.pause_note.clone())
+    } else {
+        None
+    };
     if current.paused == paused && current.pause_note == note {
         return Ok(Arc::new(current));
     }
-    let cursor_at = if current.paused && !paused { now } else { current.cursor_at };
+    let cursor_at = if current.paused && !paused {
+        now
+    } else {
+        current.cursor_at
+    };
     sqlx::query(
         "UPDATE jobs SET paused = ?, pause_note = ?, version = version + 1, updated_at = ?, cursor_at = ? WHERE id = ?",
     )

@@ -382,7 +382,10 @@ impl Supervisor {
                 let job_id = fire.job.id;
                 if displace {
                     if let Some(old) = self.jobs.get_mut(&job_id).and_then(|s| s.queued.take()) {
-                        self.finish_unstarted(old.run_id, Outcome::cancelled(Reason::Replaced, "replaced by a newer fire"));
+                        self.finish_unstarted(
+                            old.run_id,
+                            Outcome::cancelled(Reason::Replaced, "replaced by a newer fire"),
+                        );
                     }
                 }
                 let row = self.new_row(run_id, &fire, RunStatus::Queued, None);
@@ -394,7 +397,11 @@ impl Supervisor {
                 };
                 self.jobs.entry(job_id).or_default().queued = Some(waiting);
                 if cancel_running {
-                    let running = self.jobs.get(&job_id).map(|s| s.running.clone()).unwrap_or_default();
+                    let running = self
+                        .jobs
+                        .get(&job_id)
+                        .map(|s| s.running.clone())
+                        .unwrap_or_default();
                     for run in running {
                         self.cancel(run, Reason::Replaced);
                     }
@@ -404,7 +411,12 @@ impl Supervisor {
     }
 
     /// Starts now, or queues behind the global limit.
-    fn start_or_backlog(&mut self, run_id: RunId, fire: Fire, reply: Option<oneshot::Sender<Result<Run, TriggerError>>>) {
+    fn start_or_backlog(
+        &mut self,
+        run_id: RunId,
+        fire: Fire,
+        reply: Option<oneshot::Sender<Result<Run, TriggerError>>>,
+    ) {
         if self.live.len() < self.config.max_running {
             let row = self.new_row(run_id, &fire, RunStatus::Running, None);
             let begin = Begin::Submitted(self.ctx.store.insert_run(row.clone()));
@@ -458,12 +470,16 @@ impl Supervisor {
     /// Starts a run that was waiting (its `queued` row already submitted).
     fn start_waiting(&mut self, w: Waiting) {
         let now = self.ctx.clock.now();
-        if w.fire.trigger != Trigger::Manual && too_late(now, w.fire.due_at, w.fire.job.def.policy.misfire_grace) {
+        if w.fire.trigger != Trigger::Manual
+            && too_late(now, w.fire.due_at, w.fire.job.def.policy.misfire_grace)
+        {
             let mut outcome = Outcome::failed("waited longer than the misfire grace");
             outcome.status = RunStatus::Missed;
             outcome.reason = Some(Reason::Misfire);
             outcome.attempts = 0;
-            self.ctx.metrics.fire_not_run(RunStatus::Missed, Reason::Misfire, 1);
+            self.ctx
+                .metrics
+                .fire_not_run(RunStatus::Missed, Reason::Misfire, 1);
             return self.finish_unstarted(w.run_id, outcome);
         }
         let begin = Begin::Submitted(self.ctx.store.start_run(w.run_id, now));
@@ -523,7 +539,9 @@ impl Supervisor {
                     tracing::debug!(run = %run_id, "fire already recorded by an earlier attempt")
                 }
                 StoreError::NotFound => tracing::debug!(run = %run_id, "job deleted before its run started"),
-                e => tracing::error!(run = %run_id, error = %e, "a run could not be recorded and did not start"),
+                e => {
+                    tracing::error!(run = %run_id, error = %e, "a run could not be recorded and did not start")
+                }
             },
             // Aborted by `abort_all`, which recorded the run already.
             Err(e) if e.is_cancelled() && live.is_none() => {}
@@ -560,12 +578,18 @@ impl Supervisor {
                     }
                 }
             }
-            if self.jobs.get(&job_id).is_some_and(|s| s.running.is_empty() && s.queued.is_none()) {
+            if self
+                .jobs
+                .get(&job_id)
+                .is_some_and(|s| s.running.is_empty() && s.queued.is_none())
+            {
                 self.jobs.remove(&job_id);
             }
         }
         while self.live.len() < self.config.max_running {
-            let Some(next) = self.backlog.pop_front() else { break };
+            let Some(next) = self.backlog.pop_front() else {
+                break;
+            };
             self.start_waiting(next);
         }
     }
@@ -580,7 +604,10 @@ impl Supervisor {
             .chain(self.backlog.drain(..))
             .collect();
         for w in queued {
-            self.finish_unstarted(w.run_id, Outcome::cancelled(Reason::Shutdown, "the service shut down"));
+            self.finish_unstarted(
+                w.run_id,
+                Outcome::cancelled(Reason::Shutdown, "the service shut down"),
+            );
         }
         while let Ok(cmd) = self.rx.try_recv() {
             if let Command::Trigger { reply, .. } = cmd {
@@ -596,7 +623,8 @@ impl Supervisor {
             .map(|l| l.job.def.policy.kill_grace)
             .max()
             .unwrap_or_default();
-        let hard_stop = tokio::time::sleep(self.config.shutdown_grace + max_kill_grace + Duration::from_millis(500));
+        let hard_stop =
+            tokio::time::sleep(self.config.shutdown_grace + max_kill_grace + Duration::from_millis(500));
         tokio::pin!(hard_stop);
         loop {
             tokio::select! {

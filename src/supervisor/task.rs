@@ -13,11 +13,11 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::TriggerError;
 use crate::clock::SharedClock;
 use crate::executor::{Executor, Limits, Occurrence};
 use crate::job::Job;
 use crate::run::{Outcome, Reason, Run, RunId, RunStatus, Trigger};
-use super::TriggerError;
 use crate::store::{Ack, Store, StoreError};
 
 /// A run's cancellation: the token and why it was pulled.
@@ -142,7 +142,10 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
             kill_grace: job.def.policy.kill_grace,
         };
         let mut outcome = if cancel.token().is_cancelled() {
-            Outcome::cancelled(cancel.reason().unwrap_or(Reason::Requested), "cancelled before it started")
+            Outcome::cancelled(
+                cancel.reason().unwrap_or(Reason::Requested),
+                "cancelled before it started",
+            )
         } else {
             ctx.executor
                 .execute(&job.def.action, &occurrence, limits, cancel.token())

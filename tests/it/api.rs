@@ -8,7 +8,11 @@ use crate::helpers::*;
 fn pointers(problem: &Value) -> Vec<String> {
     problem["errors"]
         .as_array()
-        .map(|a| a.iter().map(|e| e["pointer"].as_str().unwrap_or("").to_owned()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|e| e["pointer"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -22,14 +26,28 @@ async fn bad_input_is_a_precise_problem_and_writes_nothing() {
     let app = TestApp::spawn().await;
     let url = "http://127.0.0.1:9/hook";
     let cases: Vec<(&str, Value, u16, &str)> = vec![
-        ("invalid cron", http_job("a", json!({"kind": "cron", "expr": "61 * * * *"}), url), 422, "/schedule/expr"),
+        (
+            "invalid cron",
+            http_job("a", json!({"kind": "cron", "expr": "61 * * * *"}), url),
+            422,
+            "/schedule/expr",
+        ),
         (
             "unknown time zone",
-            http_job("a", json!({"kind": "cron", "expr": "* * * * *", "timezone": "Mars/Olympus"}), url),
+            http_job(
+                "a",
+                json!({"kind": "cron", "expr": "* * * * *", "timezone": "Mars/Olympus"}),
+                url,
+            ),
             422,
             "/schedule/timezone",
         ),
-        ("negative interval", http_job("a", json!({"kind": "interval", "every": "-5s"}), url), 422, "/schedule/every"),
+        (
+            "negative interval",
+            http_job("a", json!({"kind": "interval", "every": "-5s"}), url),
+            422,
+            "/schedule/every",
+        ),
         (
             "unknown field",
             json!({"name": "a", "schedule": every_second(), "action": {"kind": "http", "url": url}, "colour": "red"}),
@@ -42,15 +60,30 @@ async fn bad_input_is_a_precise_problem_and_writes_nothing() {
             422,
             "/action/verb",
         ),
-        ("wrong type", json!({"name": 5, "schedule": every_second(), "action": {"kind": "http", "url": url}}), 422, "/name"),
-        ("missing field", json!({"name": "a", "action": {"kind": "http", "url": url}}), 422, "/schedule"),
+        (
+            "wrong type",
+            json!({"name": 5, "schedule": every_second(), "action": {"kind": "http", "url": url}}),
+            422,
+            "/name",
+        ),
+        (
+            "missing field",
+            json!({"name": "a", "action": {"kind": "http", "url": url}}),
+            422,
+            "/schedule",
+        ),
         (
             "command while disabled",
             json!({"name": "a", "schedule": every_second(), "action": {"kind": "command", "program": "true"}}),
             422,
             "/action/kind",
         ),
-        ("bad name", http_job("has space", every_second(), url), 422, "/name"),
+        (
+            "bad name",
+            http_job("has space", every_second(), url),
+            422,
+            "/name",
+        ),
         (
             "once in the past",
             http_job("a", json!({"kind": "once", "at": "2001-01-01T00:00:00Z"}), url),
@@ -62,8 +95,17 @@ async fn bad_input_is_a_precise_problem_and_writes_nothing() {
         let (got, problem) = app.post("/v1/jobs", body).await;
         assert_eq!(got.as_u16(), status, "{what}: {problem}");
         assert_eq!(problem["status"], status, "{what}: {problem}");
-        assert!(problem["type"].as_str().unwrap().starts_with("urn:cronguard:problem:"), "{what}");
-        assert!(pointers(&problem).contains(&pointer.to_owned()), "{what}: {problem}");
+        assert!(
+            problem["type"]
+                .as_str()
+                .unwrap()
+                .starts_with("urn:cronguard:problem:"),
+            "{what}"
+        );
+        assert!(
+            pointers(&problem).contains(&pointer.to_owned()),
+            "{what}: {problem}"
+        );
     }
 
     // Several problems at once are all reported.
@@ -74,7 +116,10 @@ async fn bad_input_is_a_precise_problem_and_writes_nothing() {
         )
         .await;
     assert_eq!(status, 422);
-    assert_eq!(pointers(&problem), ["/name", "/schedule/expr", "/schedule/timezone", "/action/url"]);
+    assert_eq!(
+        pointers(&problem),
+        ["/name", "/schedule/expr", "/schedule/timezone", "/action/url"]
+    );
 
     // Transport-level problems.
     let raw = |body: Vec<u8>, ct: &'static str| {
@@ -87,17 +132,28 @@ async fn bad_input_is_a_precise_problem_and_writes_nothing() {
     let r = raw(b"{\"name\": ".to_vec(), "application/json").await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let r = raw(b"name=a".to_vec(), "application/x-www-form-urlencoded").await.unwrap();
+    let r = raw(b"name=a".to_vec(), "application/x-www-form-urlencoded")
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let big = format!("{{\"name\":\"a\",\"description\":\"{}\"}}", "x".repeat(400 * 1024));
+    let big = format!(
+        "{{\"name\":\"a\",\"description\":\"{}\"}}",
+        "x".repeat(400 * 1024)
+    );
     let r = raw(big.into_bytes(), "application/json").await.unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let (_, problem) = read(r).await;
     assert_eq!(problem["type"], "urn:cronguard:problem:payload-too-large");
-    let r = raw(vec![b'{', 0xff, 0xfe, b'}'], "application/json").await.unwrap();
+    let r = raw(vec![b'{', 0xff, 0xfe, b'}'], "application/json")
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
-    assert_eq!(job_count(&app).await, 0, "nothing may be written by rejected requests");
+    assert_eq!(
+        job_count(&app).await,
+        0,
+        "nothing may be written by rejected requests"
+    );
 
     // Duplicate names.
     app.create(http_job("dup", every_second(), url)).await;
@@ -108,7 +164,10 @@ async fn bad_input_is_a_precise_problem_and_writes_nothing() {
 
     // Unknown routes, methods and query parameters.
     let (status, problem) = app.get("/v1/nope").await;
-    assert_eq!((status.as_u16(), problem["type"].as_str()), (404, Some("urn:cronguard:problem:not-found")));
+    assert_eq!(
+        (status.as_u16(), problem["type"].as_str()),
+        (404, Some("urn:cronguard:problem:not-found"))
+    );
     let r = app.client.patch(app.url("/v1/jobs")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
     let (status, problem) = app.get("/v1/jobs?colour=red").await;
@@ -127,9 +186,19 @@ async fn bad_input_is_a_precise_problem_and_writes_nothing() {
 async fn crud_with_optimistic_concurrency_and_pagination() {
     let app = TestApp::spawn().await;
     let url = "http://127.0.0.1:9/hook";
-    let mut spec = http_job("nightly", json!({"kind": "cron", "expr": "0 3 * * *", "timezone": "Europe/Berlin"}), url);
+    let mut spec = http_job(
+        "nightly",
+        json!({"kind": "cron", "expr": "0 3 * * *", "timezone": "Europe/Berlin"}),
+        url,
+    );
     spec["labels"] = json!({"team": "ops", "tier": "1"});
-    let r = app.client.post(app.url("/v1/jobs")).json(&spec).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(r.headers()["etag"], "\"1\"");
     let location = r.headers()["location"].to_str().unwrap().to_owned();
@@ -182,7 +251,13 @@ async fn crud_with_optimistic_concurrency_and_pagination() {
     let mut cursor = String::new();
     loop {
         let (_, page) = app.get(&format!("/v1/jobs?limit=2{cursor}")).await;
-        names.extend(page["items"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap().to_owned()));
+        names.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| j["name"].as_str().unwrap().to_owned()),
+        );
         match page["next_cursor"].as_str() {
             Some(c) => cursor = format!("&cursor={c}"),
             None => break,
@@ -208,7 +283,10 @@ async fn previews_follow_the_documented_dst_rules() {
         let after = after.to_owned();
         async move {
             let (status, body) = app
-                .post("/v1/schedules/preview", json!({"schedule": schedule, "after": after, "count": count}))
+                .post(
+                    "/v1/schedules/preview",
+                    json!({"schedule": schedule, "after": after, "count": count}),
+                )
                 .await;
             assert_eq!(status, 200, "{body}");
             body["fires"]
@@ -223,16 +301,29 @@ async fn previews_follow_the_documented_dst_rules() {
     // Spring gap (2027-03-28): 02:30 does not exist, fires once at 03:00.
     assert_eq!(
         preview(at_0230.clone(), "2027-03-26T12:00:00Z", 3).await,
-        ["2027-03-27T02:30:00+01:00", "2027-03-28T03:00:00+02:00", "2027-03-29T02:30:00+02:00"]
+        [
+            "2027-03-27T02:30:00+01:00",
+            "2027-03-28T03:00:00+02:00",
+            "2027-03-29T02:30:00+02:00"
+        ]
     );
     // Fall fold (2027-10-31): 02:30 happens twice, fires once (the first).
     assert_eq!(
         preview(at_0230, "2027-10-29T12:00:00Z", 3).await,
-        ["2027-10-30T02:30:00+02:00", "2027-10-31T02:30:00+02:00", "2027-11-01T02:30:00+01:00"]
+        [
+            "2027-10-30T02:30:00+02:00",
+            "2027-10-31T02:30:00+02:00",
+            "2027-11-01T02:30:00+01:00"
+        ]
     );
     // Hourly jobs run through both halves of the repeated hour.
     assert_eq!(
-        preview(json!({"kind": "cron", "expr": "0 * * * *", "timezone": "Europe/Berlin"}), "2027-10-30T22:30:00Z", 4).await,
+        preview(
+            json!({"kind": "cron", "expr": "0 * * * *", "timezone": "Europe/Berlin"}),
+            "2027-10-30T22:30:00Z",
+            4
+        )
+        .await,
         [
             "2027-10-31T01:00:00+02:00",
             "2027-10-31T02:00:00+02:00",
@@ -242,14 +333,21 @@ async fn previews_follow_the_documented_dst_rules() {
     );
     // Validation without side effects.
     let (status, problem) = app
-        .post("/v1/schedules/preview", json!({"schedule": {"kind": "cron", "expr": "* * *"}, "count": 0}))
+        .post(
+            "/v1/schedules/preview",
+            json!({"schedule": {"kind": "cron", "expr": "* * *"}, "count": 0}),
+        )
         .await;
     assert_eq!(status, 422);
     assert_eq!(pointers(&problem), ["/schedule/expr", "/count"]);
 
     // A stored job's preview starts at its next fire.
     let job = app
-        .create(http_job("berlin", json!({"kind": "cron", "expr": "30 2 * * *", "timezone": "Europe/Berlin"}), "http://127.0.0.1:9/"))
+        .create(http_job(
+            "berlin",
+            json!({"kind": "cron", "expr": "30 2 * * *", "timezone": "Europe/Berlin"}),
+            "http://127.0.0.1:9/",
+        ))
         .await;
     let (status, body) = app.get("/v1/jobs/berlin/preview?count=2").await;
     assert_eq!(status, 200);

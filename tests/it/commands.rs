@@ -15,7 +15,8 @@ fn command_job(name: &str, program: &str, args: &[&str]) -> serde_json::Value {
 #[tokio::test]
 async fn a_failing_command_records_exit_code_and_output() {
     let app = TestApp::start(Options::commands()).await;
-    app.create(command_job("hi", "sh", &["-c", "echo hi; exit 3"])).await;
+    app.create(command_job("hi", "sh", &["-c", "echo hi; exit 3"]))
+        .await;
     let (status, run) = app.post_empty("/v1/jobs/hi/trigger").await;
     assert_eq!(status, 202);
     let run = app.final_run(run["id"].as_str().unwrap()).await;
@@ -36,7 +37,10 @@ async fn commands_get_their_identity_and_a_bounded_tail() {
         .create(command_job(
             "env",
             "sh",
-            &["-c", "echo \"$CRONGUARD_JOB $CRONGUARD_RUN $CRONGUARD_SCHEDULED_AT\"; echo oops >&2"],
+            &[
+                "-c",
+                "echo \"$CRONGUARD_JOB $CRONGUARD_RUN $CRONGUARD_SCHEDULED_AT\"; echo oops >&2",
+            ],
         ))
         .await;
     let (_, run) = app.post_empty("/v1/jobs/env/trigger").await;
@@ -46,13 +50,22 @@ async fn commands_get_their_identity_and_a_bounded_tail() {
     // stdout and stderr are separate pipes: their interleaving is not fixed.
     let line = out.lines().find(|l| !l.contains("oops")).unwrap();
     let fields: Vec<_> = line.split(' ').collect();
-    assert_eq!(fields[..2], [job["id"].as_str().unwrap(), run["id"].as_str().unwrap()], "{out}");
+    assert_eq!(
+        fields[..2],
+        [job["id"].as_str().unwrap(), run["id"].as_str().unwrap()],
+        "{out}"
+    );
     let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
     assert_eq!(at(fields[2]), at(run["scheduled_at"].as_str().unwrap()));
     assert!(out.contains("oops"), "stderr is captured too: {out}");
 
     // 200 kB of output: the run ends (the pipe is drained) and keeps the tail.
-    app.create(command_job("chatty", "sh", &["-c", "yes 0123456789 | head -c 200000; echo END"])).await;
+    app.create(command_job(
+        "chatty",
+        "sh",
+        &["-c", "yes 0123456789 | head -c 200000; echo END"],
+    ))
+    .await;
     let (_, run) = app.post_empty("/v1/jobs/chatty/trigger").await;
     let run = app.final_run(run["id"].as_str().unwrap()).await;
     assert_eq!(run["status"], "succeeded");
@@ -62,11 +75,15 @@ async fn commands_get_their_identity_and_a_bounded_tail() {
     assert!(out.len() < 1100);
 
     // A missing program is a failed run, not a crash.
-    app.create(command_job("missing", "/nonexistent/program", &[])).await;
+    app.create(command_job("missing", "/nonexistent/program", &[]))
+        .await;
     let (_, run) = app.post_empty("/v1/jobs/missing/trigger").await;
     let run = app.final_run(run["id"].as_str().unwrap()).await;
     assert_eq!(run["status"], "failed");
-    assert!(run["error"].as_str().unwrap().contains("could not start"), "{run}");
+    assert!(
+        run["error"].as_str().unwrap().contains("could not start"),
+        "{run}"
+    );
     app.stop().await;
 }
 

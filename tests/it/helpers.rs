@@ -108,7 +108,9 @@ impl Options {
 
 /// A fixed instant for manual-clock tests.
 pub fn t0() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("2027-06-01T12:00:00Z").unwrap().to_utc()
+    DateTime::parse_from_rfc3339("2027-06-01T12:00:00Z")
+        .unwrap()
+        .to_utc()
 }
 
 impl TestApp {
@@ -164,7 +166,13 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let r = self.client.post(self.url(path)).json(&body).send().await.expect("POST");
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
         read(r).await
     }
 
@@ -271,7 +279,10 @@ impl Receiver {
             .route(
                 "/status/{code}",
                 axum::routing::any(
-                    |State(tx): State<mpsc::UnboundedSender<Hit>>, UrlPath(code): UrlPath<u16>, headers: HeaderMap, body: Bytes| async move {
+                    |State(tx): State<mpsc::UnboundedSender<Hit>>,
+                     UrlPath(code): UrlPath<u16>,
+                     headers: HeaderMap,
+                     body: Bytes| async move {
                         record(&tx, format!("/status/{code}"), headers, body).await;
                         StatusCode::from_u16(code).unwrap_or(StatusCode::OK)
                     },
@@ -280,7 +291,10 @@ impl Receiver {
             .route(
                 "/sleep/{ms}",
                 axum::routing::any(
-                    |State(tx): State<mpsc::UnboundedSender<Hit>>, UrlPath(ms): UrlPath<u64>, headers: HeaderMap, body: Bytes| async move {
+                    |State(tx): State<mpsc::UnboundedSender<Hit>>,
+                     UrlPath(ms): UrlPath<u64>,
+                     headers: HeaderMap,
+                     body: Bytes| async move {
                         record(&tx, format!("/sleep/{ms}"), headers, body).await;
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                         "slept"
@@ -288,7 +302,10 @@ impl Receiver {
                 ),
             )
             .fallback(
-                |State(tx): State<mpsc::UnboundedSender<Hit>>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes| async move {
+                |State(tx): State<mpsc::UnboundedSender<Hit>>,
+                 uri: axum::http::Uri,
+                 headers: HeaderMap,
+                 body: Bytes| async move {
                     record(&tx, uri.path().to_owned(), headers, body).await;
                     "ok"
                 },
@@ -411,7 +428,10 @@ impl Binary {
 
     /// Waits for the process to exit; returns its exit code.
     pub async fn wait(&mut self) -> Option<i32> {
-        within("the binary to exit", self.child.wait()).await.expect("wait").code()
+        within("the binary to exit", self.child.wait())
+            .await
+            .expect("wait")
+            .code()
     }
 
     /// Waits for a JSON log line whose `message` is `message`.

@@ -23,14 +23,27 @@ async fn jobs_history_and_next_fires_survive_a_restart() {
     let create = |base: String, spec: Value| {
         let client = client.clone();
         async move {
-            let r = client.post(format!("{base}/v1/jobs")).json(&spec).send().await.unwrap();
+            let r = client
+                .post(format!("{base}/v1/jobs"))
+                .json(&spec)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 201);
             r.json::<Value>().await.unwrap()
         }
     };
-    create(first.base.clone(), http_job("tick", every_second(), &receiver.url("/tick"))).await;
+    create(
+        first.base.clone(),
+        http_job("tick", every_second(), &receiver.url("/tick")),
+    )
+    .await;
     let at = (Utc::now() + TimeDelta::seconds(2)).to_rfc3339();
-    create(first.base.clone(), http_job("once", json!({"kind": "once", "at": at}), &receiver.url("/once"))).await;
+    create(
+        first.base.clone(),
+        http_job("once", json!({"kind": "once", "at": at}), &receiver.url("/once")),
+    )
+    .await;
     receiver.next_on("/once").await;
     let before = receiver.next_on("/tick").await.scheduled_at();
 
@@ -39,10 +52,18 @@ async fn jobs_history_and_next_fires_survive_a_restart() {
 
     let second = Binary::start(dir.path(), &[]).await;
     let jobs = get(&client, second.url("/v1/jobs")).await;
-    let names: Vec<_> = jobs["items"].as_array().unwrap().iter().map(|j| j["name"].clone()).collect();
+    let names: Vec<_> = jobs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].clone())
+        .collect();
     assert_eq!(names, ["tick", "once"]);
     let once = get(&client, second.url("/v1/jobs/once")).await;
-    assert!(once["next_fire_at"].is_null(), "a once job that ran has no next fire: {once}");
+    assert!(
+        once["next_fire_at"].is_null(),
+        "a once job that ran has no next fire: {once}"
+    );
 
     // Ticks resume after the restart, strictly after the last one before it.
     let after = loop {
@@ -57,10 +78,18 @@ async fn jobs_history_and_next_fires_survive_a_restart() {
     receiver.next_on("/tick").await;
     assert!(after.scheduled_at() > before);
     let history = get(&client, second.url("/v1/jobs/tick/runs?limit=500")).await;
-    let incarnations: std::collections::HashSet<_> =
-        history["items"].as_array().unwrap().iter().map(|r| r["incarnation"].clone()).collect();
+    let incarnations: std::collections::HashSet<_> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["incarnation"].clone())
+        .collect();
     assert_eq!(incarnations.len(), 2, "history spans both incarnations");
     let once_runs = get(&client, second.url("/v1/jobs/once/runs")).await;
-    assert_eq!(once_runs["items"].as_array().unwrap().len(), 1, "the once job did not run again");
+    assert_eq!(
+        once_runs["items"].as_array().unwrap().len(),
+        1,
+        "the once job did not run again"
+    );
     assert!(receiver.drain().iter().all(|h| h.path != "/once"));
 }
