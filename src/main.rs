@@ -30,6 +30,8 @@ enum Command {
         #[arg(long, env = "CRONGUARD_DATABASE", value_name = "URL")]
         database: Option<String>,
     },
+    /// Print the OpenAPI 3.1 document of the API (as in `openapi/cronguard.json`).
+    Openapi,
     /// Probe a running service's /livez; exit 0 when alive (for container
     /// HEALTHCHECK without curl).
     Healthcheck {
@@ -159,6 +161,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Migrate { database } => migrate(database),
+        Command::Openapi => {
+            print!("{}", cronguard::api::openapi::document());
+            ExitCode::SUCCESS
+        }
         Command::Healthcheck { url, listen, timeout } => healthcheck(url, listen, timeout.into()),
     }
 }

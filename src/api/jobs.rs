@@ -87,10 +87,10 @@ fn job_response(status: StatusCode, job: &Job) -> Response {
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", job.version)) {
         response.headers_mut().insert(header::ETAG, etag);
     }
-    if status == StatusCode::CREATED {
-        if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
-            response.headers_mut().insert(header::LOCATION, location);
-        }
+    if status == StatusCode::CREATED
+        && let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id))
+    {
+        response.headers_mut().insert(header::LOCATION, location);
     }
     response
 }

@@ -141,10 +141,10 @@ impl Schedule {
             start.map(to_millis),
             end.map(to_millis),
         );
-        if let (Some(s), Some(e)) = (start, end) {
-            if e <= s {
-                errors.push(format!("{pointer}/end"), "must be after `start`");
-            }
+        if let (Some(s), Some(e)) = (start, end)
+            && e <= s
+        {
+            errors.push(format!("{pointer}/end"), "must be after `start`");
         }
         let jitter = match jitter {
             None => Duration::ZERO,

@@ -97,12 +97,12 @@ fn pending<T: Send + 'static>(
             let _ = reply.send(Err(StoreError::Corrupt(format!("commit failed: {e}"))));
         }
         None => {
-            if result.is_ok() {
-                if let Some(change) = change {
-                    // The engine may be restarting; the change is then
-                    // covered by its reload from the store.
-                    let _ = changes.send(change);
-                }
+            if result.is_ok()
+                && let Some(change) = change
+            {
+                // The engine may be restarting; the change is then
+                // covered by its reload from the store.
+                let _ = changes.send(change);
             }
             let _ = reply.send(result);
         }
@@ -375,13 +375,13 @@ async fn load_job(c: &mut SqliteConnection, id: JobId) -> Result<Job, StoreError
 
 async fn replace_job(c: &mut SqliteConnection, r: Replacement) -> Result<Arc<Job>, StoreError> {
     let current = load_job(c, r.id).await?;
-    if let Some(expected) = r.expected_version {
-        if expected != current.version {
-            return Err(StoreError::VersionMismatch {
-                expected,
-                current: current.version,
-            });
-        }
+    if let Some(expected) = r.expected_version
+        && expected != current.version
+    {
+        return Err(StoreError::VersionMismatch {
+            expected,
+            current: current.version,
+        });
     }
     let paused = r.paused.unwrap_or(current.paused);
     // A new schedule, or a resume, starts from now: changes apply to the

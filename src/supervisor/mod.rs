@@ -380,13 +380,11 @@ impl Supervisor {
                 cancel_running,
             } => {
                 let job_id = fire.job.id;
-                if displace {
-                    if let Some(old) = self.jobs.get_mut(&job_id).and_then(|s| s.queued.take()) {
-                        self.finish_unstarted(
-                            old.run_id,
-                            Outcome::cancelled(Reason::Replaced, "replaced by a newer fire"),
-                        );
-                    }
+                if displace && let Some(old) = self.jobs.get_mut(&job_id).and_then(|s| s.queued.take()) {
+                    self.finish_unstarted(
+                        old.run_id,
+                        Outcome::cancelled(Reason::Replaced, "replaced by a newer fire"),
+                    );
                 }
                 let row = self.new_row(run_id, &fire, RunStatus::Queued, None);
                 self.record(row, reply);
@@ -491,10 +489,10 @@ impl Supervisor {
         outcome.attempts = 0;
         let ack = self.ctx.store.finish_run(run_id, outcome, self.ctx.clock.now());
         self.recorders.spawn(async move {
-            if let Err(e) = ack.await {
-                if !matches!(e, StoreError::NotFound) {
-                    tracing::error!(run = %run_id, error = %e, "could not record the end of a queued run");
-                }
+            if let Err(e) = ack.await
+                && !matches!(e, StoreError::NotFound)
+            {
+                tracing::error!(run = %run_id, error = %e, "could not record the end of a queued run");
             }
         });
     }
@@ -572,10 +570,10 @@ impl Supervisor {
             if let Some(slots) = self.jobs.get_mut(&job_id) {
                 slots.running.retain(|r| *r != run_id);
                 // The job's own queued run starts as soon as the job is free.
-                if slots.running.is_empty() {
-                    if let Some(next) = slots.queued.take() {
-                        self.start_waiting(next);
-                    }
+                if slots.running.is_empty()
+                    && let Some(next) = slots.queued.take()
+                {
+                    self.start_waiting(next);
                 }
             }
             if self

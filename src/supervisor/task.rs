@@ -154,7 +154,12 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
         if outcome.status == RunStatus::Cancelled {
             outcome.reason = Some(cancel.reason().unwrap_or(Reason::Requested));
         }
-        tracing::info!(status = %outcome.status, error = outcome.error.as_deref(), "run ended");
+        // Successes are the bulk at thousands of fires per second: debug.
+        if outcome.status == RunStatus::Succeeded {
+            tracing::debug!(status = %outcome.status, "run ended");
+        } else {
+            tracing::info!(status = %outcome.status, error = outcome.error.as_deref(), "run ended");
+        }
         outcome
     }
     .instrument(span)

@@ -5,5 +5,6 @@ mod helpers;
 
 mod api;
 mod commands;
+mod openapi;
 mod restart;
 mod scheduling;
