@@ -28,7 +28,11 @@ async fn receiver() -> (String, Hits) {
     let app = axum::Router::new()
         .fallback(|State(hits): State<Hits>, headers: HeaderMap| async move {
             let at = Utc::now();
-            let job = headers.get("x-cronguard-job").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let job = headers
+                .get("x-cronguard-job")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
             let scheduled = headers
                 .get("x-cronguard-scheduled-at")
                 .and_then(|v| v.to_str().ok())
@@ -55,7 +59,15 @@ struct Service {
 async fn start_service() -> Service {
     let dir = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cronguard"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--log", "warn,cronguard::app=info"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log",
+            "warn,cronguard::app=info",
+        ])
         .arg("--database")
         .arg(dir.path().join("bench.db"))
         .stderr(Stdio::piped())
@@ -97,7 +109,12 @@ async fn run(n: usize, seconds: i64) -> String {
             "schedule": {"kind": "cron", "expr": "* * * * * *"},
             "action": {"kind": "http", "url": url, "timeout": "10s"},
         });
-        let r = client.post(format!("{}/v1/jobs", service.base)).json(&spec).send().await.unwrap();
+        let r = client
+            .post(format!("{}/v1/jobs", service.base))
+            .json(&spec)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
     }
     // Measure whole seconds after a warm-up of two seconds.
@@ -134,7 +151,9 @@ async fn run(n: usize, seconds: i64) -> String {
             .await
             .unwrap();
         for r in page["items"].as_array().unwrap() {
-            let at = DateTime::parse_from_rfc3339(r["scheduled_at"].as_str().unwrap()).unwrap().to_utc();
+            let at = DateTime::parse_from_rfc3339(r["scheduled_at"].as_str().unwrap())
+                .unwrap()
+                .to_utc();
             if at >= start && at < end && r["status"] == "succeeded" {
                 recorded += 1;
             }
@@ -158,7 +177,11 @@ async fn run(n: usize, seconds: i64) -> String {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -176,7 +199,12 @@ fn machine() -> String {
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let jobs: Vec<usize> = arg("--jobs")
         .unwrap_or_else(|| "100,1000".into())
         .split(',')
