@@ -24,6 +24,10 @@ use crate::api::{self, ApiContext, HttpLimits};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::fault::Faults;
+use crate::orphans::Orphans;
+use crate::orphans::reaper::Reaper;
+use crate::supervisor::loops::{RestartBudget, supervise};
 use crate::executor::{Executor, ExecutorConfig};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -32,9 +36,6 @@ use crate::shutdown::Shutdown;
 use crate::store::WriterTask;
 use crate::store::{JobChange, SqliteOptions, Store, StoreError};
 use crate::supervisor::{Supervisor, SupervisorConfig, TaskContext};
-
-/// Threshold after which the engine's heartbeat counts as stale.
-pub const ENGINE_STALE_AFTER: Duration = Duration::from_secs(10);
 
 /// Why the application could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,8 @@ pub struct App {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     incarnation: Incarnation,
+    faults: Arc<Faults>,
+    orphans: Arc<Orphans>,
 }
 
 impl App {
@@ -84,6 +87,7 @@ impl App {
                 addr: config.listen,
                 source,
             })?;
+        let metrics = Arc::new(Metrics::new());
         Ok(Self {
             config,
             clock,
@@ -92,8 +96,10 @@ impl App {
             writer,
             changes,
             health: Arc::new(Health::new()),
-            metrics: Arc::new(Metrics::new()),
+            orphans: Arc::new(Orphans::new(metrics.clone())),
+            metrics,
             incarnation: Incarnation::new(),
+            faults: Arc::new(Faults::default()),
         })
     }
 
@@ -105,6 +111,11 @@ impl App {
     /// Probe state (tests await readiness through it).
     pub fn health(&self) -> Arc<Health> {
         self.health.clone()
+    }
+
+    /// Fault injection (armed only in `fault-injection` builds).
+    pub fn faults(&self) -> Arc<Faults> {
+        self.faults.clone()
     }
 
     /// This process's incarnation id.
@@ -120,15 +131,19 @@ impl App {
             listener,
             store,
             writer,
-            mut changes,
+            changes,
             health,
             metrics,
             incarnation,
+            faults,
+            orphans,
         } = self;
-        let writer = tokio::spawn(writer.run());
+        let stale = config.loop_stale_after;
+        let writer = tokio::spawn(writer.run(health.heartbeat("store_writer", stale)));
 
         store.register_incarnation(incarnation, clock.now()).await?;
-        crate::orphans::reconcile_previous_incarnations(&store, incarnation, clock.now()).await?;
+        crate::orphans::reconcile_previous_incarnations(&store, &orphans, incarnation, clock.now(), config.orphan_policy)
+            .await?;
         health.set_recovered();
         tracing::info!(%incarnation, addr = %listener.local_addr().map_err(AppError::Serve)?, "cronguard started");
 
@@ -140,6 +155,7 @@ impl App {
             store.clone(),
             clock.clone(),
         )?;
+        let processes = config.process_supervision.then(|| executor.processes().clone());
         let (supervisor, handle) = Supervisor::new(
             TaskContext {
                 store: store.clone(),
@@ -153,21 +169,14 @@ impl App {
                 incarnation,
             },
         );
-        let engine_beat = health.heartbeat("engine", ENGINE_STALE_AFTER);
-        let mut engine = Engine::new(
-            store.clone(),
-            clock.clone(),
-            handle.clone(),
-            health.clone(),
-            engine_beat,
-            config.engine_tick,
-        );
         let ctx = Arc::new(ApiContext {
             store: store.clone(),
-            supervisor: handle,
+            supervisor: handle.clone(),
             clock: clock.clone(),
             health: health.clone(),
-            metrics,
+            metrics: metrics.clone(),
+            orphans: orphans.clone(),
+            faults: faults.clone(),
             actions: ActionPolicy {
                 commands_enabled: config.enable_command_jobs,
             },
@@ -182,6 +191,7 @@ impl App {
         );
 
         let stop = shutdown.stop.clone();
+        let budget = RestartBudget::default();
         let server = {
             let health = health.clone();
             let stop = stop.clone();
@@ -190,27 +200,65 @@ impl App {
                 health.set_shutting_down();
             })
         };
-        let engine_task = async {
-            while let Err(e) = engine.run(&mut changes, &stop).await {
-                tracing::error!(error = %e, "engine failed; reloading in 1s");
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
+
+        // The engine: rebuilt from the store on every (re)start; the change
+        // feed outlives its incarnations.
+        let changes = Arc::new(tokio::sync::Mutex::new(changes));
+        let engine_beat = health.heartbeat("engine", stale);
+        let engine = supervise(engine_beat.clone(), metrics.clone(), budget, stop.clone(), || {
+            let (store, clock, handle, health) = (store.clone(), clock.clone(), handle.clone(), health.clone());
+            let (beat, changes, stop, faults) = (engine_beat.clone(), changes.clone(), stop.clone(), faults.clone());
+            let tick = config.engine_tick;
+            async move {
+                let mut changes = changes.lock().await;
+                let mut engine = Engine::new(store, clock, handle, health, beat, tick);
+                engine.run(&mut changes, &stop, &faults).await
             }
-        };
-        let supervise = supervisor.run(stop.clone(), shutdown.kill.clone());
-        let (served, (), ()) = tokio::join!(
+        });
+
+        // The run supervisor: its state (and every run task) survives a
+        // restart of its loop.
+        let supervisor = Arc::new(tokio::sync::Mutex::new(supervisor));
+        let supervisor_beat = health.heartbeat("supervisor", stale);
+        let supervising = supervise(supervisor_beat.clone(), metrics.clone(), budget, stop.clone(), || {
+            let (supervisor, beat, stop, faults) =
+                (supervisor.clone(), supervisor_beat.clone(), stop.clone(), faults.clone());
+            async move {
+                supervisor.lock().await.serve(&stop, &beat, &faults).await;
+                Ok::<(), std::convert::Infallible>(())
+            }
+        });
+
+        let reaper = Arc::new(Reaper {
+            store: store.clone(),
+            supervisor: handle.clone(),
+            orphans: orphans.clone(),
+            metrics: metrics.clone(),
+            incarnation,
+            clock: clock.clone(),
+            processes,
+            interval: config.reaper_interval,
+        });
+        let reaper_beat = health.heartbeat("reaper", stale + config.reaper_interval);
+        let reaping = supervise(reaper_beat.clone(), metrics.clone(), budget, stop.clone(), || {
+            let (reaper, beat, stop, faults) = (reaper.clone(), reaper_beat.clone(), stop.clone(), faults.clone());
+            async move { reaper.run(&stop, &beat, &faults).await }
+        });
+
+        let (served, (), (), ()) = tokio::join!(
             async { server.await.map_err(AppError::Serve) },
-            engine_task,
-            supervise
+            engine,
+            supervising,
+            reaping
         );
-        drop(engine);
+        supervisor.lock().await.drain(shutdown.kill.clone()).await;
+        drop((handle, reaper));
 
         if let Err(e) = store.stop_incarnation(incarnation, clock.now()).await {
             tracing::warn!(error = %e, "could not record the stop of this incarnation");
         }
         drop(store);
+        drop(supervisor);
         match tokio::time::timeout(Duration::from_secs(10), writer).await {
             Ok(_) => {}
             Err(_) => tracing::error!("the database writer did not finish within 10s"),

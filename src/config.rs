@@ -59,6 +59,18 @@ pub struct Settings {
     #[arg(long, env = "CRONGUARD_MAX_CONCURRENT_REQUESTS", value_name = "N")]
     pub max_concurrent_requests: Option<usize>,
 
+    /// A loop whose heartbeat is older than this fails liveness [default: 10s]
+    #[arg(long, env = "CRONGUARD_LOOP_STALE_AFTER", value_name = "DURATION")]
+    pub loop_stale_after: Option<String>,
+
+    /// Time between passes of the orphan reaper [default: 10s]
+    #[arg(long, env = "CRONGUARD_REAPER_INTERVAL", value_name = "DURATION")]
+    pub reaper_interval: Option<String>,
+
+    /// What to do with live processes of runs a previous incarnation left: `kill` or `report` [default: kill]
+    #[arg(long, env = "CRONGUARD_ORPHAN_POLICY", value_name = "POLICY")]
+    pub orphan_policy: Option<crate::orphans::OrphanPolicy>,
+
     /// Log filter, e.g. `info` or `info,cronguard=debug` [default: info]
     #[arg(long, env = "CRONGUARD_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -98,6 +110,9 @@ impl Settings {
             max_body_bytes,
             request_timeout,
             max_concurrent_requests,
+            loop_stale_after,
+            reaper_interval,
+            orphan_policy,
             log,
             log_format,
         )
@@ -155,6 +170,16 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How often the engine wakes when idle (heartbeat, clock re-read).
     pub engine_tick: Duration,
+    /// Heartbeat age beyond which a loop fails liveness.
+    pub loop_stale_after: Duration,
+    /// Orphan reaper period.
+    pub reaper_interval: Duration,
+    /// Policy for a previous incarnation's surviving processes.
+    pub orphan_policy: crate::orphans::OrphanPolicy,
+    /// Whether this process owns its process tree: child subreaper, stray
+    /// detection and zombie reaping. Set by `cronguard serve`, not a
+    /// setting: an embedding process (the test suite) owns its own tree.
+    pub process_supervision: bool,
 }
 
 /// Default database location.
@@ -256,6 +281,10 @@ impl Config {
             log: s.log.unwrap_or_else(|| "info".to_owned()),
             log_format: s.log_format.unwrap_or_default(),
             engine_tick: Duration::from_secs(1),
+            loop_stale_after: duration("loop_stale_after", s.loop_stale_after, Duration::from_secs(10))?,
+            reaper_interval: duration("reaper_interval", s.reaper_interval, Duration::from_secs(10))?,
+            orphan_policy: s.orphan_policy.unwrap_or_default(),
+            process_supervision: false,
         })
     }
 }

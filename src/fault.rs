@@ -1,64 +1,145 @@
-//! Fault injection, compiled only with the `fault-injection` feature.
+//! Fault injection, for tests only.
 //!
-//! Tests use it to prove that failures are detected: an action that sleeps,
-//! fails or panics on demand, and (see `supervisor`) internal loops made to
-//! hang or panic. Release builds do not contain this module.
+//! [`Faults`] exists in every build so loops can call
+//! [`Faults::checkpoint`] unconditionally, but it only ever does anything
+//! when the `fault-injection` feature is compiled in (tests and the test
+//! binary; never release builds). With it, a test can make a named internal
+//! loop hang or panic at its next checkpoint, and use a `test` action kind
+//! that sleeps, fails or panics on demand — so the suite proves that each
+//! failure is detected, not merely assumed to be.
 
-use std::time::Duration;
+#[cfg(feature = "fault-injection")]
+mod enabled {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
+    use serde::{Deserialize, Serialize};
+    use tokio_util::sync::CancellationToken;
 
-use crate::clock::SharedClock;
-use crate::executor::Occurrence;
-use crate::run::{Outcome, RunStatus};
+    use crate::clock::SharedClock;
+    use crate::executor::Occurrence;
+    use crate::run::{Outcome, RunStatus};
 
-/// `kind: test` action (fault-injection builds only).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TestActionSpec {
-    /// Sleep this long on the service's clock (`2500ms`).
-    #[serde(default)]
-    pub sleep: Option<String>,
-    /// Fail attempts up to this number, succeed after.
-    #[serde(default)]
-    pub fail_attempts: u32,
-    /// Panic with this message.
-    #[serde(default)]
-    pub panic: Option<String>,
-}
-
-/// Runs the test action.
-pub async fn execute_test_action(
-    spec: &TestActionSpec,
-    occurrence: &Occurrence,
-    clock: &SharedClock,
-    cancel: &CancellationToken,
-) -> Outcome {
-    if let Some(message) = &spec.panic {
-        panic!("{message}");
+    /// What a loop does at its next checkpoint.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Fault {
+        /// Stop forever (no heartbeat, no progress).
+        Hang,
+        /// Panic once.
+        Panic,
     }
-    if let Some(sleep) = &spec.sleep {
-        let d = humantime::parse_duration(sleep).unwrap_or(Duration::ZERO);
-        tokio::select! {
-            () = clock.sleep(d) => {}
-            () = cancel.cancelled() => return Outcome {
-                status: RunStatus::Cancelled,
-                attempts: occurrence.attempt,
-                ..Outcome::failed("cancelled")
-            },
+
+    /// Faults armed per loop name.
+    #[derive(Debug, Default)]
+    pub struct Faults {
+        armed: Mutex<HashMap<String, Fault>>,
+    }
+
+    impl Faults {
+        /// Arms `fault` for loop `name`.
+        pub fn arm(&self, name: &str, fault: Fault) {
+            self.armed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.to_owned(), fault);
+        }
+
+        /// Disarms every fault (a hung loop stays hung).
+        pub fn clear(&self) {
+            self.armed.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+
+        /// Hangs or panics if a fault is armed for `name`.
+        pub async fn checkpoint(&self, name: &str) {
+            let fault = {
+                let mut armed = self.armed.lock().unwrap_or_else(|e| e.into_inner());
+                match armed.get(name).copied() {
+                    Some(Fault::Panic) => armed.remove(name),
+                    other => other,
+                }
+            };
+            match fault {
+                Some(Fault::Hang) => {
+                    tracing::warn!(loop_name = name, "fault injection: loop hangs");
+                    std::future::pending::<()>().await;
+                }
+                Some(Fault::Panic) => panic!("fault injection: {name} panics"),
+                None => {}
+            }
         }
     }
-    if occurrence.attempt <= spec.fail_attempts {
-        return Outcome {
+
+    /// `kind: test` action.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct TestActionSpec {
+        /// Sleep this long on the service's clock (`2500ms`).
+        #[serde(default)]
+        pub sleep: Option<String>,
+        /// Fail attempts up to this number, succeed after.
+        #[serde(default)]
+        pub fail_attempts: u32,
+        /// Panic with this message.
+        #[serde(default)]
+        pub panic: Option<String>,
+        /// Ignore cancellation while sleeping (a stuck task).
+        #[serde(default)]
+        pub ignore_cancel: bool,
+    }
+
+    /// Runs the test action.
+    pub async fn execute_test_action(
+        spec: &TestActionSpec,
+        occurrence: &Occurrence,
+        clock: &SharedClock,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        if let Some(message) = &spec.panic {
+            panic!("{message}");
+        }
+        if let Some(sleep) = &spec.sleep {
+            let d = humantime::parse_duration(sleep).unwrap_or(Duration::ZERO);
+            if spec.ignore_cancel {
+                clock.sleep(d).await;
+            } else {
+                tokio::select! {
+                    () = clock.sleep(d) => {}
+                    () = cancel.cancelled() => return Outcome {
+                        status: RunStatus::Cancelled,
+                        attempts: occurrence.attempt,
+                        ..Outcome::failed("cancelled")
+                    },
+                }
+            }
+        }
+        if occurrence.attempt <= spec.fail_attempts {
+            return Outcome {
+                attempts: occurrence.attempt,
+                ..Outcome::failed(format!("test failure on attempt {}", occurrence.attempt))
+            };
+        }
+        Outcome {
+            status: RunStatus::Succeeded,
+            error: None,
             attempts: occurrence.attempt,
-            ..Outcome::failed(format!("test failure on attempt {}", occurrence.attempt))
-        };
+            ..Outcome::failed("")
+        }
     }
-    Outcome {
-        status: RunStatus::Succeeded,
-        error: None,
-        attempts: occurrence.attempt,
-        ..Outcome::failed("")
-    }
+}
+
+#[cfg(feature = "fault-injection")]
+pub use enabled::*;
+
+/// Without the feature: checkpoints are free and nothing can be armed.
+#[cfg(not(feature = "fault-injection"))]
+#[derive(Debug, Default)]
+pub struct Faults;
+
+#[cfg(not(feature = "fault-injection"))]
+impl Faults {
+    /// Does nothing in builds without fault injection.
+    #[inline(always)]
+    pub async fn checkpoint(&self, _name: &str) {}
 }

@@ -22,13 +22,13 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod executor;
-#[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod health;
 pub mod job;
 pub mod metrics;
 pub mod orphans;
 pub mod policy;
+pub mod procfs;
 pub mod run;
 pub mod schedule;
 pub mod shutdown;

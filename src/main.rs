@@ -75,13 +75,21 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 fn serve(args: ServeArgs) -> ExitCode {
     let config = match Config::load(args.settings, args.config.as_ref()) {
-        Ok(config) => config,
+        Ok(mut config) => {
+            // The binary owns its process tree: orphaned descendants of
+            // command runs are reparented to it, found and reaped.
+            config.process_supervision = true;
+            config
+        }
         Err(e) => {
             eprintln!("cronguard: {e}");
             return ExitCode::from(2);
         }
     };
     init_logging(&config.log, config.log_format);
+    if let Err(e) = cronguard::procfs::become_subreaper() {
+        tracing::warn!(error = %e, "could not become child subreaper; daemonized grandchildren escape to init");
+    }
     let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
         rt.block_on(async {
             let app = App::build(config, Arc::new(SystemClock))

@@ -6,7 +6,8 @@
 
 use chrono::{DateTime, Utc};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::run::{Reason, RunStatus, Trigger};
@@ -20,6 +21,13 @@ pub struct Metrics {
     fires_not_run: IntCounterVec,
     fire_lateness: Histogram,
     run_duration: Histogram,
+    loop_heartbeat: GaugeVec,
+    loop_restarts: IntCounterVec,
+    loop_healthy: IntGaugeVec,
+    orphans_detected: IntCounterVec,
+    orphans_current: IntGaugeVec,
+    strays_killed: IntCounter,
+    zombies_reaped: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -32,6 +40,30 @@ const NS: &str = "cronguard";
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help).namespace(NS), labels)
+        .unwrap_or_else(|e| unreachable!("static metric definition {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| unreachable!("metric {name} registered twice: {e}"));
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help).namespace(NS), labels)
+        .unwrap_or_else(|e| unreachable!("static metric definition {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| unreachable!("metric {name} registered twice: {e}"));
+    g
+}
+
+fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help).namespace(NS), labels)
+        .unwrap_or_else(|e| unreachable!("static metric definition {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| unreachable!("metric {name} registered twice: {e}"));
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::with_opts(Opts::new(name, help).namespace(NS))
         .unwrap_or_else(|e| unreachable!("static metric definition {name}: {e}"));
     r.register(Box::new(c.clone()))
         .unwrap_or_else(|e| unreachable!("metric {name} registered twice: {e}"));
@@ -103,8 +135,55 @@ impl Metrics {
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         r.register(Box::new(build))
             .unwrap_or_else(|e| unreachable!("build_info: {e}"));
+        let loop_heartbeat = gauge_vec(
+            r,
+            "loop_heartbeat_timestamp_seconds",
+            "Unix time of each internal loop's last heartbeat.",
+            &["loop"],
+        );
+        let loop_restarts = counter_vec(
+            r,
+            "loop_restarts_total",
+            "Restarts of internal loops after a panic, an error or an early return.",
+            &["loop"],
+        );
+        let loop_healthy = int_gauge_vec(
+            r,
+            "loop_healthy",
+            "1 while the loop's heartbeat is within its threshold and its restart budget holds, else 0.",
+            &["loop"],
+        );
+        let orphans_detected = counter_vec(
+            r,
+            "orphans_detected_total",
+            "Orphaned work found, by kind (previous_incarnation, run_without_task, task_without_run, stray_process).",
+            &["kind"],
+        );
+        let orphans_current = int_gauge_vec(
+            r,
+            "orphans",
+            "Orphans present now and not cleaned up (e.g. processes left alive under orphan policy `report`), by kind.",
+            &["kind"],
+        );
+        let strays_killed = counter(
+            r,
+            "stray_processes_killed_total",
+            "Processes killed because they belonged to no live run.",
+        );
+        let zombies_reaped = counter(
+            r,
+            "zombies_reaped_total",
+            "Exited descendants reparented to the service (child subreaper) and reaped.",
+        );
         Self {
             registry,
+            loop_heartbeat,
+            loop_restarts,
+            loop_healthy,
+            orphans_detected,
+            orphans_current,
+            strays_killed,
+            zombies_reaped,
             runs_started,
             runs_finished,
             runs_running,
@@ -154,6 +233,47 @@ impl Metrics {
         self.fires_not_run
             .with_label_values(&[status.as_str(), reason.as_str()])
             .inc_by(u64::from(fires));
+    }
+
+    /// A supervised loop was restarted.
+    pub fn loop_restarted(&self, name: &str) {
+        self.loop_restarts.with_label_values(&[name]).inc();
+    }
+
+    /// Copies the loops' heartbeats into their gauges (at scrape time).
+    pub fn observe_loops(&self, health: &crate::health::Health) {
+        for check in health.loop_checks() {
+            self.loop_healthy.with_label_values(&[check.name]).set(i64::from(check.ok));
+        }
+        for beat in health.heartbeats() {
+            self.loop_heartbeat
+                .with_label_values(&[beat.name()])
+                .set(beat.last_unix_seconds());
+            // Make the restart series exist (at 0) before the first restart.
+            self.loop_restarts.with_label_values(&[beat.name()]);
+        }
+    }
+
+    /// An orphan of `kind` was found.
+    pub fn orphan_detected(&self, kind: &str) {
+        self.orphans_detected.with_label_values(&[kind]).inc();
+    }
+
+    /// Sets the current orphans of `kind`.
+    pub fn set_orphans(&self, kind: &str, n: usize) {
+        self.orphans_current
+            .with_label_values(&[kind])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A stray process was killed.
+    pub fn stray_killed(&self) {
+        self.strays_killed.inc();
+    }
+
+    /// A reparented descendant was reaped.
+    pub fn zombie_reaped(&self) {
+        self.zombies_reaped.inc();
     }
 
     /// The registry, for components that register their own families.

@@ -51,6 +51,10 @@ pub struct ApiContext {
     pub health: Arc<Health>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Orphan findings.
+    pub orphans: Arc<crate::orphans::Orphans>,
+    /// Fault injection (test builds).
+    pub faults: Arc<crate::fault::Faults>,
     /// What actions may do.
     pub actions: ActionPolicy,
 }
@@ -126,6 +130,8 @@ pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
         ))
         .layer(axum::Extension(BodyLimit(limits.max_body_bytes)))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes));
+    #[cfg(feature = "fault-injection")]
+    let api = api.route("/debug/faults", axum::routing::post(probes::arm_fault));
     api.route(
         "/openapi.json",
         axum::routing::get(move || {

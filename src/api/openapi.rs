@@ -47,6 +47,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiContext>> {
         .routes(routes!(probes::livez))
         .routes(routes!(probes::readyz))
         .routes(routes!(probes::metrics))
+        .routes(routes!(probes::orphans))
 }
 
 /// The document as pretty JSON, as committed in `openapi/cronguard.json`.

@@ -156,3 +156,30 @@ pub async fn metrics(State(ctx): State<Arc<ApiContext>>) -> Result<Response, Api
     );
     Ok(response)
 }
+
+/// Orphaned work found now and recently (see `docs/supervision.md`).
+#[utoipa::path(get, path = "/v1/orphans", tag = "health",
+    responses((status = 200, description = "Current and recent findings", body = crate::orphans::OrphanReport)))]
+pub async fn orphans(State(ctx): State<Arc<ApiContext>>) -> Json<crate::orphans::OrphanReport> {
+    Json(ctx.orphans.report())
+}
+
+/// `POST /debug/faults` (fault-injection builds only): arms a fault.
+#[cfg(feature = "fault-injection")]
+pub async fn arm_fault(
+    State(ctx): State<Arc<ApiContext>>,
+    super::extract::JsonBody(request): super::extract::JsonBody<FaultRequest>,
+) -> axum::http::StatusCode {
+    ctx.faults.arm(&request.target, request.fault);
+    axum::http::StatusCode::NO_CONTENT
+}
+
+/// Body of `POST /debug/faults`.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, serde::Deserialize)]
+pub struct FaultRequest {
+    /// Loop name (`engine`, `supervisor`, `reaper`).
+    pub target: String,
+    /// `hang` or `panic`.
+    pub fault: crate::fault::Fault,
+}

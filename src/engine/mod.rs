@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::plan::{MAX_SCAN, Plan, due_at, plan};
 use crate::clock::SharedClock;
+use crate::fault::Faults;
 use crate::health::{Health, Heartbeat};
 use crate::job::{Job, JobId};
 use crate::run::Reason;
@@ -83,10 +84,12 @@ impl Engine {
         &mut self,
         changes: &mut mpsc::UnboundedReceiver<JobChange>,
         shutdown: &CancellationToken,
+        faults: &Faults,
     ) -> Result<(), StoreError> {
         self.heartbeat.beat();
         self.load(changes).await?;
         loop {
+            faults.checkpoint(self.heartbeat.name()).await;
             let now = self.clock.now();
             self.fire_due(now);
             self.heartbeat.beat();

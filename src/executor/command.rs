@@ -17,11 +17,12 @@
 //! leader has exited, draining stops after [`DRAIN_AFTER_EXIT`], because a
 //! daemonized grandchild may hold the pipe open indefinitely.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::pin::pin;
 use std::process::{ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -32,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Limits, Occurrence, Tail};
 use crate::action::CommandAction;
-use crate::run::{Outcome, RunStatus};
+use crate::run::{Outcome, RunId, RunStatus};
 
 /// How long output is still read after the leader exited.
 pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
@@ -48,14 +49,17 @@ pub struct ProcessInfo {
     pub start_ticks: Option<u64>,
 }
 
-/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
-/// Together with the pid it identifies a process across pid reuse.
-pub fn process_start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses; the
-    // fields after its closing parenthesis are plain.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+/// Leaders of command runs this process spawned and tokio has not reaped
+/// yet. The stray reaper leaves these alone; spawning happens under the
+/// table's lock so the reaper can never see a new child before it is listed.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessTable(Arc<std::sync::Mutex<HashMap<i32, RunId>>>);
+
+impl ProcessTable {
+    /// The table, locked.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, RunId>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Kills the group when dropped, unless disarmed.
@@ -69,6 +73,14 @@ impl Drop for GroupGuard {
     }
 }
 
+struct Unlist<'a>(&'a ProcessTable, i32);
+
+impl Drop for Unlist<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
 /// Why the wait for the leader ended.
 #[derive(Clone, Copy)]
 enum End {
@@ -77,12 +89,14 @@ enum End {
     Cancelled,
 }
 
+#[expect(clippy::too_many_arguments, reason = "one call site; the executor's parts")]
 pub(super) async fn execute<F, Fut>(
     action: &CommandAction,
     occurrence: &Occurrence,
     limits: Limits,
     tail_bytes: usize,
     cancel: &CancellationToken,
+    table: &ProcessTable,
     on_spawn: F,
 ) -> Outcome
 where
@@ -106,8 +120,19 @@ where
         cmd.current_dir(dir);
     }
     set_parent_death_signal(&mut cmd);
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
+    let spawned = {
+        let mut table = table.lock();
+        cmd.spawn().map(|child| {
+            let pid = child.id().and_then(|p| i32::try_from(p).ok());
+            if let Some(pid) = pid {
+                table.insert(pid, occurrence.run_id);
+            }
+            (child, pid)
+        })
+    };
+    let (mut child, pid) = match spawned {
+        Ok((child, Some(pid))) => (child, pid),
+        Ok((_, None)) => return Outcome::failed("the child exited before its pid could be read"),
         Err(e) => {
             return Outcome {
                 attempts: occurrence.attempt,
@@ -115,15 +140,14 @@ where
             };
         }
     };
-    let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
-        return Outcome::failed("the child exited before its pid could be read");
-    };
+    // Unlisted once tokio has reaped it (or the run's task is dropped).
+    let _listed = Unlist(table, pid);
     let group = Pid::from_raw(pid);
     let mut guard = GroupGuard(Some(group));
     on_spawn(ProcessInfo {
         pid,
         pgid: pid,
-        start_ticks: process_start_ticks(pid),
+        start_ticks: crate::procfs::read(pid).map(|p| p.start_ticks),
     })
     .await;
 

@@ -21,7 +21,7 @@ use crate::job::JobId;
 use crate::run::{Outcome, RunId};
 use crate::store::Store;
 
-pub use self::command::{ProcessInfo, process_start_ticks};
+pub use self::command::{ProcessInfo, ProcessTable};
 pub use self::output::Tail;
 
 /// The occurrence identity every action receives (headers or environment),
@@ -66,6 +66,7 @@ struct Inner {
     config: ExecutorConfig,
     http: reqwest::Client,
     store: Store,
+    processes: ProcessTable,
     #[cfg_attr(
         not(feature = "fault-injection"),
         expect(dead_code, reason = "used by the test action")
@@ -99,9 +100,15 @@ impl Executor {
                 config,
                 http,
                 store,
+                processes: ProcessTable::default(),
                 clock,
             }),
         })
+    }
+
+    /// The leaders of command runs alive now (for the stray reaper).
+    pub fn processes(&self) -> &ProcessTable {
+        &self.inner.processes
     }
 
     /// Runs one attempt. `cancel` ends it early with `cancelled`.
@@ -139,7 +146,16 @@ impl Executor {
                         tracing::warn!(error = %e, "could not record the run's process");
                     }
                 };
-                command::execute(a, occurrence, limits, cfg.output_tail_bytes, cancel, on_spawn).await
+                command::execute(
+                    a,
+                    occurrence,
+                    limits,
+                    cfg.output_tail_bytes,
+                    cancel,
+                    &self.inner.processes,
+                    on_spawn,
+                )
+                .await
             }
             #[cfg(feature = "fault-injection")]
             Action::Test(spec) => {

@@ -323,6 +323,26 @@ impl Store {
             .write(|reply| writer::Op::OrphanForeignRuns { current, at, reply })
     }
 
+    /// Marks one run `orphaned` if it is still `queued` or `running`;
+    /// resolves to whether it was.
+    pub fn orphan_run_if_live(&self, id: RunId, at: DateTime<Utc>, error: String) -> Ack<bool> {
+        self.inner
+            .write(|reply| writer::Op::OrphanRunIfLive { id, at, error, reply })
+    }
+
+    /// Runs this incarnation has recorded as `queued` or `running`.
+    pub async fn live_runs(&self, incarnation: Incarnation) -> Result<Vec<(RunId, JobId)>, StoreError> {
+        self.inner.live_runs(incarnation).await
+    }
+
+    /// The statuses of `ids` (missing ids are absent from the map).
+    pub async fn run_statuses(
+        &self,
+        ids: &[RunId],
+    ) -> Result<std::collections::HashMap<RunId, RunStatus>, StoreError> {
+        self.inner.run_statuses(ids).await
+    }
+
     /// One run.
     pub async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
         self.inner.get_run(id).await

@@ -20,8 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::rows::{self, JOB_COLUMNS, RUN_COLUMNS};
 use super::writer::{Op, Writer, WriterTask};
 use super::{Ack, JobChange, JobFilter, JobKey, Page, RunFilter, StoreError};
+use std::collections::HashMap;
+
 use crate::job::{Job, JobId};
-use crate::run::{Run, RunId};
+use crate::run::{Incarnation, Run, RunId, RunStatus};
 
 /// Migrations for the SQLite backend, embedded in the binary.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -242,6 +244,42 @@ impl SqliteStore {
         let mut items = found.iter().map(rows::run).collect::<Result<Vec<_>, _>>()?;
         let next = page_cursor(&mut items, limit, |r| r.id.to_string());
         Ok(Page { items, next })
+    }
+
+    pub(super) async fn live_runs(&self, incarnation: Incarnation) -> Result<Vec<(RunId, JobId)>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, job_id FROM runs WHERE status IN ('queued', 'running') AND incarnation = ?",
+        )
+        .bind(incarnation.to_string())
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|(id, job)| {
+                Ok((
+                    id.parse().map_err(|_| StoreError::Corrupt(format!("run id {id}")))?,
+                    job.parse().map_err(|_| StoreError::Corrupt(format!("job id {job}")))?,
+                ))
+            })
+            .collect()
+    }
+
+    pub(super) async fn run_statuses(&self, ids: &[RunId]) -> Result<HashMap<RunId, RunStatus>, StoreError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut q = QueryBuilder::<Sqlite>::new("SELECT id, status FROM runs WHERE id IN (");
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(id.to_string());
+            }
+            q.push(")");
+            let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&self.read).await?;
+            for (id, status) in rows {
+                let id = id.parse().map_err(|_| StoreError::Corrupt(format!("run id {id}")))?;
+                let status = status.parse().map_err(StoreError::Corrupt)?;
+                out.insert(id, status);
+            }
+        }
+        Ok(out)
     }
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {

@@ -67,6 +67,12 @@ pub enum Op {
         at: DateTime<Utc>,
         reply: Reply<()>,
     },
+    OrphanRunIfLive {
+        id: RunId,
+        at: DateTime<Utc>,
+        error: String,
+        reply: Reply<bool>,
+    },
     OrphanForeignRuns {
         current: Incarnation,
         at: DateTime<Utc>,
@@ -122,10 +128,18 @@ pub struct WriterTask(Writer);
 impl WriterTask {
     /// Runs until every [`super::Store`] handle is dropped, committing what
     /// was queued before; then closes the connection (checkpointing WAL).
-    pub async fn run(self) {
+    /// Stamps `heartbeat` at least every second, so a commit that hangs
+    /// (a stuck disk) shows in liveness.
+    pub async fn run(self, heartbeat: std::sync::Arc<crate::health::Heartbeat>) {
         let mut w = self.0;
         let mut batch = Vec::with_capacity(64);
-        while let Some(first) = w.rx.recv().await {
+        loop {
+            heartbeat.beat();
+            let first = match tokio::time::timeout(std::time::Duration::from_secs(1), w.rx.recv()).await {
+                Ok(Some(op)) => op,
+                Ok(None) => break,
+                Err(_) => continue,
+            };
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match w.rx.try_recv() {
@@ -259,6 +273,20 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op) -> Pending {
         } => pending(reply, finish_run(tx, id, outcome, at).await, None),
         Op::OrphanForeignRuns { current, at, reply } => {
             pending(reply, orphan_foreign_runs(tx, current, at).await, None)
+        }
+        Op::OrphanRunIfLive { id, at, error, reply } => {
+            let result = sqlx::query(
+                "UPDATE runs SET status = 'orphaned', ended_at = ?, error = ? \
+                 WHERE id = ? AND status IN ('queued', 'running')",
+            )
+            .bind(ms(at))
+            .bind(error)
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await
+            .map(|r| r.rows_affected() == 1)
+            .map_err(StoreError::from);
+            pending(reply, result, None)
         }
         Op::RegisterIncarnation { id, at, reply } => {
             let result = sqlx::query(

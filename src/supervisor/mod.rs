@@ -13,6 +13,7 @@
 //! update that starts it, and a skip is recorded even if nobody awaits it.
 
 mod admission;
+pub mod loops;
 mod task;
 
 use std::collections::{HashMap, VecDeque};
@@ -28,6 +29,8 @@ use utoipa::ToSchema;
 
 use self::admission::{Admission, admit};
 pub use self::task::{Begin, Planned, RunCancel, TaskContext, TaskEnd};
+use crate::fault::Faults;
+use crate::health::Heartbeat;
 use crate::job::{Job, JobId};
 use crate::run::{Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::StoreError;
@@ -94,6 +97,10 @@ pub struct LiveRun {
     pub scheduled_at: DateTime<Utc>,
     /// Why it exists.
     pub trigger: Trigger,
+    /// When it should have ended at the latest (timeout plus kill grace);
+    /// absent for queued runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 enum Command {
@@ -108,6 +115,11 @@ enum Command {
     },
     JobRemoved(JobId),
     Snapshot(oneshot::Sender<Snapshot>),
+    Abort {
+        run: RunId,
+        outcome: Option<Outcome>,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// Sends work to the supervisor; cheap to clone.
@@ -148,6 +160,16 @@ impl SupervisorHandle {
         let _ = self.tx.send(Command::JobRemoved(id));
     }
 
+    /// Aborts a live run's task (orphan kind 3); `outcome`, when given, is
+    /// recorded for the run. `false` if no such task.
+    pub async fn abort(&self, run: RunId, outcome: Option<Outcome>) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Abort { run, outcome, reply }).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
     /// What is live now; `None` once the supervisor stopped.
     pub async fn snapshot(&self) -> Option<Snapshot> {
         let (reply, rx) = oneshot::channel();
@@ -173,7 +195,11 @@ struct Live {
     cancel: RunCancel,
     scheduled_at: DateTime<Utc>,
     started_at: DateTime<Utc>,
+    deadline: DateTime<Utc>,
     trigger: Trigger,
+    task: tokio::task::AbortHandle,
+    /// Recorded if the task is aborted (stuck runs).
+    abort_outcome: Option<Outcome>,
 }
 
 struct Waiting {
@@ -222,23 +248,27 @@ impl Supervisor {
         (supervisor, SupervisorHandle { tx })
     }
 
-    /// Runs until `shutdown`, then drains: waits up to the grace period for
-    /// running runs, cancels the rest, and records every final state.
-    /// `kill_now` (a second signal) skips the grace period.
-    pub async fn run(mut self, shutdown: CancellationToken, kill_now: CancellationToken) {
+    /// Serves commands and task ends until `shutdown` (or the channel
+    /// closes), stamping `heartbeat` at least every second. Restartable: all
+    /// state lives in `self`, so a panic here loses no task.
+    pub async fn serve(&mut self, shutdown: &CancellationToken, heartbeat: &Heartbeat, faults: &Faults) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            heartbeat.beat();
+            faults.checkpoint(heartbeat.name()).await;
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => return,
                 Some(result) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.task_ended(result),
                 Some(_) = self.recorders.join_next(), if !self.recorders.is_empty() => {}
                 cmd = self.rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd),
-                    None => break,
+                    None => return,
                 },
+                _ = tick.tick() => {}
             }
         }
-        self.drain(kill_now).await;
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -277,29 +307,41 @@ impl Supervisor {
             Command::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
             }
+            Command::Abort { run, outcome, reply } => {
+                let found = match self.live.get_mut(&run) {
+                    Some(live) => {
+                        live.abort_outcome = outcome;
+                        live.task.abort();
+                        true
+                    }
+                    None => false,
+                };
+                let _ = reply.send(found);
+            }
         }
     }
 
     fn snapshot(&self) -> Snapshot {
-        let view = |run: RunId, job: &Job, scheduled_at, trigger| LiveRun {
+        let view = |run: RunId, job: &Job, scheduled_at, trigger, deadline| LiveRun {
             run,
             job: job.id,
             job_name: job.name().to_owned(),
             scheduled_at,
             trigger,
+            deadline,
         };
         Snapshot {
             running: self
                 .live
                 .iter()
-                .map(|(id, l)| view(*id, &l.job, l.scheduled_at, l.trigger))
+                .map(|(id, l)| view(*id, &l.job, l.scheduled_at, l.trigger, Some(l.deadline)))
                 .collect(),
             queued: self
                 .jobs
                 .values()
                 .filter_map(|s| s.queued.as_ref())
                 .chain(self.backlog.iter())
-                .map(|w| view(w.run_id, &w.fire.job, w.fire.scheduled_at, w.fire.trigger))
+                .map(|w| view(w.run_id, &w.fire.job, w.fire.scheduled_at, w.fire.trigger, None))
                 .collect(),
             tasks: self.tasks.len(),
         }
@@ -452,14 +494,21 @@ impl Supervisor {
         let handle = self.tasks.spawn(task::run(self.ctx.clone(), planned));
         self.by_task.insert(handle.id(), run_id);
         self.jobs.entry(fire.job.id).or_default().running.push(run_id);
+        let now = self.ctx.clock.now();
+        let policy = &fire.job.def.policy;
+        let budget = fire.job.def.action.timeout() + policy.kill_grace;
+        let deadline = now + chrono::TimeDelta::from_std(budget).unwrap_or(chrono::TimeDelta::MAX);
         self.live.insert(
             run_id,
             Live {
                 job: fire.job,
                 cancel,
                 scheduled_at: fire.scheduled_at,
-                started_at: self.ctx.clock.now(),
+                started_at: now,
+                deadline,
                 trigger: fire.trigger,
+                task: handle,
+                abort_outcome: None,
             },
         );
         self.ctx.metrics.set_running(self.live.len());
@@ -529,7 +578,7 @@ impl Supervisor {
             tracing::error!(task = %task_id, "a task ended that the supervisor did not know");
             return;
         };
-        let live = self.live.remove(&run_id);
+        let mut live = self.live.remove(&run_id);
         match end {
             Ok(TaskEnd::Finished(_)) => {}
             Ok(TaskEnd::NotStarted(e)) => match e {
@@ -543,6 +592,21 @@ impl Supervisor {
             },
             // Aborted by `abort_all`, which recorded the run already.
             Err(e) if e.is_cancelled() && live.is_none() => {}
+            // Aborted as an orphan (kind 3): record what the reaper decided.
+            Err(e) if e.is_cancelled() && live.as_ref().is_some_and(|l| l.abort_outcome.is_some()) => {
+                let now = self.ctx.clock.now();
+                let outcome = live.as_mut().and_then(|l| l.abort_outcome.take()).unwrap_or_else(|| Outcome::failed("aborted"));
+                if let Some(live) = &live {
+                    self.ctx.metrics.run_finished(live.trigger, outcome.status, live.started_at, now);
+                }
+                let ack = self.ctx.store.finish_run(run_id, outcome, now);
+                self.recorders.spawn(async move {
+                    match ack.await {
+                        Ok(()) | Err(StoreError::NotFound | StoreError::AlreadyFinal) => {}
+                        Err(e) => tracing::error!(run = %run_id, error = %e, "could not record an aborted run"),
+                    }
+                });
+            }
             Err(e) => {
                 let message = if e.is_panic() {
                     format!("the action panicked: {}", panic_message(e.into_panic()))
@@ -592,7 +656,10 @@ impl Supervisor {
         }
     }
 
-    async fn drain(&mut self, kill_now: CancellationToken) {
+    /// Stops admitting, waits up to the shutdown grace for running runs,
+    /// cancels the rest, aborts what ignores cancellation, and records
+    /// every final state. `kill_now` (a second signal) skips the waiting.
+    pub async fn drain(&mut self, kill_now: CancellationToken) {
         // Stop admitting: close the channel; nothing queued starts any more.
         self.rx.close();
         let queued: Vec<Waiting> = self
@@ -683,7 +750,8 @@ fn too_late(now: DateTime<Utc>, due: DateTime<Utc>, grace: Duration) -> bool {
     late.to_std().is_ok_and(|late| late > grace)
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+/// The text of a panic payload.
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {
