@@ -24,17 +24,17 @@ use crate::api::{self, ApiContext, HttpLimits};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::fault::Faults;
-use crate::orphans::Orphans;
-use crate::orphans::reaper::Reaper;
-use crate::supervisor::loops::{RestartBudget, supervise};
 use crate::executor::{Executor, ExecutorConfig};
+use crate::fault::Faults;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::orphans::Orphans;
+use crate::orphans::reaper::Reaper;
 use crate::run::Incarnation;
 use crate::shutdown::Shutdown;
 use crate::store::WriterTask;
 use crate::store::{JobChange, SqliteOptions, Store, StoreError};
+use crate::supervisor::loops::{RestartBudget, supervise};
 use crate::supervisor::{Supervisor, SupervisorConfig, TaskContext};
 
 /// Why the application could not start or stopped abnormally.
@@ -142,8 +142,14 @@ impl App {
         let writer = tokio::spawn(writer.run(health.heartbeat("store_writer", stale)));
 
         store.register_incarnation(incarnation, clock.now()).await?;
-        crate::orphans::reconcile_previous_incarnations(&store, &orphans, incarnation, clock.now(), config.orphan_policy)
-            .await?;
+        crate::orphans::reconcile_previous_incarnations(
+            &store,
+            &orphans,
+            incarnation,
+            clock.now(),
+            config.orphan_policy,
+        )
+        .await?;
         health.set_recovered();
         tracing::info!(%incarnation, addr = %listener.local_addr().map_err(AppError::Serve)?, "cronguard started");
 
@@ -151,6 +157,7 @@ impl App {
             ExecutorConfig {
                 commands_enabled: config.enable_command_jobs,
                 output_tail_bytes: config.output_tail_bytes,
+                shim: config.command_shim.clone(),
             },
             store.clone(),
             clock.clone(),
@@ -206,8 +213,10 @@ impl App {
         let changes = Arc::new(tokio::sync::Mutex::new(changes));
         let engine_beat = health.heartbeat("engine", stale);
         let engine = supervise(engine_beat.clone(), metrics.clone(), budget, stop.clone(), || {
-            let (store, clock, handle, health) = (store.clone(), clock.clone(), handle.clone(), health.clone());
-            let (beat, changes, stop, faults) = (engine_beat.clone(), changes.clone(), stop.clone(), faults.clone());
+            let (store, clock, handle, health) =
+                (store.clone(), clock.clone(), handle.clone(), health.clone());
+            let (beat, changes, stop, faults) =
+                (engine_beat.clone(), changes.clone(), stop.clone(), faults.clone());
             let tick = config.engine_tick;
             async move {
                 let mut changes = changes.lock().await;
@@ -220,14 +229,24 @@ impl App {
         // restart of its loop.
         let supervisor = Arc::new(tokio::sync::Mutex::new(supervisor));
         let supervisor_beat = health.heartbeat("supervisor", stale);
-        let supervising = supervise(supervisor_beat.clone(), metrics.clone(), budget, stop.clone(), || {
-            let (supervisor, beat, stop, faults) =
-                (supervisor.clone(), supervisor_beat.clone(), stop.clone(), faults.clone());
-            async move {
-                supervisor.lock().await.serve(&stop, &beat, &faults).await;
-                Ok::<(), std::convert::Infallible>(())
-            }
-        });
+        let supervising = supervise(
+            supervisor_beat.clone(),
+            metrics.clone(),
+            budget,
+            stop.clone(),
+            || {
+                let (supervisor, beat, stop, faults) = (
+                    supervisor.clone(),
+                    supervisor_beat.clone(),
+                    stop.clone(),
+                    faults.clone(),
+                );
+                async move {
+                    supervisor.lock().await.serve(&stop, &beat, &faults).await;
+                    Ok::<(), std::convert::Infallible>(())
+                }
+            },
+        );
 
         let reaper = Arc::new(Reaper {
             store: store.clone(),
@@ -241,7 +260,8 @@ impl App {
         });
         let reaper_beat = health.heartbeat("reaper", stale + config.reaper_interval);
         let reaping = supervise(reaper_beat.clone(), metrics.clone(), budget, stop.clone(), || {
-            let (reaper, beat, stop, faults) = (reaper.clone(), reaper_beat.clone(), stop.clone(), faults.clone());
+            let (reaper, beat, stop, faults) =
+                (reaper.clone(), reaper_beat.clone(), stop.clone(), faults.clone());
             async move { reaper.run(&stop, &beat, &faults).await }
         });
 

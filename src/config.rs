@@ -180,6 +180,9 @@ pub struct Config {
     /// detection and zombie reaping. Set by `cronguard serve`, not a
     /// setting: an embedding process (the test suite) owns its own tree.
     pub process_supervision: bool,
+    /// The cronguard binary to run as the command shim (`__shim`); set by
+    /// `cronguard serve` to itself. Not a setting.
+    pub command_shim: Option<PathBuf>,
 }
 
 /// Default database location.
@@ -285,6 +288,7 @@ impl Config {
             reaper_interval: duration("reaper_interval", s.reaper_interval, Duration::from_secs(10))?,
             orphan_policy: s.orphan_policy.unwrap_or_default(),
             process_supervision: false,
+            command_shim: None,
         })
     }
 }

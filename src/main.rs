@@ -79,6 +79,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             // The binary owns its process tree: orphaned descendants of
             // command runs are reparented to it, found and reaped.
             config.process_supervision = true;
+            config.command_shim = std::env::current_exe().ok();
             config
         }
         Err(e) => {
@@ -165,6 +166,11 @@ fn healthcheck(url: Option<String>, listen: Option<String>, timeout: Duration) -
 }
 
 fn main() -> ExitCode {
+    // The command shim starts with every command run: skip argument parsing.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == cronguard::executor::SHIM_ARG) {
+        cronguard::executor::shim::main(args.collect());
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),

@@ -243,7 +243,9 @@ impl Metrics {
     /// Copies the loops' heartbeats into their gauges (at scrape time).
     pub fn observe_loops(&self, health: &crate::health::Health) {
         for check in health.loop_checks() {
-            self.loop_healthy.with_label_values(&[check.name]).set(i64::from(check.ok));
+            self.loop_healthy
+                .with_label_values(&[check.name])
+                .set(i64::from(check.ok));
         }
         for beat in health.heartbeats() {
             self.loop_heartbeat

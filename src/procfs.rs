@@ -51,7 +51,9 @@ pub fn read(pid: i32) -> Option<Proc> {
 
 /// Every process visible in `/proc`.
 pub fn all() -> Vec<Proc> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(read)
@@ -75,7 +77,10 @@ pub fn own_children() -> Vec<Proc> {
     }
     pids.sort_unstable();
     pids.dedup();
-    pids.into_iter().filter_map(read).filter(|p| p.ppid == me).collect()
+    pids.into_iter()
+        .filter_map(read)
+        .filter(|p| p.ppid == me)
+        .collect()
 }
 
 /// Whether `pid` is alive and is the process that started at `start_ticks`.

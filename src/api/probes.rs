@@ -145,6 +145,7 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(ctx): State<Arc<ApiContext>>) -> Result<Response, ApiError> {
+    ctx.metrics.observe_loops(&ctx.health);
     let text = ctx
         .metrics
         .render()

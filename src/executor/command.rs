@@ -89,21 +89,37 @@ enum End {
     Cancelled,
 }
 
-#[expect(clippy::too_many_arguments, reason = "one call site; the executor's parts")]
+/// How to start a command: directly, or under the shim (see `shim.rs`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Launch<'a> {
+    /// The cronguard binary to run as `__shim`, if any.
+    pub shim: Option<&'a std::path::Path>,
+    /// Leaders of live command runs.
+    pub table: &'a ProcessTable,
+}
+
 pub(super) async fn execute<F, Fut>(
     action: &CommandAction,
     occurrence: &Occurrence,
     limits: Limits,
     tail_bytes: usize,
     cancel: &CancellationToken,
-    table: &ProcessTable,
+    launch: Launch<'_>,
     on_spawn: F,
 ) -> Outcome
 where
     F: FnOnce(ProcessInfo) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let mut cmd = Command::new(&action.program);
+    let table = launch.table;
+    let mut cmd = match launch.shim {
+        Some(shim) => {
+            let mut cmd = Command::new(shim);
+            cmd.arg(super::SHIM_ARG).arg(&action.program);
+            cmd
+        }
+        None => Command::new(&action.program),
+    };
     cmd.args(&action.args)
         .envs(&action.env)
         .env("CRONGUARD_JOB", occurrence.job_id.to_string())
@@ -119,7 +135,14 @@ where
     if let Some(dir) = &action.working_dir {
         cmd.current_dir(dir);
     }
-    set_parent_death_signal(&mut cmd);
+    // The shim turns SIGTERM from a dead parent into SIGKILL for the whole
+    // run; a direct child simply dies.
+    let death_signal = if launch.shim.is_some() {
+        Signal::SIGTERM
+    } else {
+        Signal::SIGKILL
+    };
+    set_parent_death_signal(&mut cmd, death_signal);
     let spawned = {
         let mut table = table.lock();
         cmd.spawn().map(|child| {
@@ -206,6 +229,18 @@ where
         ),
         (End::Cancelled, _) => (RunStatus::Cancelled, Some("cancelled".to_owned())),
         (End::Exited, Ok(s)) if s.success() => (RunStatus::Succeeded, None),
+        (End::Exited, Ok(s)) if s.code() == Some(super::shim::CANNOT_START) && launch.shim.is_some() => {
+            let reported = output
+                .as_deref()
+                .and_then(|o| o.lines().find_map(|l| l.strip_prefix(super::shim::START_FAILED)));
+            (
+                RunStatus::Failed,
+                Some(match reported {
+                    Some(why) => format!("could not start {why}"),
+                    None => "exited with code 127".to_owned(),
+                }),
+            )
+        }
         (End::Exited, Ok(s)) => (
             RunStatus::Failed,
             Some(match (s.code(), s.signal()) {
@@ -251,19 +286,19 @@ async fn capture(stdout: Option<ChildStdout>, stderr: Option<ChildStderr>, tail:
     }
 }
 
-/// Makes the child receive SIGKILL when the thread that forked it exits.
+/// Makes the child receive `signal` when the thread that forked it exits.
 #[expect(
     unsafe_code,
     reason = "pre_exec is the only way to run prctl in the child before exec"
 )]
-fn set_parent_death_signal(cmd: &mut Command) {
+fn set_parent_death_signal(cmd: &mut Command, signal: Signal) {
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child between fork and exec.
     // It makes only async-signal-safe system calls (prctl, getppid), takes
     // no locks and allocates nothing (the error is built from a raw errno).
     unsafe {
         cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(signal).map_err(io::Error::from)?;
             // The parent may have died between fork and prctl, in which
             // case the signal was never delivered: refuse to run orphaned.
             if nix::unistd::getppid() != parent {

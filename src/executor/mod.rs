@@ -8,6 +8,10 @@
 mod command;
 mod http;
 mod output;
+pub mod shim;
+
+/// The first argument that makes the cronguard binary act as the shim.
+pub const SHIM_ARG: &str = "__shim";
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +58,10 @@ pub struct ExecutorConfig {
     pub commands_enabled: bool,
     /// Bytes of output kept per run.
     pub output_tail_bytes: usize,
+    /// The cronguard binary, run as `__shim` around every command so no
+    /// descendant outlives the service; `None` spawns commands directly
+    /// (only the direct child then gets the parent-death signal).
+    pub shim: Option<std::path::PathBuf>,
 }
 
 /// Runs actions; cheap to clone.
@@ -152,7 +160,10 @@ impl Executor {
                     limits,
                     cfg.output_tail_bytes,
                     cancel,
-                    &self.inner.processes,
+                    command::Launch {
+                        shim: cfg.shim.as_deref(),
+                        table: &self.inner.processes,
+                    },
                     on_spawn,
                 )
                 .await

@@ -253,7 +253,10 @@ pub async fn reconcile_previous_incarnations(
             let (remedy, detail) = match policy {
                 OrphanPolicy::Kill => {
                     procfs::kill_process(&p);
-                    (Remedy::Killed, "its process was still alive; killed (orphan policy `kill`)")
+                    (
+                        Remedy::Killed,
+                        "its process was still alive; killed (orphan policy `kill`)",
+                    )
                 }
                 OrphanPolicy::Report => (
                     Remedy::Reported,

@@ -136,7 +136,9 @@ impl Reaper {
                     (Some(outcome), format!("stuck past its deadline {d}"))
                 }),
             };
-            let Some((outcome, detail)) = problem else { continue };
+            let Some((outcome, detail)) = problem else {
+                continue;
+            };
             if !suspects.contains(&live.run) {
                 still_suspect.insert(live.run);
                 continue;
@@ -170,7 +172,9 @@ impl Reaper {
 
     /// Our child processes that are not the leader of a live run.
     fn unlisted_children(&self) -> Vec<procfs::Proc> {
-        let Some(table) = &self.processes else { return Vec::new() };
+        let Some(table) = &self.processes else {
+            return Vec::new();
+        };
         // Listing under the table's lock: a child spawned concurrently is
         // either listed already or not yet visible in /proc to this scan.
         let listed = table.lock();
@@ -218,7 +222,11 @@ impl Reaper {
 
     /// Reaps exited descendants reparented to us (SIGCHLD path).
     fn reap_zombies(&self) {
-        for p in self.unlisted_children().into_iter().filter(procfs::Proc::is_zombie) {
+        for p in self
+            .unlisted_children()
+            .into_iter()
+            .filter(procfs::Proc::is_zombie)
+        {
             if procfs::reap(p.pid) {
                 self.metrics.zombie_reaped();
             }

@@ -246,7 +246,10 @@ impl SqliteStore {
         Ok(Page { items, next })
     }
 
-    pub(super) async fn live_runs(&self, incarnation: Incarnation) -> Result<Vec<(RunId, JobId)>, StoreError> {
+    pub(super) async fn live_runs(
+        &self,
+        incarnation: Incarnation,
+    ) -> Result<Vec<(RunId, JobId)>, StoreError> {
         let rows: Vec<(String, String)> = sqlx::query_as(
             "SELECT id, job_id FROM runs WHERE status IN ('queued', 'running') AND incarnation = ?",
         )
@@ -256,8 +259,10 @@ impl SqliteStore {
         rows.into_iter()
             .map(|(id, job)| {
                 Ok((
-                    id.parse().map_err(|_| StoreError::Corrupt(format!("run id {id}")))?,
-                    job.parse().map_err(|_| StoreError::Corrupt(format!("job id {job}")))?,
+                    id.parse()
+                        .map_err(|_| StoreError::Corrupt(format!("run id {id}")))?,
+                    job.parse()
+                        .map_err(|_| StoreError::Corrupt(format!("job id {job}")))?,
                 ))
             })
             .collect()
@@ -274,7 +279,9 @@ impl SqliteStore {
             q.push(")");
             let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&self.read).await?;
             for (id, status) in rows {
-                let id = id.parse().map_err(|_| StoreError::Corrupt(format!("run id {id}")))?;
+                let id = id
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("run id {id}")))?;
                 let status = status.parse().map_err(StoreError::Corrupt)?;
                 out.insert(id, status);
             }

@@ -89,7 +89,10 @@ pub async fn supervise<F, Fut, E>(
         }
         let now = Instant::now();
         failures.push_back(now);
-        while failures.front().is_some_and(|t| now.duration_since(*t) > budget.window) {
+        while failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > budget.window)
+        {
             failures.pop_front();
         }
         // A loop that ran well for a while starts its backoff afresh.
@@ -166,9 +169,13 @@ mod tests {
         let health = Health::new();
         let beat = health.heartbeat("flaky", Duration::from_secs(5));
         beat.beat();
-        supervise(beat.clone(), Arc::new(Metrics::new()), budget(3), CancellationToken::new(), || async {
-            Err::<(), _>("always")
-        })
+        supervise(
+            beat.clone(),
+            Arc::new(Metrics::new()),
+            budget(3),
+            CancellationToken::new(),
+            || async { Err::<(), _>("always") },
+        )
         .await;
         assert_eq!(beat.restarts(), 3);
         let check = &health.loop_checks()[0];

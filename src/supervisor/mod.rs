@@ -595,15 +595,22 @@ impl Supervisor {
             // Aborted as an orphan (kind 3): record what the reaper decided.
             Err(e) if e.is_cancelled() && live.as_ref().is_some_and(|l| l.abort_outcome.is_some()) => {
                 let now = self.ctx.clock.now();
-                let outcome = live.as_mut().and_then(|l| l.abort_outcome.take()).unwrap_or_else(|| Outcome::failed("aborted"));
+                let outcome = live
+                    .as_mut()
+                    .and_then(|l| l.abort_outcome.take())
+                    .unwrap_or_else(|| Outcome::failed("aborted"));
                 if let Some(live) = &live {
-                    self.ctx.metrics.run_finished(live.trigger, outcome.status, live.started_at, now);
+                    self.ctx
+                        .metrics
+                        .run_finished(live.trigger, outcome.status, live.started_at, now);
                 }
                 let ack = self.ctx.store.finish_run(run_id, outcome, now);
                 self.recorders.spawn(async move {
                     match ack.await {
                         Ok(()) | Err(StoreError::NotFound | StoreError::AlreadyFinal) => {}
-                        Err(e) => tracing::error!(run = %run_id, error = %e, "could not record an aborted run"),
+                        Err(e) => {
+                            tracing::error!(run = %run_id, error = %e, "could not record an aborted run")
+                        }
                     }
                 });
             }

@@ -71,6 +71,7 @@ pub struct TestApp {
     pub shutdown: Shutdown,
     pub dir: Arc<tempfile::TempDir>,
     pub db: PathBuf,
+    pub faults: Arc<cronguard::fault::Faults>,
     task: Option<JoinHandle<Result<(), cronguard::app::AppError>>>,
 }
 
@@ -127,10 +128,12 @@ impl TestApp {
         settings.listen.get_or_insert_with(|| "127.0.0.1:0".into());
         settings.database = Some(format!("sqlite://{}", db.display()));
         settings.shutdown_grace.get_or_insert_with(|| "5s".into());
-        let config = Config::from_settings(settings).expect("config");
+        let mut config = Config::from_settings(settings).expect("config");
+        config.command_shim = Some(PathBuf::from(env!("CARGO_BIN_EXE_cronguard")));
         let app = App::build(config, options.clock).await.expect("build");
         let addr = app.local_addr();
         let health = app.health();
+        let faults = app.faults();
         let shutdown = Shutdown::new();
         let task = tokio::spawn(app.run(shutdown.clone()));
         within("the schedule to load", health.wait_schedule_loaded()).await;
@@ -141,8 +144,21 @@ impl TestApp {
             shutdown,
             dir,
             db,
+            faults,
             task: Some(task),
         }
+    }
+
+    /// The metrics text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
     }
 
     /// Graceful stop; returns once the app has finished.
@@ -451,4 +467,33 @@ impl Binary {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = client().get(self.url(path)).send().await.expect("GET");
+        read(r).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = client()
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        read(r).await
+    }
+}
+
+/// The value of the metric sample `series` (name with labels, exactly as
+/// exposed) in a Prometheus text exposition.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
+/// Whether a process is gone or exited (a zombie awaiting its reaper).
+pub fn process_dead(pid: i32) -> bool {
+    cronguard::procfs::read(pid).is_none_or(|p| p.is_zombie())
 }

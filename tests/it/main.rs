@@ -8,3 +8,4 @@ mod commands;
 mod openapi;
 mod restart;
 mod scheduling;
+mod supervision;

@@ -1,0 +1,430 @@
+//! Supervision and orphans: the seed's failure made impossible to miss.
+//! Real processes, real signals; loops made to hang or panic through the
+//! `fault-injection` hooks.
+
+use std::time::{Duration, Instant};
+
+use cronguard::fault::Fault;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+fn yearly() -> Value {
+    json!({"kind": "cron", "expr": "0 0 1 1 *"})
+}
+
+fn command_job(name: &str, script: &str, schedule: Value) -> Value {
+    json!({
+        "name": name,
+        "schedule": schedule,
+        "action": {"kind": "command", "program": "sh", "args": ["-c", script]},
+        "policy": {"kill_grace": "1s"},
+    })
+}
+
+/// Polls `/livez` until it fails; returns the verbose report and how long
+/// it took.
+async fn livez_turns_red(get: impl AsyncFn() -> (reqwest::StatusCode, Value)) -> (Value, Duration) {
+    let started = Instant::now();
+    let report = eventually("/livez to fail", || async {
+        let (status, report) = get().await;
+        (status == 503).then_some(report)
+    })
+    .await;
+    (report, started.elapsed())
+}
+
+fn failing_loops(report: &Value) -> Vec<String> {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_hung_engine_or_reaper_fails_liveness_naming_the_loop() {
+    for (target, reaper_interval) in [("engine", "10s"), ("reaper", "200ms")] {
+        let mut options = Options::default();
+        options.settings.loop_stale_after = Some("2s".into());
+        options.settings.reaper_interval = Some(reaper_interval.into());
+        let app = TestApp::start(options).await;
+        let (status, _) = app.get("/livez").await;
+        assert_eq!(status, 200);
+
+        app.faults.arm(target, Fault::Hang);
+        let (report, took) = livez_turns_red(async || app.get("/livez?verbose").await).await;
+        assert_eq!(failing_loops(&report), [format!("loop:{target}")], "{report}");
+        let check = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["ok"] == false)
+            .unwrap();
+        assert!(
+            check["reason"].as_str().unwrap().contains("stuck or dead"),
+            "{check}"
+        );
+        let threshold = check["threshold"].as_f64().unwrap();
+        assert!(
+            took < Duration::from_secs_f64(threshold + 5.0),
+            "{target}: red after {took:?}, threshold {threshold}s"
+        );
+        let (status, body) = app.get("/livez").await;
+        assert_eq!(status, 503);
+        assert!(
+            body.as_str().unwrap().contains(&format!("loop:{target}")),
+            "{body}"
+        );
+        // Readiness is about traffic, not liveness: it stays green.
+        let (status, _) = app.get("/readyz").await;
+        assert_eq!(status, 200);
+        app.faults.clear();
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_engine_restarts_is_counted_and_jobs_keep_firing() {
+    let mut receiver = Receiver::start().await;
+    let app = TestApp::spawn().await;
+    app.create(http_job("tick", every_second(), &receiver.url("/tick")))
+        .await;
+    receiver.next_on("/tick").await;
+
+    app.faults.arm("engine", Fault::Panic);
+    let metrics = eventually("the engine restart to be counted", || async {
+        let m = app.metrics().await;
+        (sample(&m, "cronguard_loop_restarts_total{loop=\"engine\"}") == Some(1.0)).then_some(m)
+    })
+    .await;
+    assert_eq!(
+        sample(&metrics, "cronguard_loop_healthy{loop=\"engine\"}"),
+        Some(1.0)
+    );
+
+    // Fires continue after the restart, without duplicates.
+    receiver.drain();
+    let a = receiver.next_on("/tick").await.scheduled_at();
+    let b = receiver.next_on("/tick").await.scheduled_at();
+    assert!(b > a);
+    let (status, _) = app.get("/livez").await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_panicking_action_is_a_failed_run_and_nothing_else() {
+    let app = TestApp::spawn().await;
+    app.create(json!({
+        "name": "boom",
+        "schedule": yearly(),
+        "action": {"kind": "test", "panic": "the action blew up"},
+    }))
+    .await;
+    let (_, run) = app.post_empty("/v1/jobs/boom/trigger").await;
+    let run = app.final_run(run["id"].as_str().unwrap()).await;
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["error"].as_str().unwrap().contains("the action blew up"),
+        "{run}"
+    );
+    // The service is unaffected: it still answers and runs jobs.
+    let (_, again) = app.post_empty("/v1/jobs/boom/trigger").await;
+    assert_eq!(
+        app.final_run(again["id"].as_str().unwrap()).await["status"],
+        "failed"
+    );
+    let (status, _) = app.get("/livez").await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_timed_out_command_takes_its_whole_process_group_with_it() {
+    let app = TestApp::start(Options::commands()).await;
+    let mut spec = command_job("sleepy", "sleep 300 & sleep 300; wait", yearly());
+    spec["action"]["timeout"] = json!("1s");
+    app.create(spec).await;
+    let (_, run) = app.post_empty("/v1/jobs/sleepy/trigger").await;
+    let run = app.final_run(run["id"].as_str().unwrap()).await;
+    assert_eq!(run["status"], "timed_out", "{run}");
+    let pgid = run["pgid"].as_i64().unwrap() as i32;
+    let members: Vec<_> = cronguard::procfs::all()
+        .into_iter()
+        .filter(|p| p.pgid == pgid && !p.is_zombie())
+        .collect();
+    assert!(
+        members.is_empty(),
+        "process group {pgid} still has members: {members:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_daemonized_grandchild_is_found_as_a_stray_and_reaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = Binary::start(
+        dir.path(),
+        &["--enable-command-jobs", "--reaper-interval", "300ms"],
+    )
+    .await;
+    let (status, _) = service
+        .post(
+            "/v1/jobs",
+            // Start a grandchild in its own session and report its pid once
+            // setsid took effect (field 6 of /proc/PID/stat is the session).
+            command_job(
+                "daemon",
+                "setsid sleep 300 & until [ \"$(cut -d' ' -f6 /proc/$!/stat)\" = \"$!\" ]; do :; done; echo $!",
+                yearly(),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, run) = service.post("/v1/jobs/daemon/trigger", json!(null)).await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let run = eventually("the run to end", || async {
+        let (_, r) = service.get(&format!("/v1/runs/{id}")).await;
+        (r["status"] != "running").then_some(r)
+    })
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let grandchild: i32 = run["output"].as_str().unwrap().trim().parse().unwrap();
+
+    let finding = eventually("the stray to be found", || async {
+        let (_, report) = service.get("/v1/orphans").await;
+        report["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["pid"] == grandchild)
+            .cloned()
+    })
+    .await;
+    assert_eq!(finding["kind"], "stray_process");
+    assert_eq!(finding["remedy"], "killed");
+    assert_eq!(finding["run"], json!(id));
+    eventually("the grandchild to be gone, not a zombie", || async {
+        cronguard::procfs::read(grandchild).is_none().then_some(())
+    })
+    .await;
+    let (_, metrics) = service.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert_eq!(
+        sample(
+            &metrics,
+            "cronguard_orphans_detected_total{kind=\"stray_process\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&metrics, "cronguard_stray_processes_killed_total"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn kill_9_leaves_no_child_alive_and_the_next_start_accounts_for_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--enable-command-jobs", "--shutdown-grace", "1s"];
+    let mut first = Binary::start(dir.path(), &args).await;
+    for i in 0..5 {
+        let (status, _) = first
+            .post(
+                "/v1/jobs",
+                command_job(&format!("long{i}"), "sleep 300", every_second()),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let runs = eventually("5 runs with their processes", || async {
+        let (_, page) = first.get("/v1/runs?status=running").await;
+        let runs: Vec<Value> = page["items"].as_array().unwrap().clone();
+        (runs.len() == 5 && runs.iter().all(|r| r["pid"].is_i64())).then_some(runs)
+    })
+    .await;
+    let pids: Vec<i32> = runs.iter().map(|r| r["pid"].as_i64().unwrap() as i32).collect();
+    let run_ids: Vec<cronguard::run::RunId> = runs
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    // The recorded leaders are shims; the `sleep`s are their grandchildren.
+    assert!(
+        run_ids
+            .iter()
+            .all(|id| cronguard::procfs::by_run().contains_key(id))
+    );
+
+    first.signal(Signal::SIGKILL);
+    first.wait().await;
+    let killed_at = Instant::now();
+    eventually("every child of the killed service to die", || async {
+        let survivors = cronguard::procfs::by_run();
+        (pids.iter().all(|pid| process_dead(*pid)) && run_ids.iter().all(|id| !survivors.contains_key(id)))
+            .then_some(())
+    })
+    .await;
+    let took = killed_at.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "children outlived the service by {took:?}"
+    );
+
+    let second = Binary::start(dir.path(), &args).await;
+    for run in &runs {
+        let (_, r) = second
+            .get(&format!("/v1/runs/{}", run["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(r["status"], "orphaned", "{r}");
+    }
+    let (_, metrics) = second.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert_eq!(
+        sample(
+            &metrics,
+            "cronguard_orphans_detected_total{kind=\"previous_incarnation\"}"
+        ),
+        Some(5.0)
+    );
+    // The jobs fire again: a new live run for each, in the new incarnation.
+    eventually("the jobs to fire again", || async {
+        let (_, page) = second.get("/v1/runs?status=running").await;
+        (page["items"].as_array().unwrap().len() == 5).then_some(())
+    })
+    .await;
+}
+
+/// A run row naming a live process that is not the service's child, as if
+/// an earlier incarnation had started it.
+async fn foreign_orphan(dir: &std::path::Path, policy: &str) -> (Binary, std::process::Child, String) {
+    let mut first = Binary::start(dir, &[]).await;
+    let (_, job) = first
+        .post("/v1/jobs", http_job("victim", yearly(), "http://127.0.0.1:9/"))
+        .await;
+    first.signal(Signal::SIGTERM);
+    assert_eq!(first.wait().await, Some(0));
+
+    let mut sleeper = std::process::Command::new("sleep");
+    std::os::unix::process::CommandExt::process_group(&mut sleeper, 0);
+    let sleeper = sleeper.arg("300").spawn().unwrap();
+    let pid = sleeper.id() as i32;
+    let ticks = cronguard::procfs::read(pid).unwrap().start_ticks;
+    let run_id = uuid::Uuid::now_v7().to_string();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.join("cronguard.db").display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO runs (id, job_id, job_name, scheduled_at, status, trigger, created_at, started_at, attempts, \
+         pid, pgid, process_start_ticks, incarnation) VALUES (?, ?, 'victim', 0, 'running', 'manual', 0, 0, 1, ?, ?, ?, ?)",
+    )
+    .bind(&run_id)
+    .bind(job["id"].as_str().unwrap())
+    .bind(pid)
+    .bind(pid)
+    .bind(ticks as i64)
+    .bind(uuid::Uuid::now_v7().to_string())
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let second = Binary::start(dir, &["--orphan-policy", policy]).await;
+    (second, sleeper, run_id)
+}
+
+#[tokio::test]
+async fn a_previous_incarnations_live_process_is_killed_or_reported_by_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, mut sleeper, run_id) = foreign_orphan(dir.path(), "kill").await;
+    let pid = sleeper.id() as i32;
+    let (_, run) = service.get(&format!("/v1/runs/{run_id}")).await;
+    assert_eq!(run["status"], "orphaned");
+    let status = within("the orphan to be killed", async {
+        tokio::task::spawn_blocking(move || sleeper.wait()).await
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    let (_, report) = service.get("/v1/orphans").await;
+    let finding = &report["recent"][0];
+    assert_eq!(
+        (finding["kind"].as_str(), finding["remedy"].as_str()),
+        (Some("previous_incarnation"), Some("killed"))
+    );
+    assert_eq!(finding["pid"], pid);
+    drop(service);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (service, mut sleeper, run_id) = foreign_orphan(dir.path(), "report").await;
+    let pid = sleeper.id() as i32;
+    let (_, run) = service.get(&format!("/v1/runs/{run_id}")).await;
+    assert_eq!(run["status"], "orphaned");
+    assert!(!process_dead(pid), "policy `report` leaves the process alone");
+    let (_, report) = service.get("/v1/orphans").await;
+    assert_eq!(report["current"][0]["pid"], pid, "{report}");
+    assert_eq!(report["current"][0]["remedy"], "reported");
+    let (_, metrics) = service.get("/metrics").await;
+    assert_eq!(
+        sample(
+            metrics.as_str().unwrap(),
+            "cronguard_orphans{kind=\"previous_incarnation\"}"
+        ),
+        Some(1.0)
+    );
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_drains_within_grace_and_records_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Binary::start(dir.path(), &["--enable-command-jobs", "--shutdown-grace", "2s"]).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        // Ignores SIGTERM: only the SIGKILL after the kill grace ends it.
+        let (status, _) = service
+            .post(
+                "/v1/jobs",
+                command_job(&format!("stubborn{i}"), "trap '' TERM; sleep 300", yearly()),
+            )
+            .await;
+        assert_eq!(status, 201);
+        let (_, run) = service
+            .post(&format!("/v1/jobs/stubborn{i}/trigger"), json!(null))
+            .await;
+        ids.push(run["id"].as_str().unwrap().to_owned());
+    }
+    eventually("the runs to have processes", || async {
+        let (_, page) = service.get("/v1/runs?status=running").await;
+        let items = page["items"].as_array().unwrap();
+        (items.len() == 3 && items.iter().all(|r| r["pid"].is_i64())).then_some(())
+    })
+    .await;
+
+    let started = Instant::now();
+    service.signal(Signal::SIGTERM);
+    assert_eq!(service.wait().await, Some(0));
+    let took = started.elapsed();
+    // shutdown_grace 2s + kill_grace 1s + 1s.
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", service.db.display()))
+        .await
+        .unwrap();
+    for id in ids {
+        let (status, reason): (String, Option<String>) =
+            sqlx::query_as("SELECT status, reason FROM runs WHERE id = ?")
+                .bind(&id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            (status.as_str(), reason.as_deref()),
+            ("cancelled", Some("shutdown"))
+        );
+    }
+}
