@@ -428,7 +428,11 @@ impl Action {
             Self::Http(a) => a.timeout,
             Self::Command(a) => a.timeout,
             #[cfg(feature = "fault-injection")]
-            Self::Test(_) => MAX_TIMEOUT,
+            Self::Test(spec) => spec
+                .timeout
+                .as_deref()
+                .and_then(|t| humantime::parse_duration(t).ok())
+                .unwrap_or(MAX_TIMEOUT),
         }
     }
 }

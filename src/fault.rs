@@ -87,6 +87,10 @@ mod enabled {
         /// Ignore cancellation while sleeping (a stuck task).
         #[serde(default)]
         pub ignore_cancel: bool,
+        /// The attempt timeout the supervisor assumes (not enforced by
+        /// the test action itself, which is what makes it "stuck").
+        #[serde(default)]
+        pub timeout: Option<String>,
     }
 
     /// Runs the test action.

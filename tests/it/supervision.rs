@@ -428,3 +428,140 @@ async fn sigterm_drains_within_grace_and_records_every_run() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_reaper_finds_runs_without_tasks_and_tasks_without_runs() {
+    use cronguard::clock::{Clock, ManualClock};
+    let clock = ManualClock::new(t0());
+    let mut options = Options::manual_clock(&clock);
+    options.settings.reaper_interval = Some("100ms".into());
+    let app = TestApp::start(options).await;
+
+    // Kind 3, stuck: a run that ignores cancellation past deadline + grace.
+    app.create(json!({
+        "name": "stuck",
+        "schedule": yearly(),
+        "action": {"kind": "test", "sleep": "10h", "ignore_cancel": true, "timeout": "1m"},
+        "policy": {"kill_grace": "1s"},
+    }))
+    .await;
+    let (_, stuck) = app.post_empty("/v1/jobs/stuck/trigger").await;
+    let stuck_id = stuck["id"].as_str().unwrap().to_owned();
+    clock.advance(Duration::from_secs(120));
+    let run = app.final_run(&stuck_id).await;
+    assert_eq!(run["status"], "timed_out", "{run}");
+    assert!(
+        run["error"].as_str().unwrap().contains("ignored cancellation"),
+        "{run}"
+    );
+
+    // Kind 3, run gone: the job (and its history) is deleted under a run
+    // that ignores its cancellation.
+    app.create(json!({
+        "name": "doomed",
+        "schedule": yearly(),
+        "action": {"kind": "test", "sleep": "10h", "ignore_cancel": true},
+    }))
+    .await;
+    let (_, doomed) = app.post_empty("/v1/jobs/doomed/trigger").await;
+    let doomed_id = doomed["id"].as_str().unwrap().to_owned();
+    let r = app
+        .client
+        .delete(app.url("/v1/jobs/doomed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+
+    // Kind 2: a row says running in this incarnation, but no task owns it.
+    let (_, job) = app.get("/v1/jobs/stuck").await;
+    let ghost = uuid::Uuid::now_v7().to_string();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.db.display()))
+        .await
+        .unwrap();
+    let (incarnation,): (String,) = sqlx::query_as("SELECT id FROM incarnations WHERE stopped_at IS NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO runs (id, job_id, job_name, scheduled_at, status, trigger, created_at, attempts, incarnation) \
+         VALUES (?, ?, 'stuck', 1, 'running', 'manual', 1, 1, ?)",
+    )
+    .bind(&ghost)
+    .bind(job["id"].as_str().unwrap())
+    .bind(&incarnation)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let report = eventually("the reaper to report every kind", || async {
+        let (_, report) = app.get("/v1/orphans").await;
+        let recent = report["recent"].as_array().unwrap().clone();
+        let has = |kind: &str, run: &str| recent.iter().any(|f| f["kind"] == kind && f["run"] == run);
+        (has("task_without_run", &stuck_id)
+            && has("task_without_run", &doomed_id)
+            && has("run_without_task", &ghost))
+        .then_some(report)
+    })
+    .await;
+    assert_eq!(report["current"], json!([]));
+    let (_, ghost_run) = app.get(&format!("/v1/runs/{ghost}")).await;
+    assert_eq!(ghost_run["status"], "orphaned");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "cronguard_orphans_detected_total{kind=\"task_without_run\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "cronguard_orphans_detected_total{kind=\"run_without_task\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(clock.now(), t0() + chrono::TimeDelta::seconds(120));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_signal_kills_every_run_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Binary::start(dir.path(), &["--enable-command-jobs", "--shutdown-grace", "60s"]).await;
+    let (status, _) = service
+        .post(
+            "/v1/jobs",
+            command_job("stubborn", "trap '' TERM; sleep 300", yearly()),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, run) = service.post("/v1/jobs/stubborn/trigger", json!(null)).await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let pid = eventually("the run's process", || async {
+        let (_, r) = service.get(&format!("/v1/runs/{id}")).await;
+        r["pid"].as_i64()
+    })
+    .await as i32;
+
+    let started = Instant::now();
+    service.signal(Signal::SIGTERM);
+    service.log_line("SIGTERM received").await;
+    service.signal(Signal::SIGTERM);
+    assert_eq!(service.wait().await, Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the 60s grace was not skipped"
+    );
+    assert!(process_dead(pid));
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", service.db.display()))
+        .await
+        .unwrap();
+    let (status,): (String,) = sqlx::query_as("SELECT status FROM runs WHERE id = ?")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "cancelled");
+}
