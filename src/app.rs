@@ -18,12 +18,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::action::ActionPolicy;
 use crate::api::{self, ApiContext, HttpLimits};
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineContext};
 use crate::executor::{Executor, ExecutorConfig};
 use crate::fault::Faults;
 use crate::health::Health;
@@ -139,7 +140,7 @@ impl App {
             orphans,
         } = self;
         let stale = config.loop_stale_after;
-        let writer = tokio::spawn(writer.run(health.heartbeat("store_writer", stale)));
+        let writer = tokio::spawn(writer.run(health.heartbeat("store_writer", stale), metrics.clone()));
 
         store.register_incarnation(incarnation, clock.now()).await?;
         crate::orphans::reconcile_previous_incarnations(
@@ -187,6 +188,8 @@ impl App {
             actions: ActionPolicy {
                 commands_enabled: config.enable_command_jobs,
             },
+            incarnation,
+            started_at: clock.now(),
         });
         let router = api::router(
             ctx,
@@ -199,29 +202,36 @@ impl App {
 
         let stop = shutdown.stop.clone();
         let budget = RestartBudget::default();
-        let server = {
-            let health = health.clone();
-            let stop = stop.clone();
-            axum::serve(listener, router).with_graceful_shutdown(async move {
-                stop.cancelled().await;
-                health.set_shutting_down();
-            })
+        // The HTTP server outlives the drain: while runs finish, `/readyz`
+        // answers 503 (load balancers stop sending traffic) and the API
+        // still answers reads. It stops once every run is recorded.
+        let http_stop = CancellationToken::new();
+        let server =
+            axum::serve(listener, router).with_graceful_shutdown(http_stop.clone().cancelled_owned());
+        let readiness = async {
+            stop.cancelled().await;
+            health.set_shutting_down();
+            tracing::info!("shutting down: readiness is failing, draining runs");
         };
 
         // The engine: rebuilt from the store on every (re)start; the change
         // feed outlives its incarnations.
         let changes = Arc::new(tokio::sync::Mutex::new(changes));
         let engine_beat = health.heartbeat("engine", stale);
+        let engine_ctx = EngineContext {
+            store: store.clone(),
+            clock: clock.clone(),
+            supervisor: handle.clone(),
+            health: health.clone(),
+            metrics: metrics.clone(),
+            interval: config.engine_tick,
+        };
         let engine = supervise(engine_beat.clone(), metrics.clone(), budget, stop.clone(), || {
-            let (store, clock, handle, health) =
-                (store.clone(), clock.clone(), handle.clone(), health.clone());
-            let (beat, changes, stop, faults) =
-                (engine_beat.clone(), changes.clone(), stop.clone(), faults.clone());
-            let tick = config.engine_tick;
+            let (ctx, beat, changes) = (engine_ctx.clone(), engine_beat.clone(), changes.clone());
+            let (stop, faults) = (stop.clone(), faults.clone());
             async move {
                 let mut changes = changes.lock().await;
-                let mut engine = Engine::new(store, clock, handle, health, beat, tick);
-                engine.run(&mut changes, &stop, &faults).await
+                Engine::new(ctx, beat).run(&mut changes, &stop, &faults).await
             }
         });
 
@@ -265,20 +275,20 @@ impl App {
             async move { reaper.run(&stop, &beat, &faults).await }
         });
 
-        let (served, (), (), ()) = tokio::join!(
-            async { server.await.map_err(AppError::Serve) },
-            engine,
-            supervising,
-            reaping
-        );
-        supervisor.lock().await.drain(shutdown.kill.clone()).await;
+        let stopping = async {
+            tokio::join!(readiness, engine, supervising, reaping);
+            supervisor.lock().await.drain(shutdown.kill.clone()).await;
+            http_stop.cancel();
+        };
+        let (served, ()) = tokio::join!(async { server.await.map_err(AppError::Serve) }, stopping);
         drop((handle, reaper));
 
         if let Err(e) = store.stop_incarnation(incarnation, clock.now()).await {
             tracing::warn!(error = %e, "could not record the stop of this incarnation");
         }
-        drop(store);
-        drop(supervisor);
+        if let Err(e) = store.close().await {
+            tracing::warn!(error = %e, "closing the store failed");
+        }
         match tokio::time::timeout(Duration::from_secs(10), writer).await {
             Ok(_) => {}
             Err(_) => tracing::error!("the database writer did not finish within 10s"),

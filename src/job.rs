@@ -115,6 +115,11 @@ pub struct JobSpec {
     /// Create paused; on replace, omit to keep the current state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<bool>,
+    /// Export this job's own metric series (last success, last failure,
+    /// expected-by deadline) for a per-job dead man's switch. Off by
+    /// default to keep the metric cardinality bounded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub monitor: bool,
 }
 
 fn is_default_policy(p: &PolicySpec) -> bool {

@@ -1,26 +1,41 @@
 //! Every metric the service exports, declared in one place with its help
 //! text (`docs/observability.md` lists them).
 //!
-//! Label sets are bounded: statuses, triggers and reasons are closed enums;
-//! nothing is labelled by job unless the job opts in.
+//! Names carry the `cronguard_` prefix and a unit suffix. Label sets are
+//! bounded: statuses, triggers, reasons, loops and orphan kinds are closed
+//! sets, routes are templates, methods and status classes are folded;
+//! nothing is labelled by job unless the job opts in (`monitor: true`).
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::run::{Reason, RunStatus, Trigger};
 
+const NS: &str = "cronguard";
+
 /// The service's metrics and the registry that exports them.
 pub struct Metrics {
     registry: Registry,
+    // Fires and runs.
     runs_started: IntCounterVec,
     runs_finished: IntCounterVec,
     runs_running: IntGauge,
     fires_not_run: IntCounterVec,
     fire_lateness: Histogram,
     run_duration: Histogram,
+    // Jobs.
+    jobs: IntGaugeVec,
+    next_fire: Gauge,
+    job_last_success: GaugeVec,
+    job_last_failure: GaugeVec,
+    job_expected_by: GaugeVec,
+    // Supervision.
     loop_heartbeat: GaugeVec,
     loop_restarts: IntCounterVec,
     loop_healthy: IntGaugeVec,
@@ -28,6 +43,14 @@ pub struct Metrics {
     orphans_current: IntGaugeVec,
     strays_killed: IntCounter,
     zombies_reaped: IntCounter,
+    // Store.
+    commit_seconds: Histogram,
+    commit_errors: IntCounter,
+    writer_queue: IntGauge,
+    database_size: IntGauge,
+    // HTTP server.
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -36,46 +59,31 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-const NS: &str = "cronguard";
-
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help).namespace(NS), labels)
-        .unwrap_or_else(|e| unreachable!("static metric definition {name}: {e}"));
-    r.register(Box::new(c.clone()))
-        .unwrap_or_else(|e| unreachable!("metric {name} registered twice: {e}"));
-    c
+/// Registers `metric` (a static definition: failure is a programming error).
+fn reg<T: Collector + Clone + 'static>(r: &Registry, metric: Result<T, prometheus::Error>) -> T {
+    let metric = metric.unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+    r.register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| unreachable!("metric registered twice: {e}"));
+    metric
 }
 
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-    let g = GaugeVec::new(Opts::new(name, help).namespace(NS), labels)
-        .unwrap_or_else(|e| unreachable!("static metric definition {name}: {e}"));
-    r.register(Box::new(g.clone()))
-        .unwrap_or_else(|e| unreachable!("metric {name} registered twice: {e}"));
-    g
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(NS)
 }
 
-fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help).namespace(NS), labels)
-        .unwrap_or_else(|e| unreachable!("static metric definition {name}: {e}"));
-    r.register(Box::new(g.clone()))
-        .unwrap_or_else(|e| unreachable!("metric {name} registered twice: {e}"));
-    g
+fn hopts(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
+    HistogramOpts::new(name, help)
+        .namespace(NS)
+        .buckets(buckets.to_vec())
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::with_opts(Opts::new(name, help).namespace(NS))
-        .unwrap_or_else(|e| unreachable!("static metric definition {name}: {e}"));
-    r.register(Box::new(c.clone()))
-        .unwrap_or_else(|e| unreachable!("metric {name} registered twice: {e}"));
-    c
-}
+/// Latency buckets from 0.5 ms to 60 s.
+const LATENCY: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
-fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).namespace(NS).buckets(buckets))
-        .unwrap_or_else(|e| unreachable!("static metric definition {name}: {e}"));
-    r.register(Box::new(h.clone()))
-        .unwrap_or_else(|e| unreachable!("metric {name} registered twice: {e}"));
-    h
+fn unix_seconds(t: DateTime<Utc>) -> f64 {
+    t.timestamp_millis() as f64 / 1000.0
 }
 
 impl Metrics {
@@ -83,113 +91,231 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
-        let runs_started = counter_vec(
+        let build = reg(
             r,
-            "runs_started_total",
-            "Runs whose action started, by trigger.",
-            &["trigger"],
+            IntGaugeVec::new(
+                opts(
+                    "build_info",
+                    "Build of the running binary; the value is always 1.",
+                ),
+                &["version", "revision"],
+            ),
         );
-        let runs_finished = counter_vec(
-            r,
-            "runs_finished_total",
-            "Runs that reached a final status after starting, by status and trigger.",
-            &["status", "trigger"],
-        );
-        let runs_running =
-            IntGauge::with_opts(Opts::new("runs_running", "Runs executing now.").namespace(NS))
-                .unwrap_or_else(|e| unreachable!("runs_running: {e}"));
-        r.register(Box::new(runs_running.clone()))
-            .unwrap_or_else(|e| unreachable!("runs_running: {e}"));
-        let fires_not_run = counter_vec(
-            r,
-            "fires_not_run_total",
-            "Fires recorded without running, by status (skipped, missed) and reason.",
-            &["status", "reason"],
-        );
-        let fire_lateness = histogram(
-            r,
-            "fire_lateness_seconds",
-            "Actual start of a scheduled run minus its due instant (scheduled time plus jitter).",
-            vec![
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                60.0,
-            ],
-        );
-        let run_duration = histogram(
-            r,
-            "run_duration_seconds",
-            "Duration of runs from start to final status.",
-            vec![
-                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
-            ],
-        );
-        let build = IntGaugeVec::new(
-            Opts::new(
-                "build_info",
-                "Build of the running binary; the value is always 1.",
-            )
-            .namespace(NS),
-            &["version"],
-        )
-        .unwrap_or_else(|e| unreachable!("build_info: {e}"));
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        r.register(Box::new(build))
-            .unwrap_or_else(|e| unreachable!("build_info: {e}"));
-        let loop_heartbeat = gauge_vec(
-            r,
-            "loop_heartbeat_timestamp_seconds",
-            "Unix time of each internal loop's last heartbeat.",
-            &["loop"],
-        );
-        let loop_restarts = counter_vec(
-            r,
-            "loop_restarts_total",
-            "Restarts of internal loops after a panic, an error or an early return.",
-            &["loop"],
-        );
-        let loop_healthy = int_gauge_vec(
-            r,
-            "loop_healthy",
-            "1 while the loop's heartbeat is within its threshold and its restart budget holds, else 0.",
-            &["loop"],
-        );
-        let orphans_detected = counter_vec(
-            r,
-            "orphans_detected_total",
-            "Orphaned work found, by kind (previous_incarnation, run_without_task, task_without_run, stray_process).",
-            &["kind"],
-        );
-        let orphans_current = int_gauge_vec(
-            r,
-            "orphans",
-            "Orphans present now and not cleaned up (e.g. processes left alive under orphan policy `report`), by kind.",
-            &["kind"],
-        );
-        let strays_killed = counter(
-            r,
-            "stray_processes_killed_total",
-            "Processes killed because they belonged to no live run.",
-        );
-        let zombies_reaped = counter(
-            r,
-            "zombies_reaped_total",
-            "Exited descendants reparented to the service (child subreaper) and reaped.",
-        );
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("CRONGUARD_GIT_REVISION")])
+            .set(1);
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, NS);
+            r.register(Box::new(process))
+                .unwrap_or_else(|e| unreachable!("process collector: {e}"));
+        }
         Self {
+            runs_started: reg(
+                r,
+                IntCounterVec::new(
+                    opts("runs_started_total", "Runs whose action started, by trigger."),
+                    &["trigger"],
+                ),
+            ),
+            runs_finished: reg(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "runs_finished_total",
+                        "Runs that reached a final status after starting, by status and trigger.",
+                    ),
+                    &["status", "trigger"],
+                ),
+            ),
+            runs_running: reg(
+                r,
+                IntGauge::with_opts(opts("runs_running", "Runs executing now.")),
+            ),
+            fires_not_run: reg(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "fires_not_run_total",
+                        "Fires recorded without running, by status (skipped, missed) and reason.",
+                    ),
+                    &["status", "reason"],
+                ),
+            ),
+            fire_lateness: reg(
+                r,
+                Histogram::with_opts(hopts(
+                    "fire_lateness_seconds",
+                    "Actual start of a scheduled run minus its due instant (scheduled time plus jitter).",
+                    LATENCY,
+                )),
+            ),
+            run_duration: reg(
+                r,
+                Histogram::with_opts(hopts(
+                    "run_duration_seconds",
+                    "Duration of runs from start to final status.",
+                    &[
+                        0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+                    ],
+                )),
+            ),
+            jobs: reg(
+                r,
+                IntGaugeVec::new(
+                    opts("jobs", "Registered jobs by state (active, paused)."),
+                    &["state"],
+                ),
+            ),
+            next_fire: reg(
+                r,
+                Gauge::with_opts(opts(
+                    "next_fire_timestamp_seconds",
+                    "Unix time of the soonest pending fire (0 when none).",
+                )),
+            ),
+            job_last_success: reg(
+                r,
+                GaugeVec::new(
+                    opts(
+                        "job_last_success_timestamp_seconds",
+                        "Unix time of the last successful run of each job with `monitor: true`.",
+                    ),
+                    &["job"],
+                ),
+            ),
+            job_last_failure: reg(
+                r,
+                GaugeVec::new(
+                    opts(
+                        "job_last_failure_timestamp_seconds",
+                        "Unix time of the last unsuccessful run of each job with `monitor: true`.",
+                    ),
+                    &["job"],
+                ),
+            ),
+            job_expected_by: reg(
+                r,
+                GaugeVec::new(
+                    opts(
+                        "job_expected_by_timestamp_seconds",
+                        "For jobs with `monitor: true`: the next fire plus its misfire grace. Past it \
+                         without the value moving on, the job is overdue.",
+                    ),
+                    &["job"],
+                ),
+            ),
+            loop_heartbeat: reg(
+                r,
+                GaugeVec::new(
+                    opts(
+                        "loop_heartbeat_timestamp_seconds",
+                        "Unix time of each internal loop's last heartbeat.",
+                    ),
+                    &["loop"],
+                ),
+            ),
+            loop_restarts: reg(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "loop_restarts_total",
+                        "Restarts of internal loops after a panic, an error or an early return.",
+                    ),
+                    &["loop"],
+                ),
+            ),
+            loop_healthy: reg(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "loop_healthy",
+                        "1 while the loop's heartbeat is within its threshold and its restart budget holds, else 0.",
+                    ),
+                    &["loop"],
+                ),
+            ),
+            orphans_detected: reg(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "orphans_detected_total",
+                        "Orphaned work found, by kind (previous_incarnation, run_without_task, task_without_run, \
+                         stray_process).",
+                    ),
+                    &["kind"],
+                ),
+            ),
+            orphans_current: reg(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "orphans",
+                        "Orphans present now and not cleaned up (e.g. processes left alive under orphan policy \
+                         `report`), by kind.",
+                    ),
+                    &["kind"],
+                ),
+            ),
+            strays_killed: reg(
+                r,
+                IntCounter::with_opts(opts(
+                    "stray_processes_killed_total",
+                    "Processes killed because they belonged to no live run.",
+                )),
+            ),
+            zombies_reaped: reg(
+                r,
+                IntCounter::with_opts(opts(
+                    "zombies_reaped_total",
+                    "Exited descendants reparented to the service (child subreaper) and reaped.",
+                )),
+            ),
+            commit_seconds: reg(
+                r,
+                Histogram::with_opts(hopts(
+                    "store_commit_seconds",
+                    "Duration of each group commit of the store writer.",
+                    LATENCY,
+                )),
+            ),
+            commit_errors: reg(
+                r,
+                IntCounter::with_opts(opts("store_commit_errors_total", "Group commits that failed.")),
+            ),
+            writer_queue: reg(
+                r,
+                IntGauge::with_opts(opts("store_writer_queue", "Writes waiting for the store writer.")),
+            ),
+            database_size: reg(
+                r,
+                IntGauge::with_opts(opts(
+                    "database_size_bytes",
+                    "Size of the database file and its write-ahead log.",
+                )),
+            ),
+            http_requests: reg(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "http_requests_total",
+                        "API requests by route template, method and status class.",
+                    ),
+                    &["route", "method", "status"],
+                ),
+            ),
+            http_duration: reg(
+                r,
+                HistogramVec::new(
+                    hopts(
+                        "http_request_duration_seconds",
+                        "API request latency by route template and method.",
+                        LATENCY,
+                    ),
+                    &["route", "method"],
+                ),
+            ),
             registry,
-            loop_heartbeat,
-            loop_restarts,
-            loop_healthy,
-            orphans_detected,
-            orphans_current,
-            strays_killed,
-            zombies_reaped,
-            runs_started,
-            runs_finished,
-            runs_running,
-            fires_not_run,
-            fire_lateness,
-            run_duration,
         }
     }
 
@@ -235,6 +361,51 @@ impl Metrics {
             .inc_by(u64::from(fires));
     }
 
+    /// Registered jobs by state.
+    pub fn set_jobs(&self, active: usize, paused: usize) {
+        self.jobs.with_label_values(&["active"]).set(active as i64);
+        self.jobs.with_label_values(&["paused"]).set(paused as i64);
+    }
+
+    /// The soonest pending fire.
+    pub fn set_next_fire(&self, at: Option<DateTime<Utc>>) {
+        self.next_fire.set(at.map_or(0.0, unix_seconds));
+    }
+
+    /// A monitored job's run ended (`ok`: succeeded).
+    pub fn job_outcome(&self, job: &str, ok: bool, at: DateTime<Utc>) {
+        let family = if ok {
+            &self.job_last_success
+        } else {
+            &self.job_last_failure
+        };
+        family.with_label_values(&[job]).set(unix_seconds(at));
+    }
+
+    /// A monitored job's next deadline.
+    pub fn job_expected_by(&self, job: &str, by: Option<DateTime<Utc>>) {
+        match by {
+            Some(by) => self
+                .job_expected_by
+                .with_label_values(&[job])
+                .set(unix_seconds(by)),
+            None => {
+                let _ = self.job_expected_by.remove_label_values(&[job]);
+            }
+        }
+    }
+
+    /// Drops a job's series (deleted, renamed, or no longer monitored).
+    pub fn forget_job(&self, job: &str) {
+        for family in [
+            &self.job_last_success,
+            &self.job_last_failure,
+            &self.job_expected_by,
+        ] {
+            let _ = family.remove_label_values(&[job]);
+        }
+    }
+
     /// A supervised loop was restarted.
     pub fn loop_restarted(&self, name: &str) {
         self.loop_restarts.with_label_values(&[name]).inc();
@@ -261,8 +432,9 @@ impl Metrics {
         self.orphans_detected.with_label_values(&[kind]).inc();
     }
 
-    /// Sets the current orphans of `kind`.
+    /// Sets the current orphans of `kind` (also creates the detected series).
     pub fn set_orphans(&self, kind: &str, n: usize) {
+        self.orphans_detected.with_label_values(&[kind]);
         self.orphans_current
             .with_label_values(&[kind])
             .set(i64::try_from(n).unwrap_or(i64::MAX));
@@ -278,6 +450,41 @@ impl Metrics {
         self.zombies_reaped.inc();
     }
 
+    /// A group commit finished (or failed) after `took`; `queued` writes wait.
+    pub fn commit(&self, took: Duration, ok: bool, queued: usize) {
+        self.commit_seconds.observe(took.as_secs_f64());
+        if !ok {
+            self.commit_errors.inc();
+        }
+        self.writer_queue.set(i64::try_from(queued).unwrap_or(i64::MAX));
+    }
+
+    /// The database's size on disk.
+    pub fn set_database_size(&self, bytes: u64) {
+        self.database_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// An API request finished.
+    pub fn http_request(&self, route: &str, method: &str, status: u16, took: Duration) {
+        let method = match method {
+            "GET" | "POST" | "PUT" | "DELETE" | "HEAD" | "PATCH" | "OPTIONS" => method,
+            _ => "other",
+        };
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.http_requests
+            .with_label_values(&[route, method, class])
+            .inc();
+        self.http_duration
+            .with_label_values(&[route, method])
+            .observe(took.as_secs_f64());
+    }
+
     /// The registry, for components that register their own families.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -285,7 +492,7 @@ impl Metrics {
 
     /// Renders every family in the Prometheus text format.
     pub fn render(&self) -> Result<String, prometheus::Error> {
-        let mut out = Vec::with_capacity(16 * 1024);
+        let mut out = Vec::with_capacity(32 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(String::from_utf8_lossy(&out).into_owned())
     }

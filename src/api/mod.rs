@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::extract::State;
 use axum::http::StatusCode;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -57,6 +58,10 @@ pub struct ApiContext {
     pub faults: Arc<crate::fault::Faults>,
     /// What actions may do.
     pub actions: ActionPolicy,
+    /// This process's incarnation.
+    pub incarnation: crate::run::Incarnation,
+    /// When this process started.
+    pub started_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// HTTP-level limits.
@@ -141,6 +146,30 @@ pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
     )
     .fallback(|| async { ApiError::NotFound("route") })
     .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+    .layer(axum::middleware::from_fn_with_state(ctx.metrics.clone(), track))
     .with_state(ctx)
     .layer(layers)
+}
+
+/// Counts and times every request by route template (bounded labels:
+/// never the raw path, which carries ids).
+async fn track(
+    State(metrics): State<Arc<Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().clone();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    metrics.http_request(
+        &route,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }

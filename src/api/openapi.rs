@@ -48,6 +48,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiContext>> {
         .routes(routes!(probes::readyz))
         .routes(routes!(probes::metrics))
         .routes(routes!(probes::orphans))
+        .routes(routes!(probes::status))
 }
 
 /// The document as pretty JSON, as committed in `openapi/cronguard.json`.

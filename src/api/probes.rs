@@ -118,10 +118,10 @@ pub async fn livez(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result
     ))]
 pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result<Response, ApiError> {
     let h = &ctx.health;
-    let db = tokio::time::timeout(std::time::Duration::from_secs(2), ctx.store.ping()).await;
+    let db = tokio::time::timeout(std::time::Duration::from_secs(2), ctx.store.check_ready()).await;
     let db_check = match db {
         Ok(Ok(())) => flag("database", true, ""),
-        Ok(Err(e)) => flag("database", false, &format!("database unreachable: {e}")),
+        Ok(Err(e)) => flag("database", false, &format!("database not usable: {e}")),
         Err(_) => flag("database", false, "database did not answer within 2s"),
     };
     let checks = vec![
@@ -146,6 +146,7 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
     responses((status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(ctx): State<Arc<ApiContext>>) -> Result<Response, ApiError> {
     ctx.metrics.observe_loops(&ctx.health);
+    ctx.metrics.set_database_size(ctx.store.size_bytes());
     let text = ctx
         .metrics
         .render()
@@ -183,4 +184,99 @@ pub struct FaultRequest {
     pub target: String,
     /// `hang` or `panic`.
     pub fault: crate::fault::Fault,
+}
+
+/// The service's state in depth (status page, debugging).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Status {
+    /// Version of the binary.
+    pub version: &'static str,
+    /// Git revision it was built from.
+    pub revision: &'static str,
+    /// This process's incarnation.
+    pub incarnation: crate::run::Incarnation,
+    /// When it started.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// Seconds since.
+    pub uptime_seconds: f64,
+    /// Whether `/readyz` would pass its flags (database not checked here).
+    pub ready: bool,
+    /// Whether shutdown began.
+    pub shutting_down: bool,
+    /// Every internal loop: heartbeat age, threshold, restarts.
+    pub loops: Vec<crate::health::LoopCheck>,
+    /// Live runs in this process.
+    pub runs: RunCounts,
+    /// Registered jobs.
+    pub jobs: JobCounts,
+    /// Orphaned work.
+    pub orphans: OrphanCounts,
+    /// The database.
+    pub store: StoreStatus,
+}
+
+/// Live runs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunCounts {
+    /// Executing now.
+    pub running: usize,
+    /// Waiting (overlap queue or the global limit).
+    pub queued: usize,
+}
+
+/// Registered jobs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobCounts {
+    /// Not paused.
+    pub active: u64,
+    /// Paused.
+    pub paused: u64,
+}
+
+/// Orphaned work.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrphanCounts {
+    /// Still present.
+    pub current: usize,
+    /// Found since start (at most the last 1000 are listed at `/v1/orphans`).
+    pub recent: usize,
+}
+
+/// The database.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoreStatus {
+    /// Bytes on disk (file and write-ahead log).
+    pub size_bytes: u64,
+}
+
+/// The service's state: incarnation, uptime, loops, runs, jobs, orphans.
+#[utoipa::path(get, path = "/v1/status", tag = "health",
+    responses((status = 200, description = "Status", body = Status)))]
+pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, ApiError> {
+    let h = &ctx.health;
+    let snapshot = ctx.supervisor.snapshot().await;
+    let (active, paused) = ctx.store.count_jobs().await?;
+    let orphans = ctx.orphans.report();
+    Ok(Json(Status {
+        version: env!("CARGO_PKG_VERSION"),
+        revision: env!("CRONGUARD_GIT_REVISION"),
+        incarnation: ctx.incarnation,
+        started_at: ctx.started_at,
+        uptime_seconds: h.uptime().as_secs_f64(),
+        ready: h.recovered() && h.schedule_loaded() && !h.shutting_down(),
+        shutting_down: h.shutting_down(),
+        loops: h.loop_checks(),
+        runs: RunCounts {
+            running: snapshot.as_ref().map_or(0, |s| s.running.len()),
+            queued: snapshot.as_ref().map_or(0, |s| s.queued.len()),
+        },
+        jobs: JobCounts { active, paused },
+        orphans: OrphanCounts {
+            current: orphans.current.len(),
+            recent: orphans.recent.len(),
+        },
+        store: StoreStatus {
+            size_bytes: ctx.store.size_bytes(),
+        },
+    }))
 }

@@ -27,6 +27,7 @@ use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::{Health, Heartbeat};
 use crate::job::{Job, JobId};
+use crate::metrics::Metrics;
 use crate::run::Reason;
 use crate::store::{JobChange, Store, StoreError};
 use crate::supervisor::{Fire, SupervisorHandle};
@@ -41,37 +42,43 @@ struct Entry {
     next: Option<DateTime<Utc>>,
 }
 
+/// What the engine works with.
+#[derive(Clone)]
+pub struct EngineContext {
+    /// The source of truth.
+    pub store: Store,
+    /// Time.
+    pub clock: SharedClock,
+    /// Where due fires go.
+    pub supervisor: SupervisorHandle,
+    /// Readiness (schedule loaded).
+    pub health: Arc<Health>,
+    /// Job gauges and per-job series of monitored jobs.
+    pub metrics: Arc<Metrics>,
+    /// Longest sleep: the heartbeat period and wall-clock re-read.
+    pub interval: Duration,
+}
+
 /// The engine and its state.
 pub struct Engine {
-    store: Store,
-    clock: SharedClock,
-    supervisor: SupervisorHandle,
-    health: Arc<Health>,
+    ctx: EngineContext,
     heartbeat: Arc<Heartbeat>,
-    interval: Duration,
+    /// Active jobs (some may have no fire left, e.g. a once-job that ran).
     jobs: HashMap<JobId, Entry>,
+    /// Paused jobs, counted and remembered for their metric series.
+    paused: HashMap<JobId, Arc<Job>>,
     heap: BinaryHeap<Reverse<(DateTime<Utc>, u64, JobId)>>,
     generation: u64,
 }
 
 impl Engine {
-    /// An engine with nothing loaded; `interval` bounds every sleep.
-    pub fn new(
-        store: Store,
-        clock: SharedClock,
-        supervisor: SupervisorHandle,
-        health: Arc<Health>,
-        heartbeat: Arc<Heartbeat>,
-        interval: Duration,
-    ) -> Self {
+    /// An engine with nothing loaded.
+    pub fn new(ctx: EngineContext, heartbeat: Arc<Heartbeat>) -> Self {
         Self {
-            store,
-            clock,
-            supervisor,
-            health,
+            ctx,
             heartbeat,
-            interval,
             jobs: HashMap::new(),
+            paused: HashMap::new(),
             heap: BinaryHeap::new(),
             generation: 0,
         }
@@ -90,11 +97,13 @@ impl Engine {
         self.load(changes).await?;
         loop {
             faults.checkpoint(self.heartbeat.name()).await;
-            let now = self.clock.now();
+            let now = self.ctx.clock.now();
             self.fire_due(now);
             self.heartbeat.beat();
-            let idle = now + TimeDelta::from_std(self.interval).unwrap_or(TimeDelta::seconds(1));
-            let wake = self.next_due().map_or(idle, |due| due.min(idle));
+            let next = self.next_due();
+            self.ctx.metrics.set_next_fire(next);
+            let idle = now + TimeDelta::from_std(self.ctx.interval).unwrap_or(TimeDelta::seconds(1));
+            let wake = next.map_or(idle, |due| due.min(idle));
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
@@ -104,10 +113,11 @@ impl Engine {
                         while let Ok(change) = changes.try_recv() {
                             self.apply(change);
                         }
+                        self.publish_counts();
                     }
                     None => return Ok(()),
                 },
-                () = self.clock.sleep_until(wake) => {}
+                () = self.ctx.clock.sleep_until(wake) => {}
             }
         }
     }
@@ -115,31 +125,79 @@ impl Engine {
     /// Replaces the in-memory schedule with the store's and plans each job
     /// from its cursor (downtime catch-up).
     async fn load(&mut self, changes: &mut mpsc::UnboundedReceiver<JobChange>) -> Result<(), StoreError> {
-        self.health.set_schedule_loaded(false);
+        self.ctx.health.set_schedule_loaded(false);
         // Changes committed before the load are in it; drop their notices.
         while changes.try_recv().is_ok() {}
-        let jobs = self.store.load_jobs().await?;
+        let jobs = self.ctx.store.load_jobs().await?;
         self.jobs.clear();
+        self.paused.clear();
         self.heap.clear();
-        let now = self.clock.now();
+        self.restore_monitored(&jobs).await?;
+        let now = self.ctx.clock.now();
         let mut fires = Vec::new();
         let count = jobs.len();
         for job in jobs {
             self.schedule(job, now, Reason::Downtime, &mut fires);
         }
         tracing::info!(jobs = count, due = fires.len(), "schedule loaded");
-        self.supervisor.fire(fires);
-        self.health.set_schedule_loaded(true);
+        self.ctx.supervisor.fire(fires);
+        self.publish_counts();
+        self.ctx.health.set_schedule_loaded(true);
         Ok(())
+    }
+
+    /// Restores the last success and failure of monitored jobs.
+    async fn restore_monitored(&self, jobs: &[Arc<Job>]) -> Result<(), StoreError> {
+        let monitored: Vec<&Arc<Job>> = jobs.iter().filter(|j| j.def.spec.monitor).collect();
+        if monitored.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<JobId> = monitored.iter().map(|j| j.id).collect();
+        let outcomes = self.ctx.store.last_outcomes(&ids).await?;
+        for job in monitored {
+            if let Some((success, failure)) = outcomes.get(&job.id) {
+                if let Some(at) = success {
+                    self.ctx.metrics.job_outcome(job.name(), true, *at);
+                }
+                if let Some(at) = failure {
+                    self.ctx.metrics.job_outcome(job.name(), false, *at);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_counts(&self) {
+        self.ctx.metrics.set_jobs(self.jobs.len(), self.paused.len());
+    }
+
+    /// Forgets a job's per-job series if its name (or monitoring) changes.
+    fn forget_series(&self, old: Option<&Arc<Job>>, new: Option<&Job>) {
+        if let Some(old) = old.filter(|o| o.def.spec.monitor)
+            && new.is_none_or(|n| n.name() != old.name() || !n.def.spec.monitor)
+        {
+            self.ctx.metrics.forget_job(old.name());
+        }
     }
 
     /// Puts `job` on the heap from its cursor; fires due now go to `fires`.
     fn schedule(&mut self, job: Arc<Job>, now: DateTime<Utc>, reason: Reason, fires: &mut Vec<Fire>) {
         let id = job.id;
+        let previous = self
+            .jobs
+            .get(&id)
+            .map(|e| e.job.clone())
+            .or_else(|| self.paused.get(&id).cloned());
+        self.forget_series(previous.as_ref(), Some(&job));
         if job.paused {
             self.jobs.remove(&id);
+            if job.def.spec.monitor {
+                self.ctx.metrics.job_expected_by(job.name(), None);
+            }
+            self.paused.insert(id, job);
             return;
         }
+        self.paused.remove(&id);
         // The engine may be ahead of the stored cursor (fires handed over
         // but not yet committed); never go back behind what it handed over.
         let cursor = self
@@ -183,6 +241,12 @@ impl Engine {
         }
         fires.extend(planned.fires);
         entry.next = planned.next;
+        if entry.job.def.spec.monitor {
+            // A dead man's switch: the next fire plus its grace.
+            let grace = TimeDelta::from_std(entry.job.def.policy.misfire_grace).unwrap_or(TimeDelta::zero());
+            let by = entry.next.map(|n| due_at(&entry.job, n) + grace);
+            self.ctx.metrics.job_expected_by(entry.job.name(), by);
+        }
         if let Some(next) = entry.next {
             self.generation += 1;
             entry.generation = self.generation;
@@ -195,13 +259,18 @@ impl Engine {
         match change {
             JobChange::Upserted(job) => {
                 let mut fires = Vec::new();
-                let now = self.clock.now();
+                let now = self.ctx.clock.now();
                 self.schedule(job, now, Reason::Misfire, &mut fires);
-                self.supervisor.fire(fires);
+                self.ctx.supervisor.fire(fires);
             }
             JobChange::Removed(id) => {
-                self.jobs.remove(&id);
-                self.supervisor.job_removed(id);
+                let previous = self
+                    .jobs
+                    .remove(&id)
+                    .map(|e| e.job)
+                    .or_else(|| self.paused.remove(&id));
+                self.forget_series(previous.as_ref(), None);
+                self.ctx.supervisor.job_removed(id);
             }
         }
     }
@@ -231,11 +300,6 @@ impl Engine {
             };
             self.advance(id, first, now, Reason::Misfire, &mut fires);
         }
-        self.supervisor.fire(fires);
-    }
-
-    /// Number of jobs with a pending fire.
-    pub fn scheduled(&self) -> usize {
-        self.jobs.values().filter(|e| e.next.is_some()).count()
+        self.ctx.supervisor.fire(fires);
     }
 }

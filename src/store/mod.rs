@@ -141,6 +141,9 @@ pub struct Replacement {
     pub now: DateTime<Utc>,
 }
 
+/// When a job last succeeded and last failed.
+pub type LastOutcomes = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 /// A page of results and the cursor for the next one.
 #[derive(Debug, Clone)]
 pub struct Page<T> {
@@ -343,6 +346,15 @@ impl Store {
         self.inner.run_statuses(ids).await
     }
 
+    /// For each job: the end of its last successful run and of its last
+    /// failed or timed-out run.
+    pub async fn last_outcomes(
+        &self,
+        jobs: &[JobId],
+    ) -> Result<std::collections::HashMap<JobId, LastOutcomes>, StoreError> {
+        self.inner.last_outcomes(jobs).await
+    }
+
     /// One run.
     pub async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
         self.inner.get_run(id).await
@@ -372,8 +384,24 @@ impl Store {
             .write(|reply| writer::Op::StopIncarnation { id, at, reply })
     }
 
-    /// Checks that the database answers (readiness).
+    /// Commits every write submitted before, then stops the writer; writes
+    /// submitted after fail with [`StoreError::Closed`].
+    pub fn close(&self) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::Close { reply })
+    }
+
+    /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+
+    /// Readiness: the database file opens afresh and is fully migrated.
+    pub async fn check_ready(&self) -> Result<(), StoreError> {
+        self.inner.check_ready().await
+    }
+
+    /// Bytes the database occupies on disk (file plus write-ahead log).
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
     }
 }

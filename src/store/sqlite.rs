@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{self, JOB_COLUMNS, RUN_COLUMNS};
 use super::writer::{Op, Writer, WriterTask};
-use super::{Ack, JobChange, JobFilter, JobKey, Page, RunFilter, StoreError};
+use super::{Ack, JobChange, JobFilter, JobKey, LastOutcomes, Page, RunFilter, StoreError};
 use std::collections::HashMap;
 
 use crate::job::{Job, JobId};
@@ -93,6 +93,7 @@ impl SqliteOptions {
 pub struct SqliteStore {
     read: SqlitePool,
     writer: mpsc::UnboundedSender<Op>,
+    path: std::path::PathBuf,
 }
 
 impl SqliteStore {
@@ -101,6 +102,7 @@ impl SqliteStore {
         changes: mpsc::UnboundedSender<JobChange>,
     ) -> Result<(Self, WriterTask), StoreError> {
         let connect = options.connect_options()?;
+        let path = connect.get_filename().to_path_buf();
         let mut conn = SqliteConnection::connect_with(&connect).await?;
         MIGRATOR.run(&mut conn).await?;
         let read = SqlitePoolOptions::new()
@@ -111,7 +113,14 @@ impl SqliteStore {
             .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let task = Writer::new(conn, rx, changes).into_task();
-        Ok((Self { read, writer: tx }, task))
+        Ok((
+            Self {
+                read,
+                writer: tx,
+                path,
+            },
+            task,
+        ))
     }
 
     pub(super) async fn migrate_only(options: &SqliteOptions) -> Result<(), StoreError> {
@@ -287,6 +296,74 @@ impl SqliteStore {
             }
         }
         Ok(out)
+    }
+
+    pub(super) async fn last_outcomes(
+        &self,
+        jobs: &[JobId],
+    ) -> Result<HashMap<JobId, LastOutcomes>, StoreError> {
+        let mut out = HashMap::with_capacity(jobs.len());
+        for chunk in jobs.chunks(500) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT job_id, MAX(CASE WHEN status = 'succeeded' THEN ended_at END), \
+                 MAX(CASE WHEN status IN ('failed', 'timed_out') THEN ended_at END) \
+                 FROM runs WHERE job_id IN (",
+            );
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(id.to_string());
+            }
+            q.push(") GROUP BY job_id");
+            let rows: Vec<(String, Option<i64>, Option<i64>)> =
+                q.build_query_as().fetch_all(&self.read).await?;
+            for (id, success, failure) in rows {
+                let id = id
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("job id {id}")))?;
+                let success = success.map(rows::instant).transpose()?;
+                let failure = failure.map(rows::instant).transpose()?;
+                out.insert(id, (success, failure));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes on disk: the database file and its write-ahead log.
+    pub(super) fn size_bytes(&self) -> u64 {
+        let wal = {
+            let mut p = self.path.clone().into_os_string();
+            p.push("-wal");
+            std::path::PathBuf::from(p)
+        };
+        [&self.path, &wal]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Readiness: a *fresh* read-only connection (so a database file that
+    /// became unreadable or vanished is noticed even though the pool's
+    /// connections still hold it open) that finds the schema migrated to
+    /// the version this binary embeds.
+    pub(super) async fn check_ready(&self) -> Result<(), StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(&self.path)
+            .read_only(true)
+            .create_if_missing(false);
+        let mut conn = SqliteConnection::connect_with(&options).await?;
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = 1")
+                .fetch_one(&mut conn)
+                .await?;
+        conn.close().await?;
+        let expected = MIGRATOR.iter().map(|m| m.version).max();
+        if applied != expected {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {applied:?}, this binary needs {expected:?}"
+            )));
+        }
+        Ok(())
     }
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {

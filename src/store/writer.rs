@@ -83,6 +83,10 @@ pub enum Op {
         at: DateTime<Utc>,
         reply: Reply<()>,
     },
+    /// Commit what came before, acknowledge, and stop.
+    Close {
+        reply: Reply<()>,
+    },
     StopIncarnation {
         id: Incarnation,
         at: DateTime<Utc>,
@@ -126,11 +130,16 @@ pub struct Writer {
 pub struct WriterTask(Writer);
 
 impl WriterTask {
-    /// Runs until every [`super::Store`] handle is dropped, committing what
-    /// was queued before; then closes the connection (checkpointing WAL).
+    /// Runs until [`super::Store::close`] (or until every handle is
+    /// dropped), committing what was queued before; then closes the
+    /// connection (checkpointing the WAL). Later writes fail with `Closed`.
     /// Stamps `heartbeat` at least every second, so a commit that hangs
     /// (a stuck disk) shows in liveness.
-    pub async fn run(self, heartbeat: std::sync::Arc<crate::health::Heartbeat>) {
+    pub async fn run(
+        self,
+        heartbeat: std::sync::Arc<crate::health::Heartbeat>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) {
         let mut w = self.0;
         let mut batch = Vec::with_capacity(64);
         loop {
@@ -141,13 +150,19 @@ impl WriterTask {
                 Err(_) => continue,
             };
             batch.push(first);
-            while batch.len() < MAX_BATCH {
+            while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(Op::Close { .. })) {
                 match w.rx.try_recv() {
                     Ok(op) => batch.push(op),
                     Err(_) => break,
                 }
             }
-            w.commit(&mut batch).await;
+            let closing = matches!(batch.last(), Some(Op::Close { .. }));
+            let started = std::time::Instant::now();
+            let ok = w.commit(&mut batch).await;
+            metrics.commit(started.elapsed(), ok, w.rx.len());
+            if closing {
+                break;
+            }
         }
         if let Err(e) = w.conn.close().await {
             tracing::warn!(error = %e, "closing the database connection failed");
@@ -168,7 +183,8 @@ impl Writer {
         WriterTask(self)
     }
 
-    async fn commit(&mut self, batch: &mut Vec<Op>) {
+    /// Applies and commits `batch`; `false` if the commit failed.
+    async fn commit(&mut self, batch: &mut Vec<Op>) -> bool {
         let mut done: Vec<Pending> = Vec::with_capacity(batch.len());
         let outcome = async {
             let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
@@ -188,6 +204,7 @@ impl Writer {
         for d in done {
             d(error.as_deref(), &self.changes);
         }
+        error.is_none()
     }
 }
 
@@ -313,6 +330,7 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op) -> Pending {
                 .map_err(StoreError::from);
             pending(reply, result, None)
         }
+        Op::Close { reply } => pending(reply, Ok(()), None),
     }
 }
 

@@ -173,5 +173,14 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
         Err(e) => tracing::error!(run = %run_id, error = %e, "could not record the end of a run"),
     }
     ctx.metrics.run_finished(trigger, status, started_at, ended_at);
+    if job.def.spec.monitor
+        && matches!(
+            status,
+            RunStatus::Succeeded | RunStatus::Failed | RunStatus::TimedOut
+        )
+    {
+        ctx.metrics
+            .job_outcome(job.name(), status == RunStatus::Succeeded, ended_at);
+    }
     TaskEnd::Finished(status)
 }
