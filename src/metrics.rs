@@ -51,6 +51,11 @@ pub struct Metrics {
     // HTTP server.
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
+    // Control backend.
+    backend_configured: IntGauge,
+    backend_last_attempt: Gauge,
+    backend_last_contact: Gauge,
+    backend_failures: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -315,6 +320,37 @@ impl Metrics {
                     &["route", "method"],
                 ),
             ),
+            backend_configured: reg(
+                r,
+                IntGauge::with_opts(opts(
+                    "backend_configured",
+                    "1 when a control backend is configured (the backend series below are then meaningful).",
+                )),
+            ),
+            backend_last_attempt: reg(
+                r,
+                Gauge::with_opts(opts(
+                    "backend_last_attempt_timestamp_seconds",
+                    "Unix time of the last attempt to contact the control backend (0: never).",
+                )),
+            ),
+            backend_last_contact: reg(
+                r,
+                Gauge::with_opts(opts(
+                    "backend_last_contact_timestamp_seconds",
+                    "Unix time of the last successful contact with the control backend (0: never).",
+                )),
+            ),
+            backend_failures: reg(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "backend_failures_total",
+                        "Failed contacts with the control backend, by reason.",
+                    ),
+                    &["reason"],
+                ),
+            ),
             registry,
         }
     }
@@ -483,6 +519,27 @@ impl Metrics {
         self.http_duration
             .with_label_values(&[route, method])
             .observe(took.as_secs_f64());
+    }
+
+    /// Whether a control backend is configured.
+    pub fn set_backend_configured(&self, configured: bool) {
+        self.backend_configured.set(i64::from(configured));
+    }
+
+    /// An attempt to reach the backend began.
+    pub fn backend_attempt(&self, at: DateTime<Utc>) {
+        self.backend_last_attempt.set(unix_seconds(at));
+    }
+
+    /// The backend answered successfully.
+    pub fn backend_contact(&self, at: DateTime<Utc>) {
+        self.backend_last_contact.set(unix_seconds(at));
+    }
+
+    /// A contact failed (`reason`: a closed set such as `timeout`, `connect`,
+    /// `status_5xx`, `decode`).
+    pub fn backend_failure(&self, reason: &'static str) {
+        self.backend_failures.with_label_values(&[reason]).inc();
     }
 
     /// The registry, for components that register their own families.

@@ -5,6 +5,7 @@ mod helpers;
 
 mod api;
 mod commands;
+mod observability;
 mod openapi;
 mod restart;
 mod scheduling;
