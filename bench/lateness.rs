@@ -10,16 +10,18 @@
 //! Run: `cargo bench --bench lateness -- [--jobs 100,1000] [--seconds 30]`.
 //! Not a test: it asserts nothing and prints figures with the machine.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
 use chrono::{DateTime, TimeDelta, Utc};
+use common::{Service, machine, percentile};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 type Hits = Arc<Mutex<Vec<(String, DateTime<Utc>, DateTime<Utc>)>>>;
 
@@ -50,58 +52,10 @@ async fn receiver() -> (String, Hits) {
     (url, hits)
 }
 
-struct Service {
-    child: tokio::process::Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-async fn start_service() -> Service {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cronguard"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--log",
-            "warn,cronguard::app=info",
-        ])
-        .arg("--database")
-        .arg(dir.path().join("bench.db"))
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start cronguard (built by cargo bench)");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut base = None;
-    while let Ok(Some(line)) = lines.next_line().await {
-        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        if v["message"] == "cronguard started" {
-            base = v["addr"].as_str().map(|a| format!("http://{a}"));
-            break;
-        }
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Service {
-        child,
-        base: base.expect("cronguard did not start"),
-        _dir: dir,
-    }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 async fn run(n: usize, seconds: i64) -> String {
     let (url, hits) = receiver().await;
-    let mut service = start_service().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut service = Service::start(&dir.path().join("bench.db"), &[]).await;
     let client = reqwest::Client::new();
     for i in 0..n {
         let spec = json!({
@@ -171,27 +125,6 @@ async fn run(n: usize, seconds: i64) -> String {
         percentile(&lateness, 0.50),
         percentile(&lateness, 0.99),
         lateness.last().copied().unwrap_or(f64::NAN),
-    )
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    format!(
-        "machine: {} cores, {cpu}; commit {commit}; {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        Utc::now().format("%Y-%m-%d %H:%M UTC")
     )
 }
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# End-to-end check with a real Prometheus server (Debian's `prometheus`):
+#  1. start cronguard (a build with the `fault-injection` feature, e.g. the
+#     binary `cargo test --all-features` leaves in target/debug);
+#  2. `promtool check metrics` on a real scrape;
+#  3. Prometheus scrapes it every second with deploy/prometheus/alerts.yml;
+#  4. the engine loop is made to hang; the CronguardLoopStale expression
+#     must return the engine's series and the alert must become active.
+# Usage: deploy/prometheus/e2e.sh [path/to/cronguard]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=${1:-target/debug/cronguard}
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Waits up to $2 seconds for command $1 to succeed.
+wait_for() {
+  local deadline=$((SECONDS + $2))
+  until eval "$1" >/dev/null 2>&1; do
+    if (( SECONDS > deadline )); then echo "timed out waiting for: $1" >&2; return 1; fi
+    sleep 0.5
+  done
+}
+
+port=$(free_port)
+"$bin" serve --listen "127.0.0.1:$port" --database "$work/cronguard.db" \
+  --loop-stale-after 2s --log warn >"$work/cronguard.log" 2>&1 &
+pids+=($!)
+base="http://127.0.0.1:$port"
+wait_for "curl -sf $base/readyz" 30
+curl -sf -X POST "$base/v1/jobs" -H 'content-type: application/json' \
+  -d '{"name":"tick","monitor":true,"schedule":{"kind":"cron","expr":"* * * * * *"},"action":{"kind":"http","method":"GET","url":"'"$base"'/livez"}}' >/dev/null
+sleep 2
+
+echo "== promtool check metrics"
+curl -sf "$base/metrics" | promtool check metrics
+echo "ok"
+
+echo "== Prometheus scrapes cronguard"
+prom_port=$(free_port)
+cat >"$work/prometheus.yml" <<YAML
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+  - $here/alerts.yml
+scrape_configs:
+  - job_name: cronguard
+    static_configs:
+      - targets: ["127.0.0.1:$port"]
+YAML
+prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/data" \
+  --web.listen-address="127.0.0.1:$prom_port" >"$work/prometheus.log" 2>&1 &
+pids+=($!)
+prom="http://127.0.0.1:$prom_port"
+wait_for "curl -sf $prom/-/ready" 60
+
+query() {
+  curl -sf --get "$prom/api/v1/query" --data-urlencode "query=$1" \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(" ".join(sorted(x["metric"].get("loop","-")+"="+x["value"][1] for x in r)))'
+}
+wait_for '[ "$(query "up{job=\"cronguard\"}")" = "-=1" ]' 60
+echo "scraped: $(query 'cronguard_loop_healthy')"
+[ -z "$(query 'cronguard_loop_healthy == 0')" ] || { echo "a loop is unhealthy before the fault" >&2; exit 1; }
+
+echo "== the engine loop hangs"
+curl -sf -X POST "$base/debug/faults" -H 'content-type: application/json' -d '{"target":"engine","fault":"hang"}'
+expr=$(python3 -c 'import sys,re; t=open(sys.argv[1]).read(); print(re.search(r"alert: CronguardLoopStale\s+expr: (.+)", t).group(1).strip())' "$here/alerts.yml")
+echo "alert expression: $expr"
+wait_for '[ "$(query "$expr")" = "engine=0" ]' 60
+echo "expression returns: $(query "$expr")"
+wait_for 'curl -sf "$prom/api/v1/alerts" | grep -q "\"alertname\":\"CronguardLoopStale\""' 60
+echo "CronguardLoopStale is active"
+curl -s "$base/livez" || true
+echo
+echo "e2e: ok"
