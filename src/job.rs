@@ -235,6 +235,8 @@ pub struct Job {
     /// knows exactly which fires were missed and a resume never replays
     /// fires from the paused period.
     pub cursor_at: DateTime<Utc>,
+    /// Scheduled and catch-up runs started so far (for `max_runs`).
+    pub runs_started: u64,
 }
 
 impl Job {
@@ -243,9 +245,18 @@ impl Job {
         &self.def.spec.name
     }
 
-    /// The next nominal fire strictly after the cursor, if not paused.
+    /// Whether the job started all the runs `max_runs` allows.
+    pub fn exhausted(&self) -> bool {
+        self.def
+            .policy
+            .max_runs
+            .is_some_and(|max| self.runs_started >= max)
+    }
+
+    /// The next nominal fire strictly after the cursor, if not paused and
+    /// not exhausted.
     pub fn next_fire(&self) -> Option<DateTime<Utc>> {
-        if self.paused {
+        if self.paused || self.exhausted() {
             return None;
         }
         self.def.schedule.next_after(self.cursor_at)

@@ -181,6 +181,8 @@ text_enum! {
         Shutdown = "shutdown",
         /// The job was deleted.
         JobDeleted = "job_deleted",
+        /// The job already started `max_runs` scheduled runs.
+        LimitReached = "limit_reached",
     }
 }
 
@@ -241,6 +243,31 @@ pub struct Run {
     pub process_start_ticks: Option<u64>,
     /// The service incarnation that created the run.
     pub incarnation: Incarnation,
+    /// Each finished attempt, for runs with retries.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attempt_log: Vec<Attempt>,
+}
+
+/// One attempt of a run with retries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Attempt {
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub ended_at: DateTime<Utc>,
+    /// How it ended.
+    pub status: RunStatus,
+    /// Exit code of a command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Response status of an HTTP call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The end of an execution, as the supervisor records it.
@@ -260,6 +287,8 @@ pub struct Outcome {
     pub error: Option<String>,
     /// Output tail.
     pub output: Option<String>,
+    /// Every attempt, when the run retried.
+    pub attempt_log: Vec<Attempt>,
 }
 
 impl Outcome {
@@ -273,6 +302,7 @@ impl Outcome {
             http_status: None,
             error: Some(truncate(error.into(), MAX_ERROR_LEN)),
             output: None,
+            attempt_log: Vec::new(),
         }
     }
 

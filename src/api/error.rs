@@ -225,6 +225,7 @@ impl From<StoreError> for ApiError {
             StoreError::AlreadyFinal => Self::RunAlreadyFinal,
             StoreError::Closed => Self::ShuttingDown,
             e @ (StoreError::DuplicateFire
+            | StoreError::LimitReached
             | StoreError::Corrupt(_)
             | StoreError::Database(_)
             | StoreError::Migrate(_)) => Self::Internal(e.to_string()),

@@ -332,10 +332,13 @@ pub async fn resume_job(
     Ok(job_response(StatusCode::OK, &job))
 }
 
-/// Run a job now. The overlap policy applies: the run may be `running`,
-/// `queued` or `skipped`. Works on paused jobs too.
+/// Run a job now. The overlap policy applies unless `force=true`: the run
+/// may be `running`, `queued` or `skipped`. Works on paused jobs too.
 #[utoipa::path(post, path = "/v1/jobs/{job}/trigger", tag = "jobs",
-    params(("job" = String, Path, description = "Job id or name")),
+    params(
+        ("job" = String, Path, description = "Job id or name"),
+        ("force" = Option<bool>, Query, description = "Start even if the overlap policy would skip or queue it"),
+    ),
     responses(
         (status = 202, description = "The run as recorded", body = Run),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
@@ -344,9 +347,12 @@ pub async fn resume_job(
 pub async fn trigger_job(
     State(ctx): State<Arc<ApiContext>>,
     Path(key): Path<String>,
+    params: Params,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
+    params.only(&["force"])?;
+    let force = params.one::<bool>("force")?.unwrap_or(false);
     let job = find(&ctx, &key).await?;
-    let run = ctx.supervisor.trigger(Arc::new(job)).await?;
+    let run = ctx.supervisor.trigger(Arc::new(job), force).await?;
     tracing::info!(job = %run.job_id, run = %run.id, status = %run.status, "job triggered");
     Ok((StatusCode::ACCEPTED, Json(run)))
 }

@@ -204,7 +204,11 @@ impl Engine {
             .jobs
             .get(&id)
             .map_or(job.cursor_at, |e| e.cursor.max(job.cursor_at));
-        let first = job.def.schedule.next_after(cursor);
+        let first = if job.exhausted() {
+            None
+        } else {
+            job.def.schedule.next_after(cursor)
+        };
         self.jobs.insert(
             id,
             Entry {

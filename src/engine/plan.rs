@@ -158,6 +158,7 @@ mod tests {
             created_at: t,
             updated_at: t,
             cursor_at: t,
+            runs_started: 0,
         })
     }
 

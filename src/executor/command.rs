@@ -262,6 +262,7 @@ where
         http_status: None,
         error,
         output,
+        attempt_log: Vec::new(),
     }
 }
 

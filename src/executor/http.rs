@@ -79,6 +79,7 @@ pub(super) async fn execute(
                 http_status: Some(status),
                 error: (!ok).then(|| format!("HTTP status {status} is not a success status")),
                 output,
+                attempt_log: Vec::new(),
             }
         }
         Err(e) => {

@@ -1,37 +1,81 @@
-//! Cron rules in a time zone, computed with croner.
+//! Cron rules in a time zone, computed with croner, with explicit
+//! daylight-saving policies (documented in `docs/scheduling.md`):
 //!
-//! Daylight-saving rules (documented in `docs/scheduling.md`):
-//! - *spring gap*: a wall time that does not exist that day (02:30 when
-//!   clocks jump from 02:00 to 03:00) fires once, at the first valid instant
-//!   after the gap (03:00 local);
-//! - *fall fold*: a wall time that occurs twice fires once, at its first
-//!   occurrence, for fixed-time expressions (`30 2 * * *`); expressions with
-//!   a wildcard or stepped hour keep firing through both halves of the
-//!   repeated hour, since they describe elapsed time (`*/15 * * * *` fires
-//!   every 15 minutes of real time).
+//! - *spring gap* — a local time that does not exist that day (02:30 when
+//!   clocks jump from 02:00 to 03:00): `gap: shift` (default) fires once, at
+//!   the first valid instant after the gap (03:00); `gap: skip` does not
+//!   fire that day;
+//! - *fall fold* — a local time that occurs twice (clocks go back): `fold:
+//!   first` (default) fires once, at its first occurrence; `fold: both`
+//!   fires at each occurrence. This holds for every expression: with
+//!   `first`, `*/15 * * * *` does not repeat 02:00–02:45 in the second pass
+//!   of the repeated hour (use an `interval` schedule for elapsed time).
+//!
+//! croner computes candidate instants; this module applies the policies.
+//! croner's own behaviour differs by expression (fixed-time ones skip the
+//! second pass, wildcard ones walk both), which is why it is normalised
+//! here rather than inherited.
 
 use std::str::FromStr;
 
-use chrono::{DateTime, Utc};
+use chrono::offset::LocalResult;
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
-use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
+use croner::{Cron, JobType};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::validation::FieldErrors;
 
 /// The zone a cron expression is read in when none is given.
 pub const DEFAULT_TIMEZONE: &str = "UTC";
 
-/// A parsed cron expression and its time zone.
+/// Candidates examined per search before giving up (a repeated hour of an
+/// every-second expression is 3,600).
+const MAX_CANDIDATES: usize = 10_000;
+
+/// Fall-fold policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Fold {
+    /// A repeated local time fires once, at its first occurrence.
+    #[default]
+    First,
+    /// A repeated local time fires at both occurrences.
+    Both,
+}
+
+/// Spring-gap policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Gap {
+    /// A missing local time fires once at the first valid instant after it.
+    #[default]
+    Shift,
+    /// A missing local time does not fire.
+    Skip,
+}
+
+/// A parsed cron expression, its time zone and DST policies.
 #[derive(Debug, Clone)]
 pub struct CronRule {
     cron: Cron,
     tz: Tz,
+    fold: Fold,
+    gap: Gap,
+    fixed_time: bool,
 }
 
 impl CronRule {
     /// Parses `expr` (5 or 6 fields) in `timezone` (IANA name, default UTC).
-    pub fn parse(expr: &str, timezone: Option<&str>, pointer: &str) -> Result<Self, FieldErrors> {
+    pub fn parse(
+        expr: &str,
+        timezone: Option<&str>,
+        fold: Fold,
+        gap: Gap,
+        pointer: &str,
+    ) -> Result<Self, FieldErrors> {
         let mut errors = FieldErrors::default();
         let parser = CronParser::builder()
             .seconds(Seconds::Optional)
@@ -60,11 +104,18 @@ impl CronRule {
         };
         match (cron, tz) {
             (Some(cron), Some(tz)) if errors.is_empty() => {
-                let rule = Self { cron, tz };
+                let fixed_time = cron.determine_job_type() == JobType::FixedTime;
+                let rule = Self {
+                    cron,
+                    tz,
+                    fold,
+                    gap,
+                    fixed_time,
+                };
                 // An expression that can never match (`0 0 30 2 *`) is a
                 // mistake, not a schedule: reject it instead of storing a
                 // job that silently never fires.
-                if rule.next_after(Utc::now()).is_none() {
+                if rule.croner_next(Utc::now()).is_none() {
                     errors.push(
                         format!("{pointer}/expr"),
                         format!("`{expr}` never matches a date"),
@@ -77,13 +128,64 @@ impl CronRule {
         }
     }
 
-    /// The first matching instant strictly after `after`.
-    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    fn croner_next(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let local = after.with_timezone(&self.tz);
         self.cron
             .find_next_occurrence(&local, false)
             .ok()
             .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// The first fire strictly after `after`, under the DST policies.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.tz == chrono_tz::UTC {
+            return self.croner_next(after);
+        }
+        let mut from = after;
+        for _ in 0..MAX_CANDIDATES {
+            let candidate = self.croner_next(from)?;
+            let local = candidate.with_timezone(&self.tz);
+            let admitted = match self.tz.from_local_datetime(&local.naive_local()) {
+                // The second pass of a repeated hour: croner walks it for
+                // wildcard expressions; `first` does not fire there.
+                LocalResult::Ambiguous(_, late) => !(candidate == late && self.fold == Fold::First),
+                // croner moved a missing local time to after the gap; the
+                // pattern does not match the wall time it landed on.
+                _ => !(self.gap == Gap::Skip && !self.cron.is_time_matching(&local).unwrap_or(true)),
+            };
+            if !admitted {
+                from = candidate;
+                continue;
+            }
+            if self.fold == Fold::Both
+                && self.fixed_time
+                && let Some(twin) = self.twin_between(after, candidate)
+            {
+                return Some(twin);
+            }
+            return Some(candidate);
+        }
+        None
+    }
+
+    /// For fixed-time expressions (croner fires them in the first pass
+    /// only): the second occurrence of a repeated local time fired in the
+    /// first pass, if it lies strictly between `after` and `before`.
+    fn twin_between(&self, after: DateTime<Utc>, before: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        // Folds are at most a few hours long; a fixed-time expression fires
+        // at most once a day, so this looks at one or two candidates.
+        let mut t = self.croner_next(after - TimeDelta::hours(4))?;
+        while t < before {
+            let local = t.with_timezone(&self.tz).naive_local();
+            if let LocalResult::Ambiguous(early, late) = self.tz.from_local_datetime(&local) {
+                let (early, late) = (early.with_timezone(&Utc), late.with_timezone(&Utc));
+                if t == early && late > after && late < before {
+                    return Some(late);
+                }
+            }
+            t = self.croner_next(t)?;
+        }
+        None
     }
 
     /// The zone the expression is read in.
@@ -100,8 +202,8 @@ mod tests {
         DateTime::parse_from_rfc3339(s).unwrap().to_utc()
     }
 
-    fn fires(expr: &str, tz: &str, from: &str, n: usize) -> Vec<String> {
-        let rule = CronRule::parse(expr, Some(tz), "/s").unwrap();
+    fn fires_with(expr: &str, tz: &str, fold: Fold, gap: Gap, from: &str, n: usize) -> Vec<String> {
+        let rule = CronRule::parse(expr, Some(tz), fold, gap, "/s").unwrap();
         let mut t = at(from);
         (0..n)
             .map(|_| {
@@ -111,9 +213,13 @@ mod tests {
             .collect()
     }
 
+    fn fires(expr: &str, tz: &str, from: &str, n: usize) -> Vec<String> {
+        fires_with(expr, tz, Fold::First, Gap::Shift, from, n)
+    }
+
     #[test]
     fn seconds_field_and_sub_second_start() {
-        let rule = CronRule::parse("* * * * * *", None, "/s").unwrap();
+        let rule = CronRule::parse("* * * * * *", None, Fold::First, Gap::Shift, "/s").unwrap();
         assert_eq!(
             rule.next_after(at("2027-01-01T00:00:00.400Z")),
             Some(at("2027-01-01T00:00:01Z"))
@@ -125,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn berlin_spring_gap_fires_once_after_the_gap() {
+    fn berlin_spring_gap_shifts_once_or_skips() {
         assert_eq!(
             fires("30 2 * * *", "Europe/Berlin", "2027-03-26T12:00:00Z", 3),
             [
@@ -134,10 +240,21 @@ mod tests {
                 "2027-03-29T02:30:00+02:00"
             ]
         );
+        assert_eq!(
+            fires_with(
+                "30 2 * * *",
+                "Europe/Berlin",
+                Fold::First,
+                Gap::Skip,
+                "2027-03-26T12:00:00Z",
+                2
+            ),
+            ["2027-03-27T02:30:00+01:00", "2027-03-29T02:30:00+02:00"]
+        );
     }
 
     #[test]
-    fn berlin_fall_fold_fires_once() {
+    fn berlin_fall_fold_fires_once_or_twice() {
         assert_eq!(
             fires("30 2 * * *", "Europe/Berlin", "2027-10-29T12:00:00Z", 3),
             [
@@ -146,13 +263,37 @@ mod tests {
                 "2027-11-01T02:30:00+01:00"
             ]
         );
+        assert_eq!(
+            fires_with(
+                "30 2 * * *",
+                "Europe/Berlin",
+                Fold::Both,
+                Gap::Shift,
+                "2027-10-29T12:00:00Z",
+                4
+            ),
+            [
+                "2027-10-30T02:30:00+02:00",
+                "2027-10-31T02:30:00+02:00",
+                "2027-10-31T02:30:00+01:00",
+                "2027-11-01T02:30:00+01:00"
+            ]
+        );
     }
 
     #[test]
-    fn wildcard_hours_run_through_both_halves_of_the_fold() {
-        let got = fires("0 * * * *", "Europe/Berlin", "2027-10-31T00:30:00+02:00", 4);
+    fn the_fold_policy_applies_to_wildcard_hours_too() {
+        let from = "2027-10-31T00:30:00+02:00";
         assert_eq!(
-            got,
+            fires("0 * * * *", "Europe/Berlin", from, 3),
+            [
+                "2027-10-31T01:00:00+02:00",
+                "2027-10-31T02:00:00+02:00",
+                "2027-10-31T03:00:00+01:00"
+            ]
+        );
+        assert_eq!(
+            fires_with("0 * * * *", "Europe/Berlin", Fold::Both, Gap::Shift, from, 4),
             [
                 "2027-10-31T01:00:00+02:00",
                 "2027-10-31T02:00:00+02:00",
@@ -163,11 +304,44 @@ mod tests {
     }
 
     #[test]
+    fn new_york_transitions() {
+        // 2027-03-14: 02:00 EST → 03:00 EDT; 2027-11-07: 02:00 EDT → 01:00 EST.
+        assert_eq!(
+            fires("30 2 * * *", "America/New_York", "2027-03-12T12:00:00Z", 3),
+            [
+                "2027-03-13T02:30:00-05:00",
+                "2027-03-14T03:00:00-04:00",
+                "2027-03-15T02:30:00-04:00"
+            ]
+        );
+        assert_eq!(
+            fires_with(
+                "30 1 * * *",
+                "America/New_York",
+                Fold::Both,
+                Gap::Shift,
+                "2027-11-06T12:00:00Z",
+                3
+            ),
+            [
+                "2027-11-07T01:30:00-04:00",
+                "2027-11-07T01:30:00-05:00",
+                "2027-11-08T01:30:00-05:00"
+            ]
+        );
+        assert_eq!(
+            fires("30 1 * * *", "America/New_York", "2027-11-06T12:00:00Z", 2),
+            ["2027-11-07T01:30:00-04:00", "2027-11-08T01:30:00-05:00"]
+        );
+    }
+
+    #[test]
     fn rejects_bad_expressions_and_zones() {
-        assert!(CronRule::parse("61 * * * *", None, "/s").is_err());
-        assert!(CronRule::parse("* * * * * * * *", None, "/s").is_err());
-        assert!(CronRule::parse("* * * * *", Some("Nowhere/City"), "/s").is_err());
-        let e = CronRule::parse("0 0 30 2 *", None, "/s").unwrap_err();
+        let parse = |e: &str, tz: Option<&str>| CronRule::parse(e, tz, Fold::First, Gap::Shift, "/s");
+        assert!(parse("61 * * * *", None).is_err());
+        assert!(parse("* * * * * * * *", None).is_err());
+        assert!(parse("* * * * *", Some("Nowhere/City")).is_err());
+        let e = parse("0 0 30 2 *", None).unwrap_err();
         assert!(e.0[0].detail.contains("never"), "{e}");
     }
 }

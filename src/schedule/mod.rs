@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::validation::{FieldErrors, parse_duration};
 
-pub use self::cron::{CronRule, DEFAULT_TIMEZONE};
+pub use self::cron::{CronRule, DEFAULT_TIMEZONE, Fold, Gap};
 
 /// Shortest interval accepted: anything faster is a busy loop, not a schedule.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -60,6 +60,15 @@ pub struct CronSpec {
     /// job and scheduled instant always get the same delay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jitter: Option<String>,
+    /// A local time that occurs twice (clocks go back): `first` (default)
+    /// fires once, at its first occurrence; `both` fires at each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<Fold>,
+    /// A local time that does not exist (clocks go forward): `shift`
+    /// (default) fires once at the first valid instant after the gap;
+    /// `skip` does not fire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<Gap>,
 }
 
 /// `kind: interval`.
@@ -111,7 +120,13 @@ impl Schedule {
         let mut errors = FieldErrors::default();
         let (rule, start, end, jitter) = match spec {
             ScheduleSpec::Cron(c) => {
-                let rule = errors.take(CronRule::parse(&c.expr, c.timezone.as_deref(), pointer));
+                let rule = errors.take(CronRule::parse(
+                    &c.expr,
+                    c.timezone.as_deref(),
+                    c.fold.unwrap_or_default(),
+                    c.gap.unwrap_or_default(),
+                    pointer,
+                ));
                 (
                     rule.map(|r| Rule::Cron(Box::new(r))),
                     c.start,

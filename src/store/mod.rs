@@ -46,6 +46,9 @@ pub enum StoreError {
     /// A run for this job and scheduled instant already exists.
     #[error("a run for this fire already exists")]
     DuplicateFire,
+    /// The job reached its `max_runs`: the run was recorded as skipped.
+    #[error("the job reached its max_runs")]
+    LimitReached,
     /// The run is already in a final state.
     #[error("the run already ended")]
     AlreadyFinal,
@@ -296,6 +299,16 @@ impl Store {
     /// Moves a queued run to running.
     pub fn start_run(&self, id: RunId, at: DateTime<Utc>) -> Ack<()> {
         self.inner.write(|reply| writer::Op::StartRun { id, at, reply })
+    }
+
+    /// Records the attempts of a run with retries while it goes on.
+    pub fn record_attempt(&self, id: RunId, attempts: u32, log: Vec<crate::run::Attempt>) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::RecordAttempt {
+            id,
+            attempts,
+            log,
+            reply,
+        })
     }
 
     /// Records the process a command run started.

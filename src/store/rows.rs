@@ -16,12 +16,12 @@ use crate::run::{Incarnation, Run, RunId};
 
 /// Columns selected for a job, in the order [`job`] reads them.
 pub const JOB_COLUMNS: &str =
-    "id, spec, paused, pause_note, source, version, created_at, updated_at, cursor_at";
+    "id, spec, paused, pause_note, source, version, created_at, updated_at, cursor_at, runs_started";
 
 /// Columns selected for a run, in the order [`run`] reads them.
 pub const RUN_COLUMNS: &str = "id, job_id, job_name, scheduled_at, scheduled_until, fires, status, \
      trigger, reason, created_at, started_at, ended_at, attempts, exit_code, http_status, error, \
-     output, pid, pgid, process_start_ticks, incarnation";
+     output, pid, pgid, process_start_ticks, incarnation, attempt_log";
 
 /// Unix milliseconds.
 pub fn ms(t: DateTime<Utc>) -> i64 {
@@ -76,6 +76,7 @@ pub fn job(row: &SqliteRow) -> Result<Job, StoreError> {
         created_at: instant(row.try_get(6)?)?,
         updated_at: instant(row.try_get(7)?)?,
         cursor_at: instant(row.try_get(8)?)?,
+        runs_started: row.try_get::<i64, _>(9)?.try_into().unwrap_or(0),
     })
 }
 
@@ -116,5 +117,16 @@ pub fn run(row: &SqliteRow) -> Result<Run, StoreError> {
         pgid: row.try_get(18)?,
         process_start_ticks: ticks.and_then(|t| u64::try_from(t).ok()),
         incarnation: Incarnation(parse(&incarnation, "incarnation")?),
+        attempt_log: match row.try_get::<Option<String>, _>(21)? {
+            Some(text) => {
+                serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("attempt log: {e}")))?
+            }
+            None => Vec::new(),
+        },
     })
+}
+
+/// The attempt log as stored (`NULL` when empty).
+pub fn attempt_log_json(log: &[crate::run::Attempt]) -> Option<String> {
+    (!log.is_empty()).then(|| serde_json::to_string(log).unwrap_or_default())
 }

@@ -107,6 +107,7 @@ enum Command {
     Fires(Vec<Fire>),
     Trigger {
         job: Arc<Job>,
+        force: bool,
         reply: oneshot::Sender<Result<Run, TriggerError>>,
     },
     Cancel {
@@ -136,12 +137,13 @@ impl SupervisorHandle {
         }
     }
 
-    /// Runs a job now (manual trigger), subject to its overlap policy; the
-    /// returned run is as stored (`running`, `queued` or `skipped`).
-    pub async fn trigger(&self, job: Arc<Job>) -> Result<Run, TriggerError> {
+    /// Runs a job now (manual trigger), subject to its overlap policy
+    /// unless `force`; the returned run is as stored (`running`, `queued`
+    /// or `skipped`).
+    pub async fn trigger(&self, job: Arc<Job>, force: bool) -> Result<Run, TriggerError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Trigger { job, reply })
+            .send(Command::Trigger { job, force, reply })
             .map_err(|_| TriggerError::ShuttingDown)?;
         rx.await.map_err(|_| TriggerError::ShuttingDown)?
     }
@@ -278,7 +280,7 @@ impl Supervisor {
                     self.admit(fire, None);
                 }
             }
-            Command::Trigger { job, reply } => {
+            Command::Trigger { job, force, reply } => {
                 let now = self.ctx.clock.now();
                 let fire = Fire {
                     job,
@@ -287,7 +289,12 @@ impl Supervisor {
                     trigger: Trigger::Manual,
                     missed: None,
                 };
-                self.admit(fire, Some(reply));
+                if force {
+                    // Explicitly past the overlap policy (global limit holds).
+                    self.start_or_backlog(RunId::new(), fire, Some(reply));
+                } else {
+                    self.admit(fire, Some(reply));
+                }
             }
             Command::Cancel { run, reply } => {
                 let _ = reply.send(self.cancel(run, Reason::Requested));
@@ -371,6 +378,7 @@ impl Supervisor {
             pgid: None,
             process_start_ticks: None,
             incarnation: self.config.incarnation,
+            attempt_log: Vec::new(),
         }
     }
 
@@ -496,7 +504,12 @@ impl Supervisor {
         self.jobs.entry(fire.job.id).or_default().running.push(run_id);
         let now = self.ctx.clock.now();
         let policy = &fire.job.def.policy;
-        let budget = fire.job.def.action.timeout() + policy.kill_grace;
+        // Every attempt may use its timeout and kill grace, plus the waits
+        // between attempts: past that, the run is stuck (orphan kind 3).
+        let attempts = policy.retry.max_attempts;
+        let budget = (fire.job.def.action.timeout() + policy.kill_grace)
+            .saturating_mul(attempts)
+            .saturating_add(policy.retry.worst_case_delays());
         let deadline = now + chrono::TimeDelta::from_std(budget).unwrap_or(chrono::TimeDelta::MAX);
         self.live.insert(
             run_id,
@@ -586,6 +599,12 @@ impl Supervisor {
                     tracing::debug!(run = %run_id, "fire already recorded by an earlier attempt")
                 }
                 StoreError::NotFound => tracing::debug!(run = %run_id, "job deleted before its run started"),
+                StoreError::LimitReached => {
+                    tracing::info!(run = %run_id, "the job reached its max_runs; fire recorded as skipped");
+                    self.ctx
+                        .metrics
+                        .fire_not_run(RunStatus::Skipped, Reason::LimitReached, 1);
+                }
                 e => {
                     tracing::error!(run = %run_id, error = %e, "a run could not be recorded and did not start")
                 }

@@ -17,7 +17,7 @@ use super::TriggerError;
 use crate::clock::SharedClock;
 use crate::executor::{Executor, Limits, Occurrence};
 use crate::job::Job;
-use crate::run::{Outcome, Reason, Run, RunId, RunStatus, Trigger};
+use crate::run::{Attempt, Outcome, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::{Ack, Store, StoreError};
 
 /// A run's cancellation: the token and why it was pulled.
@@ -129,41 +129,9 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
         trigger = %trigger,
         attempt = 1u32,
     );
-    let outcome = async {
-        let occurrence = Occurrence {
-            job_id: job.id,
-            job_name: job.name().to_owned(),
-            run_id,
-            scheduled_at,
-            attempt: 1,
-        };
-        let limits = Limits {
-            timeout: job.def.action.timeout(),
-            kill_grace: job.def.policy.kill_grace,
-        };
-        let mut outcome = if cancel.token().is_cancelled() {
-            Outcome::cancelled(
-                cancel.reason().unwrap_or(Reason::Requested),
-                "cancelled before it started",
-            )
-        } else {
-            ctx.executor
-                .execute(&job.def.action, &occurrence, limits, cancel.token())
-                .await
-        };
-        if outcome.status == RunStatus::Cancelled {
-            outcome.reason = Some(cancel.reason().unwrap_or(Reason::Requested));
-        }
-        // Successes are the bulk at thousands of fires per second: debug.
-        if outcome.status == RunStatus::Succeeded {
-            tracing::debug!(status = %outcome.status, "run ended");
-        } else {
-            tracing::info!(status = %outcome.status, error = outcome.error.as_deref(), "run ended");
-        }
-        outcome
-    }
-    .instrument(span)
-    .await;
+    let outcome = attempts(&ctx, &job, run_id, scheduled_at, &cancel)
+        .instrument(span)
+        .await;
 
     let status = outcome.status;
     let ended_at = ctx.clock.now();
@@ -183,4 +151,95 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
             .job_outcome(job.name(), status == RunStatus::Succeeded, ended_at);
     }
     TaskEnd::Finished(status)
+}
+
+/// Runs the action, retrying failed or timed-out attempts per the job's
+/// retry policy (inside this run, so the overlap policy sees one live run
+/// throughout). Backoff waits on the service clock and ends early on
+/// cancellation. Returns the last attempt's outcome with the attempt count
+/// and, when there were retries, every attempt's summary.
+async fn attempts(
+    ctx: &TaskContext,
+    job: &Job,
+    run_id: RunId,
+    scheduled_at: DateTime<Utc>,
+    cancel: &RunCancel,
+) -> Outcome {
+    let retry = job.def.policy.retry;
+    let limits = Limits {
+        timeout: job.def.action.timeout(),
+        kill_grace: job.def.policy.kill_grace,
+    };
+    let mut log = Vec::new();
+    let mut attempt = 1;
+    loop {
+        tracing::Span::current().record("attempt", attempt);
+        let started = ctx.clock.now();
+        let mut outcome = if cancel.token().is_cancelled() {
+            Outcome::cancelled(
+                cancel.reason().unwrap_or(Reason::Requested),
+                "cancelled before it started",
+            )
+        } else {
+            let occurrence = Occurrence {
+                job_id: job.id,
+                job_name: job.name().to_owned(),
+                run_id,
+                scheduled_at,
+                attempt,
+            };
+            ctx.executor
+                .execute(&job.def.action, &occurrence, limits, cancel.token())
+                .await
+        };
+        outcome.attempts = attempt;
+        if outcome.status == RunStatus::Cancelled {
+            outcome.reason = Some(cancel.reason().unwrap_or(Reason::Requested));
+        }
+        let retryable = matches!(outcome.status, RunStatus::Failed | RunStatus::TimedOut);
+        if retry.max_attempts > 1 {
+            log.push(Attempt {
+                attempt,
+                started_at: started,
+                ended_at: ctx.clock.now(),
+                status: outcome.status,
+                exit_code: outcome.exit_code,
+                http_status: outcome.http_status,
+                error: outcome.error.clone(),
+            });
+        }
+        if !retryable || attempt >= retry.max_attempts || cancel.token().is_cancelled() {
+            // Successes are the bulk at thousands of fires per second: debug.
+            if outcome.status == RunStatus::Succeeded {
+                tracing::debug!(status = %outcome.status, "run ended");
+            } else {
+                tracing::info!(status = %outcome.status, error = outcome.error.as_deref(), "run ended");
+            }
+            outcome.attempt_log = log;
+            return outcome;
+        }
+        let delay = retry.delay_before(attempt + 1);
+        tracing::info!(
+            status = %outcome.status,
+            error = outcome.error.as_deref(),
+            retry_in_ms = delay.as_millis() as u64,
+            "attempt failed; retrying"
+        );
+        if let Err(e) = ctx.store.record_attempt(run_id, attempt, log.clone()).await {
+            tracing::warn!(error = %e, "could not record an attempt");
+        }
+        tokio::select! {
+            () = ctx.clock.sleep(delay) => {}
+            () = cancel.token().cancelled() => {
+                let mut cancelled = Outcome::cancelled(
+                    cancel.reason().unwrap_or(Reason::Requested),
+                    "cancelled while waiting to retry",
+                );
+                cancelled.attempts = attempt;
+                cancelled.attempt_log = log;
+                return cancelled;
+            }
+        }
+        attempt += 1;
+    }
 }

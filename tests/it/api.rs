@@ -316,10 +316,24 @@ async fn previews_follow_the_documented_dst_rules() {
             "2027-11-01T02:30:00+01:00"
         ]
     );
-    // Hourly jobs run through both halves of the repeated hour.
+    // The fold policy: every repeated local time fires once by default,
+    // at both occurrences with `fold: both`, whatever the expression.
     assert_eq!(
         preview(
             json!({"kind": "cron", "expr": "0 * * * *", "timezone": "Europe/Berlin"}),
+            "2027-10-30T22:30:00Z",
+            3
+        )
+        .await,
+        [
+            "2027-10-31T01:00:00+02:00",
+            "2027-10-31T02:00:00+02:00",
+            "2027-10-31T03:00:00+01:00"
+        ]
+    );
+    assert_eq!(
+        preview(
+            json!({"kind": "cron", "expr": "0 * * * *", "timezone": "Europe/Berlin", "fold": "both"}),
             "2027-10-30T22:30:00Z",
             4
         )
