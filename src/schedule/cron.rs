@@ -148,10 +148,10 @@ impl CronRule {
             let admitted = match self.tz.from_local_datetime(&local.naive_local()) {
                 // The second pass of a repeated hour: croner walks it for
                 // wildcard expressions; `first` does not fire there.
-                LocalResult::Ambiguous(_, late) => !(candidate == late && self.fold == Fold::First),
+                LocalResult::Ambiguous(_, late) => candidate != late || self.fold == Fold::Both,
                 // croner moved a missing local time to after the gap; the
                 // pattern does not match the wall time it landed on.
-                _ => !(self.gap == Gap::Skip && !self.cron.is_time_matching(&local).unwrap_or(true)),
+                _ => self.gap == Gap::Shift || self.cron.is_time_matching(&local).unwrap_or(true),
             };
             if !admitted {
                 from = candidate;
