@@ -31,6 +31,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::orphans::Orphans;
 use crate::orphans::reaper::Reaper;
+use crate::retention::Retention;
 use crate::run::Incarnation;
 use crate::shutdown::Shutdown;
 use crate::store::WriterTask;
@@ -275,8 +276,27 @@ impl App {
             async move { reaper.run(&stop, &beat, &faults).await }
         });
 
+        let retention = Arc::new(Retention {
+            store: store.clone(),
+            clock: clock.clone(),
+            defaults: config.history,
+            interval: config.retention_interval,
+        });
+        let retention_beat = health.heartbeat("retention", stale + config.retention_interval);
+        let retaining = supervise(
+            retention_beat.clone(),
+            metrics.clone(),
+            budget,
+            stop.clone(),
+            || {
+                retention
+                    .clone()
+                    .run(stop.clone(), retention_beat.clone(), faults.clone())
+            },
+        );
+
         let stopping = async {
-            tokio::join!(readiness, engine, supervising, reaping);
+            tokio::join!(readiness, engine, supervising, reaping, retaining);
             supervisor.lock().await.drain(shutdown.kill.clone()).await;
             http_stop.cancel();
         };

@@ -71,6 +71,18 @@ pub struct Settings {
     #[arg(long, env = "CRONGUARD_ORPHAN_POLICY", value_name = "POLICY")]
     pub orphan_policy: Option<crate::orphans::OrphanPolicy>,
 
+    /// Finished runs kept per job unless its policy says otherwise; 0 keeps all [default: 1000]
+    #[arg(long, env = "CRONGUARD_HISTORY_KEEP_LAST", value_name = "N")]
+    pub history_keep_last: Option<u32>,
+
+    /// Finished runs older than this are deleted unless the job's policy says otherwise; 0s keeps all [default: 30d]
+    #[arg(long, env = "CRONGUARD_HISTORY_MAX_AGE", value_name = "DURATION")]
+    pub history_max_age: Option<String>,
+
+    /// Time between passes of the history retention loop [default: 1m]
+    #[arg(long, env = "CRONGUARD_RETENTION_INTERVAL", value_name = "DURATION")]
+    pub retention_interval: Option<String>,
+
     /// Log filter, e.g. `info` or `info,cronguard=debug` [default: info]
     #[arg(long, env = "CRONGUARD_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -113,6 +125,9 @@ impl Settings {
             loop_stale_after,
             reaper_interval,
             orphan_policy,
+            history_keep_last,
+            history_max_age,
+            retention_interval,
             log,
             log_format,
         )
@@ -176,6 +191,10 @@ pub struct Config {
     pub reaper_interval: Duration,
     /// Policy for a previous incarnation's surviving processes.
     pub orphan_policy: crate::orphans::OrphanPolicy,
+    /// Service-wide run history bounds.
+    pub history: crate::retention::HistoryDefaults,
+    /// Retention loop period.
+    pub retention_interval: Duration,
     /// Whether this process owns its process tree: child subreaper, stray
     /// detection and zombie reaping. Set by `cronguard serve`, not a
     /// setting: an embedding process (the test suite) owns its own tree.
@@ -287,6 +306,20 @@ impl Config {
             loop_stale_after: duration("loop_stale_after", s.loop_stale_after, Duration::from_secs(10))?,
             reaper_interval: duration("reaper_interval", s.reaper_interval, Duration::from_secs(10))?,
             orphan_policy: s.orphan_policy.unwrap_or_default(),
+            history: crate::retention::HistoryDefaults {
+                keep_last: Some(s.history_keep_last.unwrap_or(1000)).filter(|k| *k > 0),
+                max_age: Some(duration(
+                    "history_max_age",
+                    s.history_max_age,
+                    Duration::from_secs(30 * 24 * 3600),
+                )?)
+                .filter(|d| !d.is_zero()),
+            },
+            retention_interval: duration(
+                "retention_interval",
+                s.retention_interval,
+                Duration::from_secs(60),
+            )?,
             process_supervision: false,
             command_shim: None,
         })

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod orphans;
 pub mod policy;
 pub mod procfs;
+pub mod retention;
 pub mod run;
 pub mod schedule;
 pub mod shutdown;

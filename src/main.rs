@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the scheduler and its HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create or upgrade the database schema, then exit.
     Migrate {
         /// Database URL or path [default: sqlite://./cronguard.db]
@@ -173,7 +173,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Migrate { database } => migrate(database),
         Command::Openapi => {
             print!("{}", cronguard::api::openapi::document());

@@ -34,6 +34,28 @@ impl RunId {
     }
 }
 
+/// Orders run ids created in the same millisecond (UUID v7 counter).
+static RUN_ID_CONTEXT: std::sync::Mutex<uuid::ContextV7> = std::sync::Mutex::new(uuid::ContextV7::new());
+
+impl RunId {
+    /// A fresh id for a run created at `at` (the service clock's now), so
+    /// ids sort by creation on the clock the service runs on.
+    pub fn at(at: DateTime<Utc>) -> Self {
+        let secs = at.timestamp().max(0) as u64;
+        let ts = uuid::Timestamp::from_unix(&RUN_ID_CONTEXT, secs, at.timestamp_subsec_nanos());
+        Self(Uuid::new_v7(ts))
+    }
+
+    /// The smallest id a run created at `at` or later can have: ids are
+    /// UUID v7, so `id < boundary(t)` means "created before `t`" and uses
+    /// the primary key instead of a scan.
+    pub fn boundary(at: DateTime<Utc>) -> Self {
+        let ms = u128::from(at.timestamp_millis().max(0) as u64) & 0xffff_ffff_ffff;
+        // 48-bit time, version 7, variant 0b10, all random bits zero.
+        Self(Uuid::from_u128((ms << 80) | (0x7 << 76) | (0b10 << 62)))
+    }
+}
+
 impl Default for RunId {
     fn default() -> Self {
         Self::new()

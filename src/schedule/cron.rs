@@ -335,6 +335,50 @@ mod tests {
         );
     }
 
+    /// Around every 2027 transition of every zone: fires strictly increase,
+    /// are never before the search point, and each local time fires once
+    /// under `first` (at most twice under `both`).
+    #[test]
+    fn property_over_every_zone_with_transitions() {
+        use std::collections::HashMap;
+        let year_start = at("2027-01-01T00:00:00Z");
+        let mut checked = 0;
+        for tz in chrono_tz::TZ_VARIANTS {
+            // Days of 2027 on which the zone's UTC offset changes.
+            let offset = |t: DateTime<Utc>| t.with_timezone(&tz).naive_local() - t.naive_utc();
+            let transitions: Vec<DateTime<Utc>> = (0..365)
+                .map(|d| year_start + TimeDelta::days(d))
+                .filter(|t| offset(*t) != offset(*t + TimeDelta::days(1)))
+                .collect();
+            for day in transitions.iter().take(2) {
+                for expr in ["30 2 * * *", "30 1 * * *", "0 * * * *", "*/20 * * * *"] {
+                    for fold in [Fold::First, Fold::Both] {
+                        let rule = CronRule::parse(expr, Some(tz.name()), fold, Gap::Shift, "/s").unwrap();
+                        let mut t = *day - TimeDelta::hours(12);
+                        let end = *day + TimeDelta::hours(60);
+                        let mut seen: HashMap<chrono::NaiveDateTime, u32> = HashMap::new();
+                        while t < end {
+                            let next = rule.next_after(t).unwrap();
+                            assert!(next > t, "{} {expr}: {next} after {t}", tz.name());
+                            let local = next.with_timezone(&tz).naive_local();
+                            let n = seen.entry(local).or_default();
+                            *n += 1;
+                            let allowed = if fold == Fold::Both { 2 } else { 1 };
+                            assert!(
+                                *n <= allowed,
+                                "{} {expr} {fold:?}: {local} fired {n} times",
+                                tz.name()
+                            );
+                            t = next;
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 500, "only {checked} cases");
+    }
+
     #[test]
     fn rejects_bad_expressions_and_zones() {
         let parse = |e: &str, tz: Option<&str>| CronRule::parse(e, tz, Fold::First, Gap::Shift, "/s");

@@ -328,6 +328,49 @@ impl SqliteStore {
         Ok(out)
     }
 
+    pub(super) async fn jobs_with_runs_since(
+        &self,
+        after: Option<RunId>,
+    ) -> Result<(Vec<JobId>, Option<RunId>), StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT job_id, MAX(id) FROM runs WHERE id > ? GROUP BY job_id")
+                .bind(after.map(|a| a.to_string()).unwrap_or_default())
+                .fetch_all(&self.read)
+                .await?;
+        let mut newest: Option<RunId> = None;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for (job, max) in rows {
+            jobs.push(
+                job.parse()
+                    .map_err(|_| StoreError::Corrupt(format!("job id {job}")))?,
+            );
+            let max: RunId = max
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("run id {max}")))?;
+            newest = newest.max(Some(max));
+        }
+        Ok((jobs, newest))
+    }
+
+    pub(super) async fn history_overrides(
+        &self,
+    ) -> Result<HashMap<JobId, (Option<u32>, Option<i64>)>, StoreError> {
+        let rows: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT id, history_keep_last, history_max_age_ms FROM jobs \
+             WHERE history_keep_last IS NOT NULL OR history_max_age_ms IS NOT NULL",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|(id, keep, age)| {
+                let id = id
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("job id {id}")))?;
+                Ok((id, (keep.and_then(|k| u32::try_from(k).ok()), age)))
+            })
+            .collect()
+    }
+
     /// Bytes on disk: the database file and its write-ahead log.
     pub(super) fn size_bytes(&self) -> u64 {
         let wal = {

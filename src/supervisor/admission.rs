@@ -22,15 +22,19 @@ pub enum Admission {
     Skip(Reason),
 }
 
+/// Runs of one job allowed at once.
+pub fn limit(policy: &Policy) -> usize {
+    match policy.overlap {
+        Overlap::Allow => policy.max_concurrency as usize,
+        _ => 1,
+    }
+}
+
 /// Decides for one fire. `running` counts live runs of the job in this
 /// service (never stale rows: only tasks that exist), `queued` whether one
 /// is already waiting.
 pub fn admit(policy: &Policy, running: usize, queued: bool) -> Admission {
-    let limit = match policy.overlap {
-        Overlap::Allow => policy.max_concurrency as usize,
-        _ => 1,
-    };
-    if running < limit && !queued {
+    if running < limit(policy) && !queued {
         return Admission::Start;
     }
     match policy.overlap {

@@ -215,6 +215,25 @@ struct Slots {
     running: Vec<RunId>,
     /// The job's own queued run (`queue_one`, `cancel_running`).
     queued: Option<Waiting>,
+    /// Replayed fires (`catch_up: all`), started oldest first, one after
+    /// another, before any newer queued fire.
+    catch_up: VecDeque<Waiting>,
+}
+
+impl Slots {
+    fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.queued.is_none() && self.catch_up.is_empty()
+    }
+
+    fn waiting(&self) -> impl Iterator<Item = &Waiting> {
+        self.catch_up.iter().chain(self.queued.iter())
+    }
+}
+
+/// Whether a fire's lateness is judged against the misfire grace: replayed
+/// catch-up fires are late by definition and were chosen to run.
+fn judged_late(trigger: Trigger) -> bool {
+    matches!(trigger, Trigger::Schedule | Trigger::Backend)
 }
 
 /// The supervisor loop and everything it owns.
@@ -291,7 +310,7 @@ impl Supervisor {
                 };
                 if force {
                     // Explicitly past the overlap policy (global limit holds).
-                    self.start_or_backlog(RunId::new(), fire, Some(reply));
+                    self.start_or_backlog(RunId::at(now), fire, Some(reply));
                 } else {
                     self.admit(fire, Some(reply));
                 }
@@ -301,10 +320,9 @@ impl Supervisor {
             }
             Command::JobRemoved(id) => {
                 if let Some(slots) = self.jobs.get_mut(&id) {
-                    if let Some(waiting) = slots.queued.take() {
-                        // Its row went with the job (cascade); nothing to record.
-                        drop(waiting);
-                    }
+                    // Their rows went with the job (cascade); nothing to record.
+                    slots.queued = None;
+                    slots.catch_up.clear();
                     for run in slots.running.clone() {
                         self.cancel(run, Reason::JobDeleted);
                     }
@@ -346,7 +364,7 @@ impl Supervisor {
             queued: self
                 .jobs
                 .values()
-                .filter_map(|s| s.queued.as_ref())
+                .flat_map(Slots::waiting)
                 .chain(self.backlog.iter())
                 .map(|w| view(w.run_id, &w.fire.job, w.fire.scheduled_at, w.fire.trigger, None))
                 .collect(),
@@ -407,18 +425,34 @@ impl Supervisor {
     }
 
     fn admit(&mut self, fire: Fire, reply: Option<oneshot::Sender<Result<Run, TriggerError>>>) {
-        let run_id = RunId::new();
+        let run_id = RunId::at(self.ctx.clock.now());
         if let Some(missed) = fire.missed {
             let row = self.new_row(run_id, &fire, RunStatus::Missed, Some(missed.reason));
             return self.record(row, reply);
         }
         let policy = &fire.job.def.policy;
         let now = self.ctx.clock.now();
-        if fire.trigger != Trigger::Manual && too_late(now, fire.due_at, policy.misfire_grace) {
+        if judged_late(fire.trigger) && too_late(now, fire.due_at, policy.misfire_grace) {
             let row = self.new_row(run_id, &fire, RunStatus::Missed, Some(Reason::Misfire));
             return self.record(row, reply);
         }
+        let limit = admission::limit(policy);
         let slots = self.jobs.entry(fire.job.id).or_default();
+        if fire.trigger == Trigger::CatchUp {
+            if slots.running.len() < limit && slots.catch_up.is_empty() {
+                return self.start_or_backlog(run_id, fire, reply);
+            }
+            let row = self.new_row(run_id, &fire, RunStatus::Queued, None);
+            self.record(row, reply);
+            let waiting = Waiting {
+                run_id,
+                fire,
+                cancel: RunCancel::default(),
+            };
+            let job_id = waiting.fire.job.id;
+            self.jobs.entry(job_id).or_default().catch_up.push_back(waiting);
+            return;
+        }
         match admit(policy, slots.running.len(), slots.queued.is_some()) {
             Admission::Start => self.start_or_backlog(run_id, fire, reply),
             Admission::Skip(reason) => {
@@ -530,9 +564,7 @@ impl Supervisor {
     /// Starts a run that was waiting (its `queued` row already submitted).
     fn start_waiting(&mut self, w: Waiting) {
         let now = self.ctx.clock.now();
-        if w.fire.trigger != Trigger::Manual
-            && too_late(now, w.fire.due_at, w.fire.job.def.policy.misfire_grace)
-        {
+        if judged_late(w.fire.trigger) && too_late(now, w.fire.due_at, w.fire.job.def.policy.misfire_grace) {
             let mut outcome = Outcome::failed("waited longer than the misfire grace");
             outcome.status = RunStatus::Missed;
             outcome.reason = Some(Reason::Misfire);
@@ -568,7 +600,12 @@ impl Supervisor {
         let queued = self
             .jobs
             .values_mut()
-            .find_map(|s| s.queued.take_if(|w| w.run_id == run))
+            .find_map(|s| {
+                s.queued.take_if(|w| w.run_id == run).or_else(|| {
+                    let at = s.catch_up.iter().position(|w| w.run_id == run)?;
+                    s.catch_up.remove(at)
+                })
+            })
             .or_else(|| {
                 let at = self.backlog.iter().position(|w| w.run_id == run)?;
                 self.backlog.remove(at)
@@ -659,18 +696,19 @@ impl Supervisor {
             let job_id = live.job.id;
             if let Some(slots) = self.jobs.get_mut(&job_id) {
                 slots.running.retain(|r| *r != run_id);
-                // The job's own queued run starts as soon as the job is free.
-                if slots.running.is_empty()
-                    && let Some(next) = slots.queued.take()
-                {
+                // Waiting runs start as soon as the job has room: replayed
+                // fires first (they are older), then the queued one.
+                let next = if slots.running.len() < admission::limit(&live.job.def.policy) {
+                    slots.catch_up.pop_front()
+                } else {
+                    None
+                };
+                let next = next.or_else(|| slots.running.is_empty().then(|| slots.queued.take()).flatten());
+                if let Some(next) = next {
                     self.start_waiting(next);
                 }
             }
-            if self
-                .jobs
-                .get(&job_id)
-                .is_some_and(|s| s.running.is_empty() && s.queued.is_none())
-            {
+            if self.jobs.get(&job_id).is_some_and(Slots::is_idle) {
                 self.jobs.remove(&job_id);
             }
         }
@@ -691,7 +729,7 @@ impl Supervisor {
         let queued: Vec<Waiting> = self
             .jobs
             .values_mut()
-            .filter_map(|s| s.queued.take())
+            .flat_map(|s| s.catch_up.drain(..).chain(s.queued.take()).collect::<Vec<_>>())
             .chain(self.backlog.drain(..))
             .collect();
         for w in queued {

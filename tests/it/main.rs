@@ -7,6 +7,7 @@ mod api;
 mod commands;
 mod observability;
 mod openapi;
+mod policies;
 mod restart;
 mod scheduling;
 mod supervision;

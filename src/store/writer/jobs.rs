@@ -15,13 +15,23 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
-/// The policy limits the writer enforces itself (copied into columns).
-fn limits(def: &JobDefinition) -> (Option<i64>, Option<i64>) {
+/// The policy values the store acts on itself, copied into columns:
+/// `max_runs`, `auto_pause_after`, history `keep_last` and `max_age` (ms).
+struct Limits {
+    max_runs: Option<i64>,
+    auto_pause_after: Option<i64>,
+    keep_last: Option<i64>,
+    max_age_ms: Option<i64>,
+}
+
+fn limits(def: &JobDefinition) -> Limits {
     let policy = &def.policy;
-    (
-        policy.max_runs.and_then(|n| i64::try_from(n).ok()),
-        policy.auto_pause_after.map(i64::from),
-    )
+    Limits {
+        max_runs: policy.max_runs.and_then(|n| i64::try_from(n).ok()),
+        auto_pause_after: policy.auto_pause_after.map(i64::from),
+        keep_last: policy.history.keep_last.map(i64::from),
+        max_age_ms: policy.history.max_age.map(|d| d.as_millis() as i64),
+    }
 }
 
 async fn write_labels(c: &mut SqliteConnection, id: JobId, def: &JobDefinition) -> Result<(), StoreError> {
@@ -42,10 +52,11 @@ async fn write_labels(c: &mut SqliteConnection, id: JobId, def: &JobDefinition) 
 
 pub(super) async fn create(c: &mut SqliteConnection, job: NewJob) -> Result<Arc<Job>, StoreError> {
     let name = job.def.spec.name.clone();
-    let (max_runs, auto_pause_after) = limits(&job.def);
+    let limits = limits(&job.def);
     let result = sqlx::query(
         "INSERT INTO jobs (id, name, spec, paused, pause_note, source, version, created_at, updated_at, cursor_at, \
-         max_runs, auto_pause_after) VALUES (?, ?, ?, ?, NULL, ?, 1, ?, ?, ?, ?, ?)",
+         max_runs, auto_pause_after, history_keep_last, history_max_age_ms) \
+         VALUES (?, ?, ?, ?, NULL, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(job.id.to_string())
     .bind(&name)
@@ -55,8 +66,10 @@ pub(super) async fn create(c: &mut SqliteConnection, job: NewJob) -> Result<Arc<
     .bind(ms(job.now))
     .bind(ms(job.now))
     .bind(ms(job.now))
-    .bind(max_runs)
-    .bind(auto_pause_after)
+    .bind(limits.max_runs)
+    .bind(limits.auto_pause_after)
+    .bind(limits.keep_last)
+    .bind(limits.max_age_ms)
     .execute(&mut *c)
     .await;
     match result {
@@ -98,11 +111,12 @@ pub(super) async fn replace(c: &mut SqliteConnection, r: Replacement) -> Result<
     let cursor_at = if rescheduled { r.now } else { current.cursor_at };
     let pause_note = if paused { current.pause_note.clone() } else { None };
     let name = r.def.spec.name.clone();
-    let (max_runs, auto_pause_after) = limits(&r.def);
+    let limits = limits(&r.def);
     let result = sqlx::query(
         "UPDATE jobs SET name = ?, spec = ?, paused = ?, pause_note = ?, version = version + 1, \
-         updated_at = ?, cursor_at = ?, max_runs = ?, auto_pause_after = ?, \
-         consecutive_failures = CASE WHEN ? THEN 0 ELSE consecutive_failures END WHERE id = ?",
+         updated_at = ?, cursor_at = ?, max_runs = ?, auto_pause_after = ?, history_keep_last = ?, \
+         history_max_age_ms = ?, consecutive_failures = CASE WHEN ? THEN 0 ELSE consecutive_failures END \
+         WHERE id = ?",
     )
     .bind(&name)
     .bind(spec_json(&r.def.spec)?)
@@ -110,8 +124,10 @@ pub(super) async fn replace(c: &mut SqliteConnection, r: Replacement) -> Result<
     .bind(&pause_note)
     .bind(ms(r.now))
     .bind(ms(cursor_at))
-    .bind(max_runs)
-    .bind(auto_pause_after)
+    .bind(limits.max_runs)
+    .bind(limits.auto_pause_after)
+    .bind(limits.keep_last)
+    .bind(limits.max_age_ms)
     .bind(resumed)
     .bind(r.id.to_string())
     .execute(&mut *c)

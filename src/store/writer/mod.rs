@@ -92,6 +92,18 @@ pub enum Op {
         at: DateTime<Utc>,
         reply: Reply<()>,
     },
+    PruneJob {
+        job: JobId,
+        keep_last: Option<u32>,
+        older_than: Option<DateTime<Utc>>,
+        limit: u32,
+        reply: Reply<u64>,
+    },
+    PruneOld {
+        older_than: DateTime<Utc>,
+        limit: u32,
+        reply: Reply<u64>,
+    },
     /// Commit what came before, acknowledge, and stop.
     Close {
         reply: Reply<()>,
@@ -309,6 +321,21 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op) -> Pending {
                 .map_err(StoreError::from);
             pending(reply, plain(result))
         }
+        Op::PruneJob {
+            job,
+            keep_last,
+            older_than,
+            limit,
+            reply,
+        } => pending(
+            reply,
+            plain(runs::prune_job(tx, job, keep_last, older_than, limit).await),
+        ),
+        Op::PruneOld {
+            older_than,
+            limit,
+            reply,
+        } => pending(reply, plain(runs::prune_old(tx, older_than, limit).await)),
         Op::Close { reply } => pending(reply, Ok(((), None))),
     }
 }

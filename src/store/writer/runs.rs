@@ -313,3 +313,48 @@ pub(super) async fn orphan_if_live(
     .await?;
     Ok(r.rows_affected() == 1)
 }
+
+/// Deletes up to `limit` finished runs of `job` beyond its `keep_last`
+/// newest runs, or created before `older_than`.
+pub(super) async fn prune_job(
+    tx: &mut Transaction<'_, Sqlite>,
+    job: JobId,
+    keep_last: Option<u32>,
+    older_than: Option<DateTime<Utc>>,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    let r = sqlx::query(
+        "DELETE FROM runs WHERE id IN (\
+           SELECT id FROM runs WHERE job_id = ?1 AND status NOT IN ('queued', 'running') \
+           AND (id < (SELECT id FROM runs WHERE job_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2) OR id < ?3) \
+           ORDER BY id LIMIT ?4)",
+    )
+    .bind(job.to_string())
+    // No keep-last: an offset past any history keeps everything.
+    .bind(keep_last.map_or(i64::MAX, |k| i64::from(k.max(1)) - 1))
+    .bind(older_than.map(|t| RunId::boundary(t).to_string()))
+    .bind(i64::from(limit))
+    .execute(&mut **tx)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Deletes up to `limit` finished runs created before `older_than`, of jobs
+/// without their own history age.
+pub(super) async fn prune_old(
+    tx: &mut Transaction<'_, Sqlite>,
+    older_than: DateTime<Utc>,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    let r = sqlx::query(
+        "DELETE FROM runs WHERE id IN (\
+           SELECT id FROM runs WHERE id < ? AND status NOT IN ('queued', 'running') \
+           AND job_id NOT IN (SELECT id FROM jobs WHERE history_max_age_ms IS NOT NULL) \
+           ORDER BY id LIMIT ?)",
+    )
+    .bind(RunId::boundary(older_than).to_string())
+    .bind(i64::from(limit))
+    .execute(&mut **tx)
+    .await?;
+    Ok(r.rows_affected())
+}

@@ -1,0 +1,507 @@
+//! Scheduling policies, on a manual clock: overlap, catch-up after
+//! downtime, retries, auto-pause, max runs, retention.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use cronguard::clock::{Clock, ManualClock};
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+fn secs(t: DateTime<Utc>) -> f64 {
+    (t - t0()).num_milliseconds() as f64 / 1000.0
+}
+
+fn at(s: f64) -> DateTime<Utc> {
+    t0() + TimeDelta::milliseconds((s * 1000.0).round() as i64)
+}
+
+/// Expected life of the fire at second `fire`: started at `start` (None:
+/// never started), ended at `end`, final status.
+#[derive(Debug, Clone, Copy)]
+struct Expect {
+    fire: u32,
+    start: Option<f64>,
+    end: Option<f64>,
+    status: &'static str,
+    reason: Option<&'static str>,
+}
+
+const fn run(fire: u32, start: f64, end: f64, status: &'static str, reason: Option<&'static str>) -> Expect {
+    Expect {
+        fire,
+        start: Some(start),
+        end: Some(end),
+        status,
+        reason,
+    }
+}
+
+const fn skip(fire: u32, reason: &'static str) -> Expect {
+    Expect {
+        fire,
+        start: None,
+        end: None,
+        status: "skipped",
+        reason: Some(reason),
+    }
+}
+
+impl Expect {
+    /// (status, reason) as recorded at time `t`, if the fire happened.
+    fn at(&self, t: f64) -> Option<(String, Option<String>)> {
+        if t < f64::from(self.fire) {
+            return None;
+        }
+        let status = match (self.start, self.end) {
+            (None, _) => self.status,
+            (Some(s), _) if t < s => "queued",
+            (Some(_), Some(e)) if t < e => "running",
+            _ => self.status,
+        };
+        let reason = (status == self.status).then_some(self.reason).flatten();
+        Some((status.to_owned(), reason.map(str::to_owned)))
+    }
+}
+
+/// What the runs of `job` say: scheduled second → (status, reason).
+async fn recorded(app: &TestApp, job: &str) -> BTreeMap<u32, (String, Option<String>)> {
+    app.runs(job)
+        .await
+        .iter()
+        .map(|r| {
+            let scheduled = DateTime::parse_from_rfc3339(r["scheduled_at"].as_str().unwrap())
+                .unwrap()
+                .to_utc();
+            (
+                secs(scheduled).round() as u32,
+                (
+                    r["status"].as_str().unwrap().to_owned(),
+                    r["reason"].as_str().map(str::to_owned),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn expected(table: &[Expect], t: f64) -> BTreeMap<u32, (String, Option<String>)> {
+    table.iter().filter_map(|e| Some((e.fire, e.at(t)?))).collect()
+}
+
+/// Steps the clock by half seconds to `until`, and after each step waits
+/// until the recorded runs match one of the candidate tables (more than
+/// one where the policy allows a tie to go either way).
+async fn replay(app: &TestApp, clock: &ManualClock, job: &str, mut tables: Vec<Vec<Expect>>, until: f64) {
+    let mut t = 0.0;
+    while t < until {
+        t += 0.5;
+        clock.set(at(t));
+        let got = eventually(&format!("{job} at t={t}"), || {
+            let tables = &tables;
+            async move {
+                let got = recorded(app, job).await;
+                tables
+                    .iter()
+                    .any(|table| expected(table, t) == got)
+                    .then_some(got)
+            }
+        })
+        .await;
+        tables.retain(|table| expected(table, t) == got);
+    }
+    assert!(!tables.is_empty());
+}
+
+async fn overlap_case(overlap: &str, max_concurrency: u32, tables: Vec<Vec<Expect>>) {
+    let clock = ManualClock::new(t0());
+    let app = TestApp::start(Options::manual_clock(&clock)).await;
+    let mut policy = json!({"overlap": overlap});
+    if max_concurrency > 1 {
+        policy["max_concurrency"] = json!(max_concurrency);
+    }
+    app.create(json!({
+        "name": overlap,
+        "schedule": {"kind": "interval", "every": "1s"},
+        "action": {"kind": "test", "sleep": "2500ms"},
+        "policy": policy,
+    }))
+    .await;
+    replay(&app, &clock, overlap, tables, 10.0).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn overlap_skip_against_runs_of_two_and_a_half_seconds() {
+    let table = vec![
+        run(1, 1.0, 3.5, "succeeded", None),
+        skip(2, "overlap"),
+        skip(3, "overlap"),
+        run(4, 4.0, 6.5, "succeeded", None),
+        skip(5, "overlap"),
+        skip(6, "overlap"),
+        run(7, 7.0, 9.5, "succeeded", None),
+        skip(8, "overlap"),
+        skip(9, "overlap"),
+        run(10, 10.0, 12.5, "succeeded", None),
+    ];
+    overlap_case("skip", 1, vec![table]).await;
+}
+
+#[tokio::test]
+async fn overlap_allow_up_to_max_concurrency() {
+    let table = vec![
+        run(1, 1.0, 3.5, "succeeded", None),
+        run(2, 2.0, 4.5, "succeeded", None),
+        skip(3, "overlap"),
+        run(4, 4.0, 6.5, "succeeded", None),
+        run(5, 5.0, 7.5, "succeeded", None),
+        skip(6, "overlap"),
+        run(7, 7.0, 9.5, "succeeded", None),
+        run(8, 8.0, 10.5, "succeeded", None),
+        skip(9, "overlap"),
+        run(10, 10.0, 12.5, "succeeded", None),
+    ];
+    overlap_case("allow", 2, vec![table]).await;
+}
+
+#[tokio::test]
+async fn overlap_cancel_running_replaces_every_run() {
+    let mut table: Vec<Expect> = (1..10)
+        .map(|f| run(f, f64::from(f), f64::from(f) + 1.0, "cancelled", Some("replaced")))
+        .collect();
+    table.push(run(10, 10.0, 12.5, "succeeded", None));
+    overlap_case("cancel_running", 1, vec![table]).await;
+}
+
+#[tokio::test]
+async fn overlap_queue_one_keeps_one_waiting() {
+    // At t=6 the queued run 2 ends exactly when fire 6 comes: the fire may
+    // be admitted before the end (6 skipped, 7 queued) or after it (6
+    // queued, 7 skipped). Everything else is fixed.
+    let common = |six: Expect, seven: Expect, eight_start: f64| {
+        vec![
+            run(1, 1.0, 3.5, "succeeded", None),
+            run(2, 3.5, 6.0, "succeeded", None),
+            skip(3, "queue_full"),
+            run(4, 6.0, 8.5, "succeeded", None),
+            skip(5, "queue_full"),
+            six,
+            seven,
+            skip(8, "queue_full"),
+            run(9, eight_start + 2.5, eight_start + 5.0, "succeeded", None),
+            skip(10, "queue_full"),
+        ]
+    };
+    let fire_first = common(skip(6, "queue_full"), run(7, 8.5, 11.0, "succeeded", None), 8.5);
+    let end_first = common(run(6, 8.5, 11.0, "succeeded", None), skip(7, "queue_full"), 8.5);
+    overlap_case("queue_one", 1, vec![fire_first, end_first]).await;
+}
+
+/// An every-minute job; the service is stopped after its first fire and
+/// restarted ten minutes later.
+async fn downtime(policy: Value) -> Vec<Value> {
+    let clock = ManualClock::new(t0());
+    let first = TestApp::start(Options::manual_clock(&clock)).await;
+    first
+        .create(json!({
+            "name": "minutely",
+            "schedule": {"kind": "cron", "expr": "* * * * *"},
+            "action": {"kind": "test"},
+            "policy": policy,
+        }))
+        .await;
+    clock.set(t0() + TimeDelta::seconds(60));
+    eventually("the first fire", || async {
+        first
+            .runs("minutely")
+            .await
+            .iter()
+            .any(|r| r["status"] == "succeeded")
+            .then_some(())
+    })
+    .await;
+    let dir = first.dir.clone();
+    first.stop().await;
+
+    // Down from 12:01:00 to 12:11:30: fires 12:02 … 12:11 were due.
+    clock.set(t0() + TimeDelta::seconds(11 * 60 + 30));
+    let second = TestApp::start(Options {
+        dir: Some(dir),
+        ..Options::manual_clock(&clock)
+    })
+    .await;
+    // Settled: every due fire is recorded (the cursor moved past 12:11 in
+    // the same commits) and no run is live.
+    let next = (t0() + TimeDelta::seconds(12 * 60)).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    let runs = eventually("the catch-up to settle", || async {
+        let (_, job) = second.get("/v1/jobs/minutely").await;
+        let runs = second.runs("minutely").await;
+        let live = runs
+            .iter()
+            .any(|r| matches!(r["status"].as_str(), Some("running" | "queued")));
+        (job["next_fire_at"] == next.as_str() && !live).then_some(runs)
+    })
+    .await;
+    second.stop().await;
+    runs
+}
+
+fn describe(runs: &[Value]) -> Vec<String> {
+    let mut out: Vec<String> = runs
+        .iter()
+        .map(|r| {
+            let at = |k: &str| {
+                DateTime::parse_from_rfc3339(r[k].as_str().unwrap())
+                    .unwrap()
+                    .format("%H:%M")
+                    .to_string()
+            };
+            match r["status"].as_str().unwrap() {
+                "missed" => format!(
+                    "missed {}..{} x{} ({})",
+                    at("scheduled_at"),
+                    at("scheduled_until"),
+                    r["fires"],
+                    r["reason"].as_str().unwrap()
+                ),
+                s => format!("{} {} {}", r["trigger"].as_str().unwrap(), at("scheduled_at"), s),
+            }
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn ten_minutes_down_under_each_catch_up_policy() {
+    // Default grace (60 s): 12:11 is 30 s late and simply runs; the older
+    // fires are summarised in one missed row.
+    assert_eq!(
+        describe(&downtime(json!({})).await),
+        [
+            "missed 12:02..12:10 x9 (downtime)",
+            "schedule 12:01 succeeded",
+            "schedule 12:11 succeeded"
+        ]
+    );
+    let grace = "10s";
+    assert_eq!(
+        describe(&downtime(json!({"catch_up": "none", "misfire_grace": grace})).await),
+        ["missed 12:02..12:11 x10 (downtime)", "schedule 12:01 succeeded"]
+    );
+    assert_eq!(
+        describe(&downtime(json!({"catch_up": "latest", "misfire_grace": grace})).await),
+        [
+            "catch_up 12:11 succeeded",
+            "missed 12:02..12:10 x9 (downtime)",
+            "schedule 12:01 succeeded"
+        ]
+    );
+    assert_eq!(
+        describe(
+            &downtime(json!({"catch_up": "all", "misfire_grace": grace, "catch_up_window": "5m"})).await
+        ),
+        [
+            "catch_up 12:07 succeeded",
+            "catch_up 12:08 succeeded",
+            "catch_up 12:09 succeeded",
+            "catch_up 12:10 succeeded",
+            "catch_up 12:11 succeeded",
+            "missed 12:02..12:06 x5 (downtime)",
+            "schedule 12:01 succeeded"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn retries_back_off_within_bounds_inside_one_run() {
+    let clock = ManualClock::new(t0());
+    let app = TestApp::start(Options::manual_clock(&clock)).await;
+    app.create(json!({
+        "name": "flaky",
+        "schedule": {"kind": "cron", "expr": "0 0 1 1 *"},
+        "action": {"kind": "test", "fail_attempts": 2},
+        "policy": {"retry": {"max_attempts": 3, "backoff": "1s", "max_backoff": "10s"}},
+    }))
+    .await;
+    let (_, run) = app.post_empty("/v1/jobs/flaky/trigger").await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    // Move time on in small steps until the run ends.
+    let run = loop {
+        let (_, r) = app.get(&format!("/v1/runs/{id}")).await;
+        if r["status"] != "running" {
+            break r;
+        }
+        let attempts = r["attempts"].as_u64().unwrap_or(0);
+        clock.advance(Duration::from_millis(100));
+        // Let the run reach its next wait before moving time again.
+        eventually("the run to progress", || async {
+            let (_, r) = app.get(&format!("/v1/runs/{id}")).await;
+            (r["status"] != "running" || r["attempts"].as_u64().unwrap_or(0) >= attempts).then_some(())
+        })
+        .await;
+    };
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["attempts"], 3);
+    let log = run["attempt_log"].as_array().unwrap();
+    assert_eq!(log.len(), 3, "{run}");
+    let when = |i: usize, k: &str| DateTime::parse_from_rfc3339(log[i][k].as_str().unwrap()).unwrap();
+    assert_eq!(log[0]["status"], "failed");
+    assert_eq!(log[1]["status"], "failed");
+    assert_eq!(log[2]["status"], "succeeded");
+    let first_wait = (when(1, "started_at") - when(0, "ended_at")).num_milliseconds();
+    let second_wait = (when(2, "started_at") - when(1, "ended_at")).num_milliseconds();
+    // Equal jitter: the delay before retry n lies in [d/2, d] with
+    // d = backoff * 2^(n-2); the clock moves in 100 ms steps.
+    assert!((500..=1100).contains(&first_wait), "first wait {first_wait} ms");
+    assert!(
+        (1000..=2100).contains(&second_wait),
+        "second wait {second_wait} ms"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn auto_pause_after_consecutive_failures_and_resume_resets() {
+    let app = TestApp::spawn().await;
+    app.create(json!({
+        "name": "broken",
+        "schedule": {"kind": "cron", "expr": "0 0 1 1 *"},
+        "action": {"kind": "test", "fail_attempts": 1000},
+        "policy": {"auto_pause_after": 3},
+    }))
+    .await;
+    for i in 1..=3 {
+        let (_, job) = app.get("/v1/jobs/broken").await;
+        assert_eq!(job["paused"], false, "paused after {} failures", i - 1);
+        let (_, run) = app.post_empty("/v1/jobs/broken/trigger").await;
+        assert_eq!(
+            app.final_run(run["id"].as_str().unwrap()).await["status"],
+            "failed"
+        );
+    }
+    let job = eventually("the job to pause itself", || async {
+        let (_, job) = app.get("/v1/jobs/broken").await;
+        (job["paused"] == true).then_some(job)
+    })
+    .await;
+    assert_eq!(job["pause_note"], "auto-paused after 3 consecutive failed runs");
+    let (_, job) = app.post_empty("/v1/jobs/broken/resume").await;
+    assert_eq!(job["paused"], false);
+    // The count starts over: one more failure does not pause it.
+    let (_, run) = app.post_empty("/v1/jobs/broken/trigger").await;
+    app.final_run(run["id"].as_str().unwrap()).await;
+    let (_, job) = app.get("/v1/jobs/broken").await;
+    assert_eq!(job["paused"], false);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_stops_after_max_runs() {
+    let clock = ManualClock::new(t0());
+    let app = TestApp::start(Options::manual_clock(&clock)).await;
+    app.create(json!({
+        "name": "thrice",
+        "schedule": {"kind": "interval", "every": "1s"},
+        "action": {"kind": "test"},
+        "policy": {"max_runs": 3},
+    }))
+    .await;
+    for s in 1..=5 {
+        clock.set(at(f64::from(s)));
+        let expected = s.min(3) as usize;
+        eventually("the fires", || async {
+            let runs = app.runs("thrice").await;
+            (runs.len() == expected && runs.iter().all(|r| r["status"] == "succeeded")).then_some(())
+        })
+        .await;
+    }
+    let (_, job) = app.get("/v1/jobs/thrice").await;
+    assert!(job["next_fire_at"].is_null(), "{job}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn retention_keeps_exactly_the_configured_history() {
+    let mut options = Options::default();
+    options.settings.retention_interval = Some("200ms".into());
+    let app = TestApp::start(options).await;
+    let (_, keep) = app
+        .post(
+            "/v1/jobs",
+            json!({
+                "name": "busy",
+                "schedule": {"kind": "cron", "expr": "0 0 1 1 *"},
+                "action": {"kind": "test"},
+                "policy": {"history": {"keep_last": 100}},
+            }),
+        )
+        .await;
+    let (_, default) = app
+        .post(
+            "/v1/jobs",
+            json!({"name": "quiet", "schedule": {"kind": "cron", "expr": "0 0 1 1 *"}, "action": {"kind": "test"}}),
+        )
+        .await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.db.display()))
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let base = Utc::now() - TimeDelta::days(10);
+    let mut ids = Vec::new();
+    for (job, name, n) in [(&keep, "busy", 10_000), (&default, "quiet", 50)] {
+        for i in 0..n {
+            let created = base + TimeDelta::milliseconds(i);
+            let id = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+                uuid::NoContext,
+                created.timestamp() as u64,
+                created.timestamp_subsec_nanos(),
+            ))
+            .to_string();
+            if name == "busy" {
+                ids.push(id.clone());
+            }
+            sqlx::query(
+                "INSERT INTO runs (id, job_id, job_name, scheduled_at, status, trigger, created_at, ended_at, \
+                 attempts, incarnation) VALUES (?, ?, ?, ?, 'succeeded', 'manual', ?, ?, 1, 'x')",
+            )
+            .bind(&id)
+            .bind(job["id"].as_str().unwrap())
+            .bind(name)
+            .bind(created.timestamp_millis())
+            .bind(created.timestamp_millis())
+            .bind(created.timestamp_millis())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+    let count = |name: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM runs WHERE job_name = ?")
+                .bind(name)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    eventually("retention to prune to 100", || async {
+        (count("busy").await == 100).then_some(())
+    })
+    .await;
+    let kept: Vec<String> = sqlx::query_scalar("SELECT id FROM runs WHERE job_name = 'busy' ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, ids[ids.len() - 100..], "the newest 100 are kept");
+    assert_eq!(
+        count("quiet").await,
+        50,
+        "the default (1000) keeps the other job's 50"
+    );
+    app.stop().await;
+}
