@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use cronguard::clock::{Clock, ManualClock};
+use cronguard::clock::ManualClock;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
