@@ -101,7 +101,7 @@ impl App {
             orphans: Arc::new(Orphans::new(metrics.clone())),
             metrics,
             incarnation: Incarnation::new(),
-            faults: Arc::new(Faults::default()),
+            faults: Arc::new(Faults::new()),
         })
     }
 

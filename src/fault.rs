@@ -38,6 +38,11 @@ mod enabled {
     }
 
     impl Faults {
+        /// Nothing armed.
+        pub fn new() -> Self {
+            Self::default()
+        }
+
         /// Arms `fault` for loop `name`.
         pub fn arm(&self, name: &str, fault: Fault) {
             self.armed
@@ -143,6 +148,11 @@ pub struct Faults;
 
 #[cfg(not(feature = "fault-injection"))]
 impl Faults {
+    /// Nothing can be armed in builds without fault injection.
+    pub fn new() -> Self {
+        Self
+    }
+
     /// Does nothing in builds without fault injection.
     #[inline(always)]
     pub async fn checkpoint(&self, _name: &str) {}
