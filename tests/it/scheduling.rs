@@ -176,6 +176,14 @@ async fn trigger_runs_now_and_cancel_ends_a_live_run() {
         (Some("skipped"), Some("overlap"))
     );
 
+    // Unless the request forces it.
+    let (status, forced) = app.post_empty("/v1/jobs/slow/trigger?force=true").await;
+    assert_eq!(status, 202);
+    assert_eq!(forced["status"], "running", "{forced}");
+    let (status, _) = app.post_empty(&format!("/v1/runs/{}/cancel", forced["id"].as_str().unwrap())).await;
+    assert_eq!(status, 202);
+    app.final_run(forced["id"].as_str().unwrap()).await;
+
     let (status, _) = app.post_empty(&format!("/v1/runs/{id}/cancel")).await;
     assert_eq!(status, 202);
     let run = app.final_run(id).await;
@@ -191,6 +199,6 @@ async fn trigger_runs_now_and_cancel_ends_a_live_run() {
     );
 
     let (_, runs) = app.get("/v1/runs?status=skipped,cancelled").await;
-    assert_eq!(runs["items"].as_array().unwrap().len(), 2);
+    assert_eq!(runs["items"].as_array().unwrap().len(), 3);
     app.stop().await;
 }
