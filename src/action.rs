@@ -75,6 +75,11 @@ pub struct HttpSpec {
     /// Request body, sent as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
+    /// Headers whose values are secret: never shown back by the API
+    /// (`Authorization`, `Proxy-Authorization`, `Cookie` and `X-Api-Key`
+    /// always are). Values may reference `${CRONGUARD_SECRET_<NAME>}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_headers: Vec<String>,
     /// Per-attempt timeout; default `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
@@ -199,15 +204,58 @@ impl StatusSet {
 pub struct ActionPolicy {
     /// Whether `command` actions may be created and run.
     pub commands_enabled: bool,
+    /// Programs commands may run (exact match); empty: any.
+    pub command_allowlist: Vec<String>,
+    /// Refuse HTTP actions to non-public addresses (SSRF guard).
+    pub deny_private_networks: bool,
+}
+
+impl ActionPolicy {
+    /// Whether `program` may run under the allowlist.
+    pub fn program_allowed(&self, program: &str) -> bool {
+        self.command_allowlist.is_empty() || self.command_allowlist.iter().any(|p| p == program)
+    }
+}
+
+/// Whether `ip` is a public unicast address (the SSRF guard's test).
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (18..20).contains(&b))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_public(IpAddr::V4(v4)),
+            None => {
+                !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || v6.is_unique_local()
+                    || v6.is_unicast_link_local()
+                    || v6.segments()[0] == 0x2001 && v6.segments()[1] == 0x0db8)
+            }
+        },
+    }
 }
 
 impl ActionSpec {
     /// Validates the action; errors point below `pointer` (`/action`).
     pub fn parse(&self, policy: &ActionPolicy, pointer: &str) -> Result<Action, FieldErrors> {
         match self {
-            Self::Http(spec) => spec.parse(pointer).map(Action::Http),
+            Self::Http(spec) => spec.parse(policy, pointer).map(Action::Http),
             Self::Command(spec) => {
-                let action = spec.parse(pointer);
+                let action = spec.parse(policy, pointer);
                 if !policy.commands_enabled {
                     let mut errors = action.err().unwrap_or_default();
                     errors.0.insert(
@@ -229,7 +277,7 @@ impl ActionSpec {
 }
 
 impl HttpSpec {
-    fn parse(&self, pointer: &str) -> Result<HttpAction, FieldErrors> {
+    fn parse(&self, policy: &ActionPolicy, pointer: &str) -> Result<HttpAction, FieldErrors> {
         let mut errors = FieldErrors::default();
         let method_text = self.method.as_deref().unwrap_or("POST");
         let method = match reqwest::Method::from_bytes(method_text.as_bytes()) {
@@ -250,6 +298,14 @@ impl HttpSpec {
             None
         } else {
             match reqwest::Url::parse(&self.url) {
+                Ok(u) if policy.deny_private_networks && literal_ip(&u).is_some_and(|ip| !is_public(ip)) => {
+                    errors.push(
+                        format!("{pointer}/url"),
+                        "the address is not public and this server refuses private networks \
+                         (--deny-private-networks)",
+                    );
+                    None
+                }
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
                 Ok(_) => {
                     errors.push(
@@ -279,6 +335,10 @@ impl HttpSpec {
             };
             if header.as_str().starts_with("x-cronguard-") {
                 errors.push(at, "X-Cronguard-* headers are set by the service");
+                continue;
+            }
+            if let Err(e) = crate::secrets::references(value) {
+                errors.push(at, e);
                 continue;
             }
             match HeaderValue::from_str(value) {
@@ -324,8 +384,14 @@ impl HttpSpec {
 }
 
 impl CommandSpec {
-    fn parse(&self, pointer: &str) -> Result<CommandAction, FieldErrors> {
+    fn parse(&self, policy: &ActionPolicy, pointer: &str) -> Result<CommandAction, FieldErrors> {
         let mut errors = FieldErrors::default();
+        if !self.program.is_empty() && !policy.program_allowed(&self.program) {
+            errors.push(
+                format!("{pointer}/program"),
+                "this program is not in the server's command allowlist (--command-allowlist)",
+            );
+        }
         if self.program.is_empty() || self.program.len() > MAX_ARG_LEN || self.program.contains('\0') {
             errors.push(
                 format!("{pointer}/program"),
@@ -364,6 +430,8 @@ impl CommandSpec {
                 errors.push(at, "CRONGUARD_* variables are set by the service");
             } else if value.len() > MAX_ARG_LEN || value.contains('\0') {
                 errors.push(at, "values are at most 8 KiB and contain no NUL bytes");
+            } else if let Err(e) = crate::secrets::references(value) {
+                errors.push(at, e);
             }
         }
         let working_dir = self.working_dir.as_ref().and_then(|dir| {
@@ -413,6 +481,15 @@ fn parse_timeout(text: Option<&str>, default: Duration, pointer: &str, errors: &
             errors.push(e.pointer, e.detail);
             default
         }),
+    }
+}
+
+/// The URL's host if it is an IP address literal.
+pub fn literal_ip(url: &reqwest::Url) -> Option<std::net::IpAddr> {
+    match url.host()? {
+        url::Host::Ipv4(ip) => Some(ip.into()),
+        url::Host::Ipv6(ip) => Some(ip.into()),
+        url::Host::Domain(_) => None,
     }
 }
 
@@ -487,14 +564,49 @@ mod tests {
         .unwrap();
         let e = spec.parse(&ActionPolicy::default(), "/action").unwrap_err();
         assert_eq!(e.0[0].pointer, "/action/kind");
-        let e = spec
-            .parse(
-                &ActionPolicy {
-                    commands_enabled: true,
-                },
-                "/action",
-            )
-            .unwrap_err();
+        let enabled = ActionPolicy {
+            commands_enabled: true,
+            ..ActionPolicy::default()
+        };
+        let e = spec.parse(&enabled, "/action").unwrap_err();
         assert_eq!(e.0[0].pointer, "/action/working_dir");
+        let allowlisted = ActionPolicy {
+            command_allowlist: vec!["/usr/bin/backup".into()],
+            ..enabled
+        };
+        let e = spec.parse(&allowlisted, "/action").unwrap_err();
+        assert_eq!(e.0[0].pointer, "/action/program");
+    }
+
+    #[test]
+    fn the_ssrf_guard_knows_private_space() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+        let guarded = ActionPolicy {
+            deny_private_networks: true,
+            ..ActionPolicy::default()
+        };
+        let spec: ActionSpec =
+            serde_json::from_str(r#"{"kind":"http","url":"http://169.254.169.254/latest"}"#).unwrap();
+        assert_eq!(
+            spec.parse(&guarded, "/action").unwrap_err().0[0].pointer,
+            "/action/url"
+        );
     }
 }

@@ -155,9 +155,14 @@ impl App {
         health.set_recovered();
         tracing::info!(%incarnation, addr = %listener.local_addr().map_err(AppError::Serve)?, "cronguard started");
 
+        let actions = ActionPolicy {
+            commands_enabled: config.enable_command_jobs,
+            command_allowlist: config.command_allowlist.clone(),
+            deny_private_networks: config.deny_private_networks,
+        };
         let executor = Executor::new(
             ExecutorConfig {
-                commands_enabled: config.enable_command_jobs,
+                actions: actions.clone(),
                 output_tail_bytes: config.output_tail_bytes,
                 shim: config.command_shim.clone(),
             },
@@ -186,11 +191,11 @@ impl App {
             metrics: metrics.clone(),
             orphans: orphans.clone(),
             faults: faults.clone(),
-            actions: ActionPolicy {
-                commands_enabled: config.enable_command_jobs,
-            },
+            actions,
             incarnation,
             started_at: clock.now(),
+            tokens: config.tokens.clone(),
+            max_jobs: config.max_jobs,
         });
         let router = api::router(
             ctx,

@@ -83,6 +83,46 @@ pub struct Settings {
     #[arg(long, env = "CRONGUARD_RETENTION_INTERVAL", value_name = "DURATION")]
     pub retention_interval: Option<String>,
 
+    /// API tokens as NAME:SCOPE:SECRET (scope read, write or admin), comma-separated; prefer --tokens-file
+    #[arg(
+        long = "token",
+        env = "CRONGUARD_TOKENS",
+        value_name = "NAME:SCOPE:SECRET",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub tokens: Option<Vec<String>>,
+
+    /// File of API tokens, one `NAME SCOPE sha256:HEX` per line (`cronguard hash-token` prints the hash)
+    #[arg(long, env = "CRONGUARD_TOKENS_FILE", value_name = "PATH")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Allow listening on a non-loopback address without any token [default: false]
+    #[arg(long, env = "CRONGUARD_INSECURE_NO_AUTH", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_no_auth: Option<bool>,
+
+    /// Require a (read) token for /metrics too [default: false]
+    #[arg(long, env = "CRONGUARD_METRICS_REQUIRE_TOKEN", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_require_token: Option<bool>,
+
+    /// Programs command actions may run (absolute paths or names), comma-separated; empty allows any [default: any]
+    #[arg(
+        long,
+        env = "CRONGUARD_COMMAND_ALLOWLIST",
+        value_name = "PROGRAMS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub command_allowlist: Option<Vec<String>>,
+
+    /// Refuse HTTP actions to loopback, private, link-local and other non-public addresses (SSRF guard) [default: false]
+    #[arg(long, env = "CRONGUARD_DENY_PRIVATE_NETWORKS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub deny_private_networks: Option<bool>,
+
+    /// Most jobs that may exist; creating more is refused [default: unlimited]
+    #[arg(long, env = "CRONGUARD_MAX_JOBS", value_name = "N")]
+    pub max_jobs: Option<u64>,
+
     /// Log filter, e.g. `info` or `info,cronguard=debug` [default: info]
     #[arg(long, env = "CRONGUARD_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -128,6 +168,13 @@ impl Settings {
             history_keep_last,
             history_max_age,
             retention_interval,
+            tokens,
+            tokens_file,
+            insecure_no_auth,
+            metrics_require_token,
+            command_allowlist,
+            deny_private_networks,
+            max_jobs,
             log,
             log_format,
         )
@@ -195,6 +242,14 @@ pub struct Config {
     pub history: crate::retention::HistoryDefaults,
     /// Retention loop period.
     pub retention_interval: Duration,
+    /// API tokens (digests only).
+    pub tokens: std::sync::Arc<crate::api::auth::Tokens>,
+    /// Programs command actions may run; empty: any.
+    pub command_allowlist: Vec<String>,
+    /// The SSRF guard for HTTP actions.
+    pub deny_private_networks: bool,
+    /// Job quota.
+    pub max_jobs: Option<u64>,
     /// Whether this process owns its process tree: child subreaper, stray
     /// detection and zombie reaping. Set by `cronguard serve`, not a
     /// setting: an embedding process (the test suite) owns its own tree.
@@ -258,6 +313,25 @@ impl Config {
             setting: "listen",
             message: format!("`{listen_text}` is not ADDR:PORT such as 127.0.0.1:8080 or [::]:8080"),
         })?;
+        let mut tokens = crate::api::auth::Tokens::parse(
+            s.tokens.as_deref().unwrap_or_default(),
+            s.tokens_file.as_deref(),
+        )
+        .map_err(|message| ConfigError {
+            setting: "tokens",
+            message,
+        })?;
+        tokens.metrics_require_token = s.metrics_require_token.unwrap_or(false);
+        let addr: SocketAddr = listen;
+        if !addr.ip().is_loopback() && !tokens.enabled() && !s.insecure_no_auth.unwrap_or(false) {
+            return Err(ConfigError {
+                setting: "listen",
+                message: format!(
+                    "{addr} is reachable from other hosts and no API token is configured: set --token or \
+                     --tokens-file, or pass --insecure-no-auth to run an open API deliberately"
+                ),
+            });
+        }
         let database = s.database.unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
         if database.trim().is_empty() || database.contains(":memory:") || database.contains("mode=memory") {
             return Err(ConfigError {
@@ -320,6 +394,15 @@ impl Config {
                 s.retention_interval,
                 Duration::from_secs(60),
             )?,
+            tokens: std::sync::Arc::new(tokens),
+            command_allowlist: s
+                .command_allowlist
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .collect(),
+            deny_private_networks: s.deny_private_networks.unwrap_or(false),
+            max_jobs: s.max_jobs,
             process_supervision: false,
             command_shim: None,
         })

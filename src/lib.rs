@@ -32,6 +32,7 @@ pub mod procfs;
 pub mod retention;
 pub mod run;
 pub mod schedule;
+pub mod secrets;
 pub mod shutdown;
 pub mod store;
 pub mod supervisor;

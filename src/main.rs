@@ -32,6 +32,14 @@ enum Command {
     },
     /// Print the OpenAPI 3.1 document of the API (as in `openapi/cronguard.json`).
     Openapi,
+    /// Print the tokens-file line for a token read from standard input
+    /// (`NAME SCOPE sha256:HEX`), so the secret is stored nowhere.
+    HashToken {
+        /// The token's name (appears in audit logs).
+        name: String,
+        /// read, write or admin.
+        scope: String,
+    },
     /// Probe a running service's /livez; exit 0 when alive (for container
     /// HEALTHCHECK without curl).
     Healthcheck {
@@ -175,6 +183,22 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Migrate { database } => migrate(database),
+        Command::HashToken { name, scope } => {
+            let mut secret = String::new();
+            if std::io::stdin().read_line(&mut secret).is_err() || secret.trim().len() < 16 {
+                eprintln!("cronguard hash-token: give the secret (at least 16 characters) on standard input");
+                return ExitCode::from(2);
+            }
+            if scope.parse::<cronguard::api::auth::Scope>().is_err() {
+                eprintln!("cronguard hash-token: the scope is read, write or admin");
+                return ExitCode::from(2);
+            }
+            println!(
+                "{name} {scope} sha256:{}",
+                cronguard::api::auth::hash_secret(secret.trim())
+            );
+            ExitCode::SUCCESS
+        }
         Command::Openapi => {
             print!("{}", cronguard::api::openapi::document());
             ExitCode::SUCCESS

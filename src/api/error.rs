@@ -52,6 +52,9 @@ pub enum ApiError {
         /// What is wrong.
         detail: String,
     },
+    /// A path parameter does not decode (400).
+    #[error("invalid path: {0}")]
+    BadPath(String),
     /// A header is invalid (400).
     #[error("invalid header `{name}`: {detail}")]
     BadHeader {
@@ -69,6 +72,23 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// No or an unknown bearer token (401).
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    /// The token's scope is too small (403).
+    #[error("this needs the `{needed}` scope; the token has `{has}`")]
+    Forbidden {
+        /// The scope needed.
+        needed: super::auth::Scope,
+        /// The token's scope.
+        has: super::auth::Scope,
+    },
+    /// A quota would be exceeded (422).
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// The request took longer than the request timeout (503).
+    #[error("the request took longer than the request timeout")]
+    Timeout,
     /// No such resource (404).
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -116,6 +136,11 @@ impl ApiError {
                 "urn:cronguard:problem:bad-query",
                 "Invalid query parameter",
             ),
+            Self::BadPath(_) => (
+                StatusCode::BAD_REQUEST,
+                "urn:cronguard:problem:bad-path",
+                "Invalid path",
+            ),
             Self::BadHeader { .. } => (
                 StatusCode::BAD_REQUEST,
                 "urn:cronguard:problem:bad-header",
@@ -130,6 +155,26 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "urn:cronguard:problem:payload-too-large",
                 "Payload too large",
+            ),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "urn:cronguard:problem:unauthorized",
+                "Unauthorized",
+            ),
+            Self::Forbidden { .. } => (
+                StatusCode::FORBIDDEN,
+                "urn:cronguard:problem:forbidden",
+                "Forbidden",
+            ),
+            Self::QuotaExceeded(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "urn:cronguard:problem:quota-exceeded",
+                "Quota exceeded",
+            ),
+            Self::Timeout => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "urn:cronguard:problem:timeout",
+                "Timeout",
             ),
             Self::NotFound(_) => (
                 StatusCode::NOT_FOUND,

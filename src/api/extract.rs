@@ -131,6 +131,22 @@ fn pointer(path: &serde_path_to_error::Path) -> String {
     out
 }
 
+/// A path parameter, decoded with a problem on failure (invalid
+/// percent-encoding, invalid UTF-8) instead of axum's plain-text 400.
+#[derive(Debug)]
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(p)| Self(p))
+            .map_err(|e| ApiError::BadPath(e.body_text()))
+    }
+}
+
 /// A strictly parsed query string.
 #[derive(Debug, Default)]
 pub struct Params(Vec<(String, String)>);

@@ -2,19 +2,23 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::auth::{Principal, Scope};
 use super::error::{ApiError, Problem};
-use super::extract::{JsonBody, MaybeJson, Params};
+use super::extract::{JsonBody, MaybeJson, Params, PathParam};
 use super::{ApiContext, PageParams};
+use crate::action::ActionSpec;
 use crate::job::{Job, JobDefinition, JobId, JobSpec, Source, check_note};
 use crate::run::Run;
+use crate::secrets::{REDACTED, is_secret_header};
 use crate::store::{JobFilter, JobKey, NewJob, Replacement};
 use crate::validation::{FieldError, FieldErrors};
 
@@ -48,6 +52,7 @@ impl JobView {
     fn from_job(job: &Job) -> Self {
         let mut spec = job.def.spec.clone();
         spec.paused = Some(job.paused);
+        redact(&mut spec);
         Self {
             id: job.id,
             name: job.name().to_owned(),
@@ -79,6 +84,70 @@ pub struct PauseRequest {
     /// Why; shown on the job until it is resumed.
     #[serde(default)]
     pub note: Option<String>,
+}
+
+/// Replaces secret header values with [`REDACTED`].
+fn redact(spec: &mut JobSpec) {
+    if let ActionSpec::Http(http) = &mut spec.action {
+        for (name, value) in http.headers.iter_mut() {
+            if is_secret_header(name, &http.secret_headers) {
+                *value = REDACTED.to_owned();
+            }
+        }
+    }
+}
+
+/// Puts the stored values back where a client sent [`REDACTED`] (it read
+/// the job, changed something else, and sent the body back).
+fn unredact(spec: &mut JobSpec, stored: &JobSpec) -> Result<(), ApiError> {
+    let (ActionSpec::Http(new), old) = (&mut spec.action, &stored.action) else {
+        return Ok(());
+    };
+    let old = match old {
+        ActionSpec::Http(old) => Some(&old.headers),
+        _ => None,
+    };
+    for (name, value) in new.headers.iter_mut() {
+        if value == REDACTED {
+            *value = old.and_then(|h| h.get(name)).cloned().ok_or_else(|| {
+                ApiError::Validation(FieldErrors::from(FieldError::new(
+                    format!("/action/headers/{}", crate::action::escape_pointer(name)),
+                    "a redacted value can only be sent back for a header the job already has",
+                )))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Command actions run programs on the host: creating or changing one
+/// needs the `admin` scope, whatever the route's own scope.
+fn check_action_scope(principal: &Principal, spec: &JobSpec) -> Result<(), ApiError> {
+    if matches!(spec.action, ActionSpec::Command(_)) && principal.scope < Scope::Admin {
+        return Err(ApiError::Forbidden {
+            needed: Scope::Admin,
+            has: principal.scope,
+        });
+    }
+    Ok(())
+}
+
+/// Top-level spec fields that differ (for the audit log).
+fn changed_fields(old: &JobSpec, new: &JobSpec) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(old)), Ok(serde_json::Value::Object(new))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
+        return Vec::new();
+    };
+    let mut keys: Vec<String> = old
+        .keys()
+        .chain(new.keys())
+        .filter(|k| old.get(*k) != new.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// A job response with its `ETag`.
@@ -128,10 +197,20 @@ pub(super) async fn find(ctx: &ApiContext, key: &str) -> Result<Job, ApiError> {
     ))]
 pub async fn create_job(
     State(ctx): State<Arc<ApiContext>>,
+    Extension(principal): Extension<Principal>,
     JsonBody(spec): JsonBody<JobSpec>,
 ) -> Result<Response, ApiError> {
+    check_action_scope(&principal, &spec)?;
     let paused = spec.paused.unwrap_or(false);
     let def = validate(&ctx, spec, true)?;
+    if let Some(max) = ctx.max_jobs {
+        let (active, paused) = ctx.store.count_jobs().await?;
+        if active + paused >= max {
+            return Err(ApiError::QuotaExceeded(format!(
+                "this server holds at most {max} jobs (--max-jobs)"
+            )));
+        }
+    }
     let job = ctx
         .store
         .create_job(NewJob {
@@ -142,7 +221,7 @@ pub async fn create_job(
             now: ctx.clock.now(),
         })
         .await?;
-    tracing::info!(job = %job.id, name = %job.name(), "job created");
+    tracing::info!(target: "audit", principal = %principal.name, action = "job.create", job = %job.id, name = %job.name(), "job created");
     Ok(job_response(StatusCode::CREATED, &job))
 }
 
@@ -209,7 +288,7 @@ pub async fn list_jobs(
     ))]
 pub async fn get_job(
     State(ctx): State<Arc<ApiContext>>,
-    Path(key): Path<String>,
+    PathParam(key): PathParam,
 ) -> Result<Response, ApiError> {
     let job = find(&ctx, &key).await?;
     Ok(job_response(StatusCode::OK, &job))
@@ -251,12 +330,17 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     ))]
 pub async fn replace_job(
     State(ctx): State<Arc<ApiContext>>,
-    Path(key): Path<String>,
+    Extension(principal): Extension<Principal>,
+    PathParam(key): PathParam,
     headers: HeaderMap,
-    JsonBody(spec): JsonBody<JobSpec>,
+    JsonBody(mut spec): JsonBody<JobSpec>,
 ) -> Result<Response, ApiError> {
     let expected_version = if_match(&headers)?;
     let current = find(&ctx, &key).await?;
+    check_action_scope(&principal, &spec)?;
+    check_action_scope(&principal, &current.def.spec)?;
+    unredact(&mut spec, &current.def.spec)?;
+    let changed = changed_fields(&current.def.spec, &spec);
     let paused = spec.paused;
     let schedule_changed = spec.schedule != current.def.spec.schedule;
     let def = validate(&ctx, spec, schedule_changed)?;
@@ -270,7 +354,7 @@ pub async fn replace_job(
             now: ctx.clock.now(),
         })
         .await?;
-    tracing::info!(job = %job.id, name = %job.name(), version = job.version, "job replaced");
+    tracing::info!(target: "audit", principal = %principal.name, action = "job.replace", job = %job.id, name = %job.name(), version = job.version, changed = ?changed, "job replaced");
     Ok(job_response(StatusCode::OK, &job))
 }
 
@@ -283,11 +367,12 @@ pub async fn replace_job(
     ))]
 pub async fn delete_job(
     State(ctx): State<Arc<ApiContext>>,
-    Path(key): Path<String>,
+    Extension(principal): Extension<Principal>,
+    PathParam(key): PathParam,
 ) -> Result<StatusCode, ApiError> {
     let job = find(&ctx, &key).await?;
     ctx.store.delete_job(job.id).await?;
-    tracing::info!(job = %job.id, name = %job.name(), "job deleted");
+    tracing::info!(target: "audit", principal = %principal.name, action = "job.delete", job = %job.id, name = %job.name(), "job deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -301,7 +386,8 @@ pub async fn delete_job(
     ))]
 pub async fn pause_job(
     State(ctx): State<Arc<ApiContext>>,
-    Path(key): Path<String>,
+    Extension(principal): Extension<Principal>,
+    PathParam(key): PathParam,
     MaybeJson(body): MaybeJson<PauseRequest>,
 ) -> Result<Response, ApiError> {
     let note = body.and_then(|b| b.note);
@@ -310,7 +396,7 @@ pub async fn pause_job(
     }
     let job = find(&ctx, &key).await?;
     let job = ctx.store.set_paused(job.id, true, note, ctx.clock.now()).await?;
-    tracing::info!(job = %job.id, name = %job.name(), note = job.pause_note.as_deref(), "job paused");
+    tracing::info!(target: "audit", principal = %principal.name, action = "job.pause", job = %job.id, name = %job.name(), note = job.pause_note.as_deref(), "job paused");
     Ok(job_response(StatusCode::OK, &job))
 }
 
@@ -324,11 +410,12 @@ pub async fn pause_job(
     ))]
 pub async fn resume_job(
     State(ctx): State<Arc<ApiContext>>,
-    Path(key): Path<String>,
+    Extension(principal): Extension<Principal>,
+    PathParam(key): PathParam,
 ) -> Result<Response, ApiError> {
     let job = find(&ctx, &key).await?;
     let job = ctx.store.set_paused(job.id, false, None, ctx.clock.now()).await?;
-    tracing::info!(job = %job.id, name = %job.name(), "job resumed");
+    tracing::info!(target: "audit", principal = %principal.name, action = "job.resume", job = %job.id, name = %job.name(), "job resumed");
     Ok(job_response(StatusCode::OK, &job))
 }
 
@@ -346,13 +433,14 @@ pub async fn resume_job(
     ))]
 pub async fn trigger_job(
     State(ctx): State<Arc<ApiContext>>,
-    Path(key): Path<String>,
+    Extension(principal): Extension<Principal>,
+    PathParam(key): PathParam,
     params: Params,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
     params.only(&["force"])?;
     let force = params.one::<bool>("force")?.unwrap_or(false);
     let job = find(&ctx, &key).await?;
     let run = ctx.supervisor.trigger(Arc::new(job), force).await?;
-    tracing::info!(job = %run.job_id, run = %run.id, status = %run.status, "job triggered");
+    tracing::info!(target: "audit", principal = %principal.name, action = "job.trigger", job = %run.job_id, run = %run.id, status = %run.status, force, "job triggered");
     Ok((StatusCode::ACCEPTED, Json(run)))
 }

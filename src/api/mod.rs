@@ -5,6 +5,7 @@
 //! [`error::ApiError`]. The OpenAPI document is generated from the same
 //! handler annotations (`openapi.rs`), so it cannot drift from the routes.
 
+pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod jobs;
@@ -17,13 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
-use axum::http::StatusCode;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use self::error::ApiError;
@@ -62,6 +62,10 @@ pub struct ApiContext {
     pub incarnation: crate::run::Incarnation,
     /// When this process started.
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// API tokens.
+    pub tokens: Arc<auth::Tokens>,
+    /// Job quota.
+    pub max_jobs: Option<u64>,
 }
 
 /// HTTP-level limits.
@@ -126,10 +130,11 @@ pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
                 "a request handler panicked".into(),
             ))
         }))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            limits.request_timeout,
-        ))
+        // A request over the timeout answers a timeout problem.
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            ApiError::Timeout
+        }))
+        .layer(tower::timeout::TimeoutLayer::new(limits.request_timeout))
         .layer(tower::limit::ConcurrencyLimitLayer::new(
             limits.max_concurrent_requests,
         ))
@@ -146,8 +151,18 @@ pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
     )
     .fallback(|| async { ApiError::NotFound("route") })
     .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+    .layer(axum::middleware::from_fn_with_state(
+        ctx.tokens.clone(),
+        auth::authorize,
+    ))
     .layer(axum::middleware::from_fn_with_state(ctx.metrics.clone(), track))
     .with_state(ctx)
+    // The API reference, served with its assets embedded (no CDN).
+    .merge(swagger_ui_dist::generate_routes(swagger_ui_dist::ApiDefinition {
+        uri_prefix: "/docs",
+        api_definition: swagger_ui_dist::OpenApiSource::Uri("/openapi.json"),
+        title: Some("cronguard API"),
+    }))
     .layer(layers)
 }
 

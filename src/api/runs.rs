@@ -2,14 +2,15 @@
 
 use std::sync::Arc;
 
-use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::auth::Principal;
 use super::error::{ApiError, Problem};
-use super::extract::Params;
+use super::extract::{Params, PathParam};
 use super::jobs::find;
 use super::{ApiContext, PageParams};
 use crate::job::JobId;
@@ -86,7 +87,7 @@ pub async fn list_runs(
     ))]
 pub async fn list_job_runs(
     State(ctx): State<Arc<ApiContext>>,
-    Path(key): Path<String>,
+    PathParam(key): PathParam,
     params: Params,
 ) -> Result<Json<RunPage>, ApiError> {
     params.only(&["status", "limit", "cursor"])?;
@@ -111,7 +112,7 @@ fn run_id(text: &str) -> Result<RunId, ApiError> {
     ))]
 pub async fn get_run(
     State(ctx): State<Arc<ApiContext>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<Run>, ApiError> {
     let id = run_id(&id)?;
     let run = ctx.store.get_run(id).await?.ok_or(ApiError::NotFound("run"))?;
@@ -130,7 +131,8 @@ pub async fn get_run(
     ))]
 pub async fn cancel_run(
     State(ctx): State<Arc<ApiContext>>,
-    Path(id): Path<String>,
+    Extension(principal): Extension<Principal>,
+    PathParam(id): PathParam,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
     let id = run_id(&id)?;
     let run = ctx.store.get_run(id).await?.ok_or(ApiError::NotFound("run"))?;
@@ -144,7 +146,7 @@ pub async fn cancel_run(
             Err(e) => return Err(e.into()),
         }
     }
-    tracing::info!(run = %id, job = %run.job_id, "run cancellation requested");
+    tracing::info!(target: "audit", principal = %principal.name, action = "run.cancel", run = %id, job = %run.job_id, "run cancellation requested");
     let run = ctx.store.get_run(id).await?.ok_or(ApiError::NotFound("run"))?;
     Ok((StatusCode::ACCEPTED, Json(run)))
 }

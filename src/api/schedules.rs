@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::ApiContext;
 use super::error::{ApiError, Problem};
-use super::extract::{JsonBody, Params};
+use super::extract::{JsonBody, Params, PathParam};
 use super::jobs::find;
 use crate::schedule::{Schedule, ScheduleSpec};
 use crate::validation::{FieldError, FieldErrors};
@@ -120,7 +120,7 @@ pub async fn preview_schedule(
     ))]
 pub async fn preview_job(
     State(ctx): State<Arc<ApiContext>>,
-    Path(key): Path<String>,
+    PathParam(key): PathParam,
     params: Params,
 ) -> Result<Json<Preview>, ApiError> {
     params.only(&["count", "after"])?;

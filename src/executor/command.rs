@@ -35,6 +35,12 @@ use super::{Limits, Occurrence, Tail};
 use crate::action::CommandAction;
 use crate::run::{Outcome, RunId, RunStatus};
 
+/// Variables a command inherits from the service; everything else it gets
+/// is set explicitly.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL",
+];
+
 /// How long output is still read after the leader exited.
 pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 
@@ -120,8 +126,30 @@ where
         }
         None => Command::new(&action.program),
     };
+    // A clean environment: the service's own variables (its tokens and
+    // secrets) are not the job's. Only the basics, the job's variables
+    // (with `${CRONGUARD_SECRET_*}` references resolved) and the
+    // occurrence identity.
+    let mut env = Vec::with_capacity(action.env.len());
+    for (name, value) in &action.env {
+        match crate::secrets::expand(value) {
+            Ok(v) => env.push((name, v)),
+            Err(e) => {
+                return Outcome {
+                    attempts: occurrence.attempt,
+                    ..Outcome::failed(format!("environment variable {name}: {e}"))
+                };
+            }
+        }
+    }
+    cmd.env_clear();
+    for name in INHERITED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
     cmd.args(&action.args)
-        .envs(&action.env)
+        .envs(env)
         .env("CRONGUARD_JOB", occurrence.job_id.to_string())
         .env("CRONGUARD_JOB_NAME", &occurrence.job_name)
         .env("CRONGUARD_RUN", occurrence.run_id.to_string())

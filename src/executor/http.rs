@@ -1,6 +1,6 @@
 //! The HTTP action: one request per attempt on a shared, pooled client.
 
-use reqwest::header::{HeaderName, HeaderValue};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio_util::sync::CancellationToken;
 
 use super::{Limits, Occurrence};
@@ -21,9 +21,18 @@ pub(super) async fn execute(
     body_bytes: usize,
     cancel: &CancellationToken,
 ) -> Outcome {
+    let headers = match expand_headers(&action.headers) {
+        Ok(headers) => headers,
+        Err(e) => {
+            return Outcome {
+                attempts: occurrence.attempt,
+                ..Outcome::failed(e)
+            };
+        }
+    };
     let mut request = client
         .request(action.method.clone(), action.url.clone())
-        .headers(action.headers.clone())
+        .headers(headers)
         .timeout(limits.timeout);
     for (name, value) in [
         (JOB, occurrence.job_id.to_string()),
@@ -96,6 +105,44 @@ pub(super) async fn execute(
                 ..Outcome::failed("")
             }
         }
+    }
+}
+
+/// The job's headers with `${CRONGUARD_SECRET_*}` references resolved.
+fn expand_headers(headers: &HeaderMap) -> Result<HeaderMap, String> {
+    let mut out = headers.clone();
+    for (name, value) in headers {
+        let Ok(text) = value.to_str() else { continue };
+        if !text.contains("${") {
+            continue;
+        }
+        let expanded = crate::secrets::expand(text)?;
+        let value = HeaderValue::from_str(&expanded)
+            .map_err(|_| format!("the value of header {name} is not a valid header value once expanded"))?;
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
+}
+
+/// A resolver that only returns public addresses (the SSRF guard): a
+/// name resolving to loopback, private or link-local space is refused.
+pub(super) struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| crate::action::is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                let e: Box<dyn std::error::Error + Send + Sync> =
+                    format!("{host} has no public address (--deny-private-networks)").into();
+                return Err(e);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 

@@ -54,8 +54,9 @@ impl Occurrence {
 /// Settings the operator chose for execution.
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
-    /// Whether command actions may run.
-    pub commands_enabled: bool,
+    /// What actions may do (checked again at run time: the operator may
+    /// have narrowed it since a job was stored).
+    pub actions: crate::action::ActionPolicy,
     /// Bytes of output kept per run.
     pub output_tail_bytes: usize,
     /// The cronguard binary, run as `__shim` around every command so no
@@ -97,12 +98,17 @@ impl Executor {
         // reqwest is built without a default TLS provider (ring is lighter to
         // build than aws-lc); install ring once per process.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .user_agent(concat!("cronguard/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(1024)
-            .connect_timeout(Duration::from_secs(10))
-            .build()?;
+            .connect_timeout(Duration::from_secs(10));
+        if config.actions.deny_private_networks {
+            // Names are checked when they resolve, so a name that points
+            // at a private address (or is re-pointed later) is refused too.
+            http = http.dns_resolver(Arc::new(http::PublicOnly));
+        }
+        let http = http.build()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -130,6 +136,13 @@ impl Executor {
         let cfg = &self.inner.config;
         match action {
             Action::Http(a) => {
+                if cfg.actions.deny_private_networks
+                    && crate::action::literal_ip(&a.url).is_some_and(|ip| !crate::action::is_public(ip))
+                {
+                    return Outcome::failed(
+                        "the address is not public and this server refuses private networks (--deny-private-networks)",
+                    );
+                }
                 http::execute(
                     &self.inner.http,
                     a,
@@ -141,7 +154,13 @@ impl Executor {
                 .await
             }
             Action::Command(a) => {
-                if !cfg.commands_enabled {
+                if !cfg.actions.program_allowed(&a.program) {
+                    return Outcome::failed(format!(
+                        "`{}` is not in the server's command allowlist (--command-allowlist)",
+                        a.program
+                    ));
+                }
+                if !cfg.actions.commands_enabled {
                     return Outcome::failed(
                         "command actions are disabled on this server (--enable-command-jobs); \
                          the job was stored while they were enabled",

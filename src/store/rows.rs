@@ -63,6 +63,7 @@ pub fn job(row: &SqliteRow) -> Result<Job, StoreError> {
     let def = spec
         .validate(&ActionPolicy {
             commands_enabled: true,
+            ..ActionPolicy::default()
         })
         .map_err(|e| StoreError::Corrupt(format!("job {id} spec: {e}")))?;
     let source: String = row.try_get(4)?;

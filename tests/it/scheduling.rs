@@ -180,7 +180,9 @@ async fn trigger_runs_now_and_cancel_ends_a_live_run() {
     let (status, forced) = app.post_empty("/v1/jobs/slow/trigger?force=true").await;
     assert_eq!(status, 202);
     assert_eq!(forced["status"], "running", "{forced}");
-    let (status, _) = app.post_empty(&format!("/v1/runs/{}/cancel", forced["id"].as_str().unwrap())).await;
+    let (status, _) = app
+        .post_empty(&format!("/v1/runs/{}/cancel", forced["id"].as_str().unwrap()))
+        .await;
     assert_eq!(status, 202);
     app.final_run(forced["id"].as_str().unwrap()).await;
 
