@@ -184,6 +184,15 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `key` is a valid label key (1 to 63 of `[A-Za-z0-9._/-]`).
+pub fn label_key_ok(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_LABEL_KEY_LEN
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+}
+
 fn check_labels(labels: &BTreeMap<String, String>, errors: &mut FieldErrors) {
     if labels.len() > MAX_LABELS {
         errors.push("/labels", format!("more than {MAX_LABELS} labels"));
@@ -191,12 +200,7 @@ fn check_labels(labels: &BTreeMap<String, String>, errors: &mut FieldErrors) {
     }
     for (key, value) in labels {
         let at = format!("/labels/{}", escape_pointer(key));
-        let key_ok = !key.is_empty()
-            && key.len() <= MAX_LABEL_KEY_LEN
-            && key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
-        if !key_ok {
+        if !label_key_ok(key) {
             errors.push(
                 at,
                 format!("label keys are 1 to {MAX_LABEL_KEY_LEN} characters of [A-Za-z0-9._/-]"),

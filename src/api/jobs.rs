@@ -245,10 +245,10 @@ pub async fn list_jobs(
     params.only(&["label", "paused", "source", "limit", "cursor"])?;
     let mut labels = Vec::new();
     for label in params.all("label") {
-        let Some((key, value)) = label.split_once('=') else {
+        let Some((key, value)) = label.split_once('=').filter(|(k, _)| crate::job::label_key_ok(k)) else {
             return Err(ApiError::BadQuery {
                 name: "label".into(),
-                detail: format!("`{label}` is not `key=value`"),
+                detail: "expected `key=value` with a key of 1 to 63 characters of [A-Za-z0-9._/-]".into(),
             });
         };
         labels.push((key.to_owned(), value.to_owned()));

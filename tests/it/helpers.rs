@@ -386,13 +386,24 @@ impl Binary {
     /// Starts `cronguard serve` on an ephemeral port with the database in
     /// `dir`, and waits until it logs that the schedule is loaded.
     pub async fn start(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(dir, extra, &[]).await
+    }
+
+    /// Like [`Binary::start`], with extra environment variables.
+    pub async fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let db = dir.join("cronguard.db");
         let mut child = Command::new(env!("CARGO_BIN_EXE_cronguard"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--log", "info"])
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(if extra.contains(&"--log") {
+                &[][..]
+            } else {
+                &["--log", "info"][..]
+            })
             .arg("--database")
             .arg(format!("sqlite://{}", db.display()))
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -448,6 +459,21 @@ impl Binary {
             .await
             .expect("wait")
             .code()
+    }
+
+    /// Waits for the process to exit and returns every log line it wrote
+    /// that was not consumed yet.
+    pub async fn drain_logs(&mut self) -> String {
+        self.wait().await;
+        let mut out = String::new();
+        within("the log to end", async {
+            while let Some(line) = self.lines.recv().await {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        })
+        .await;
+        out
     }
 
     /// Waits for a JSON log line whose `message` is `message`.

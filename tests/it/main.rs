@@ -10,4 +10,5 @@ mod openapi;
 mod policies;
 mod restart;
 mod scheduling;
+mod security;
 mod supervision;
