@@ -142,7 +142,7 @@ impl Tokens {
                     _ => None,
                 };
                 let (name, scope) = (fields[0], fields.get(1).copied().unwrap_or(""));
-                let bytes = hex.and_then(decode_hex).filter(|b| b.len() == 32);
+                let bytes = hex.and_then(|h| ::hex::decode(h).ok()).filter(|b| b.len() == 32);
                 let (Some(bytes), true) = (bytes, valid_name(name)) else {
                     return Err(format!(
                         "{} line {}: expected `NAME SCOPE sha256:<64 hex digits>`",
@@ -186,19 +186,9 @@ impl Tokens {
     }
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// The SHA-256 hex digest of a secret, as the tokens file wants it.
 pub fn hash_secret(secret: &str) -> String {
-    digest(secret).iter().map(|b| format!("{b:02x}")).collect()
+    ::hex::encode(digest(secret))
 }
 
 /// The scope a request needs; `None` for public endpoints.
