@@ -241,3 +241,91 @@ mod tests {
         assert_eq!((status, pointers), (422, vec!["/schedule".to_owned()]));
     }
 }
+
+/// Fuzzing job decoding and validation with arbitrary bytes and with
+/// arbitrary JSON documents: every outcome is a value or a problem with a
+/// 4xx status, never a panic.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::decode;
+    use crate::action::ActionPolicy;
+    use crate::job::JobSpec;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "\\PC{0,20}".prop_map(Value::String),
+            prop::sample::select(vec![
+                "cron",
+                "interval",
+                "once",
+                "http",
+                "command",
+                "* * * * *",
+                "1s",
+                "-1s",
+                "2030-01-01T00:00:00Z",
+                "http://h/"
+            ])
+            .prop_map(|s| Value::String(s.to_owned())),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop::sample::select(vec![
+                        "name",
+                        "kind",
+                        "expr",
+                        "every",
+                        "at",
+                        "url",
+                        "schedule",
+                        "action",
+                        "policy",
+                        "labels",
+                        "timezone",
+                        "headers",
+                        "program",
+                        "args",
+                        "retry",
+                        "max_attempts",
+                        "x"
+                    ]),
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            if let Err(e) = decode::<JobSpec>(&bytes) {
+                prop_assert!((400..500).contains(&e.problem().status));
+            }
+        }
+
+        #[test]
+        fn arbitrary_documents_never_panic(doc in json()) {
+            let bytes = serde_json::to_vec(&doc).unwrap_or_default();
+            match decode::<JobSpec>(&bytes) {
+                Ok(spec) => {
+                    let policy = ActionPolicy { commands_enabled: true, ..ActionPolicy::default() };
+                    let _ = spec.validate(&policy);
+                }
+                Err(e) => prop_assert!((400..500).contains(&e.problem().status)),
+            }
+        }
+    }
+}

@@ -339,3 +339,53 @@ mod tests {
         assert!(spread.len() > 100, "jitter should spread: {}", spread.len());
     }
 }
+
+/// Fuzzing the parsers with arbitrary input: no panic, and whatever parses
+/// behaves (next fires strictly increase).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::schedule::cron::{Fold, Gap};
+
+    /// Characters cron expressions are made of, plus some that are not.
+    fn cron_text() -> impl Strategy<Value = String> {
+        proptest::string::string_regex("[0-9*/,#LW?A-Z@ -]{0,40}").unwrap_or_else(|_| unreachable!())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn cron_parsing_never_panics_and_fires_increase(
+            expr in cron_text(),
+            tz in prop::sample::select(vec!["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata", "Nope/Zone"]),
+            start in 1_600_000_000i64..2_200_000_000i64,
+            fold in prop::sample::select(vec![Fold::First, Fold::Both]),
+            gap in prop::sample::select(vec![Gap::Shift, Gap::Skip]),
+        ) {
+            if let Ok(rule) = CronRule::parse(&expr, Some(tz), fold, gap, "/s") {
+                let mut t = DateTime::from_timestamp(start, 0).unwrap_or_else(|| unreachable!());
+                for _ in 0..5 {
+                    match rule.next_after(t) {
+                        Some(next) => {
+                            prop_assert!(next > t, "{expr} in {tz}: {next} after {t}");
+                            t = next;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_schedule_json_never_panics(json in "\\PC{0,120}") {
+            if let Ok(spec) = serde_json::from_str::<ScheduleSpec>(&json) {
+                if let Ok(s) = Schedule::parse(&spec, "/schedule") {
+                    let _ = s.upcoming(Utc::now(), 3);
+                }
+            }
+        }
+    }
+}
