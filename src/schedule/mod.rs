@@ -381,10 +381,10 @@ mod fuzz {
 
         #[test]
         fn arbitrary_schedule_json_never_panics(json in "\\PC{0,120}") {
-            if let Ok(spec) = serde_json::from_str::<ScheduleSpec>(&json) {
-                if let Ok(s) = Schedule::parse(&spec, "/schedule") {
-                    let _ = s.upcoming(Utc::now(), 3);
-                }
+            if let Ok(spec) = serde_json::from_str::<ScheduleSpec>(&json)
+                && let Ok(s) = Schedule::parse(&spec, "/schedule")
+            {
+                let _ = s.upcoming(Utc::now(), 3);
             }
         }
     }
