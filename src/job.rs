@@ -95,10 +95,11 @@ impl Source {
 pub struct JobSpec {
     /// Unique name: ASCII letters, digits, `.`, `_`, `-`; starts with a
     /// letter or digit; 1 to 128 characters.
-    #[schema(example = "nightly-backup")]
+    #[schema(example = "nightly-backup", pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     pub name: String,
     /// Free text, up to 4096 bytes.
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schema(max_length = 4096)]
     pub description: String,
     /// Up to 64 labels; keys up to 63 characters of `[A-Za-z0-9._/-]`,
     /// values up to 255 characters.

@@ -64,6 +64,7 @@ pub enum CatchUp {
 pub struct RetrySpec {
     /// Attempts in all, including the first; default 1 (no retry), at most 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
     pub max_attempts: Option<u32>,
     /// Delay before the first retry; doubles per retry; default `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,6 +80,7 @@ pub struct RetrySpec {
 pub struct HistorySpec {
     /// Keep at most this many finished runs (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub keep_last: Option<u32>,
     /// Delete finished runs older than this (`30d`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,6 +96,7 @@ pub struct PolicySpec {
     pub overlap: Option<Overlap>,
     /// Concurrent runs allowed under `overlap: allow`; default 1, at most 1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_concurrency: Option<u32>,
     /// How late a fire may start and still run; default `60s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,9 +116,11 @@ pub struct PolicySpec {
     pub retry: Option<RetrySpec>,
     /// Pause the job after this many consecutive failed runs; off by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub auto_pause_after: Option<u32>,
     /// Stop firing after this many scheduled runs have started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub max_runs: Option<u64>,
     /// Run history to keep; default the service's `--history-keep-last` and
     /// `--history-max-age`.

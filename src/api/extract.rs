@@ -45,7 +45,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for MaybeJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let (is_json, bytes) = read(req, state).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        // No body, or a JSON `null`, means "no options".
+        if bytes.iter().all(u8::is_ascii_whitespace) || bytes.trim_ascii() == b"null" {
             return Ok(Self(None));
         }
         if !is_json {

@@ -228,11 +228,11 @@ pub async fn create_job(
 /// List jobs, filtered by labels and paused state.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
     params(
-        ("label" = Option<Vec<String>>, Query, description = "`key=value`; repeat to require several labels"),
+        ("label" = Option<Vec<String>>, Query, pattern = r"^[A-Za-z0-9._/-]{1,63}=", description = "`key=value`; repeat to require several labels"),
         ("paused" = Option<bool>, Query, description = "Only paused (true) or active (false) jobs"),
         ("source" = Option<Source>, Query, description = "Only jobs from this source"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 500 (default 50)"),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Page size, 1 to 500 (default 50)"),
+        ("cursor" = Option<String>, Query, format = Uuid, description = "`next_cursor` of the previous page"),
     ),
     responses(
         (status = 200, description = "A page of jobs", body = JobPage),
@@ -316,7 +316,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
 #[utoipa::path(put, path = "/v1/jobs/{job}", tag = "jobs", request_body = JobSpec,
     params(
         ("job" = String, Path, description = "Job id or name"),
-        ("If-Match" = Option<String>, Header, description = "The `ETag` last read; 412 if the job changed since"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^(\*|(W/)?"?[0-9]{1,18}"?)$"#, description = "The `ETag` last read; 412 if the job changed since"),
     ),
     responses(
         (status = 200, description = "Replaced", body = JobView, headers(("ETag" = String, description = "The job's new version"))),

@@ -110,8 +110,8 @@ impl<C: std::str::FromStr> PageParams<C> {
 
 /// The complete router with its layers.
 pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
-    let (api, spec) = openapi::routes().split_for_parts();
-    let spec = Arc::new(spec);
+    let (api, _) = openapi::routes().split_for_parts();
+    let spec = Arc::new(openapi::spec());
     let layers = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(

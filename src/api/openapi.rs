@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use serde_json::{Value, json};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -53,8 +54,131 @@ pub fn routes() -> OpenApiRouter<Arc<ApiContext>> {
 
 /// The document as pretty JSON, as committed in `openapi/cronguard.json`.
 pub fn document() -> String {
-    let (_, spec) = routes().split_for_parts();
-    let mut text = spec.to_pretty_json().unwrap_or_default();
+    let mut text = serde_json::to_string_pretty(&spec()).unwrap_or_default();
     text.push('\n');
     text
+}
+
+/// The document: generated from the handlers, then completed with what
+/// every operation shares (see [`complete`]).
+pub fn spec() -> Value {
+    let (_, spec) = routes().split_for_parts();
+    let mut doc = serde_json::to_value(&spec).unwrap_or(Value::Null);
+    complete(&mut doc);
+    doc
+}
+
+/// Endpoints that never need a token.
+const PUBLIC: &[&str] = &["/livez", "/readyz", "/metrics"];
+
+/// Adds what the handler annotations would repeat on every operation:
+///
+/// - the `kind` tag on each variant struct of a tagged union: utoipa
+///   describes `Cron(CronSpec)` as `allOf: [CronSpec, {kind}]`, and
+///   `CronSpec` says `additionalProperties: false` (the server rejects
+///   unknown fields), which would forbid `kind` itself;
+/// - the bearer security scheme, required by every non-public operation;
+/// - optional parameters typed without `null` (they are left out, or
+///   strings);
+/// - the problem responses every operation can give: 400 (query or path),
+///   401 and 403 (non-public), 503 (timeout, shutdown), and for
+///   operations with a body 413, 415 and 422;
+/// - links from a created job to the operations on it, for clients and
+///   stateful testing.
+fn complete(doc: &mut Value) {
+    close_tagged_unions(doc);
+    doc["components"]["securitySchemes"] = json!({
+        "bearer": {"type": "http", "scheme": "bearer", "description": "An API token (`--token`, `--tokens-file`); scopes read, write, admin."}
+    });
+    let problem = |description: &str| json!({"description": description, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}});
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (_, operation) in item.iter_mut() {
+            let public = PUBLIC.contains(&path.as_str());
+            // A parameter is absent or a string, never JSON `null`.
+            let params = operation.get_mut("parameters").and_then(Value::as_array_mut);
+            for param in params.into_iter().flatten() {
+                let types = param.get_mut("schema").and_then(|s| s.get_mut("type"));
+                if let Some(types) = types.and_then(Value::as_array_mut) {
+                    types.retain(|t| t != "null");
+                }
+            }
+            let has_body = operation.get("requestBody").is_some();
+            let has_params = path.contains('{');
+            if !public {
+                operation["security"] = json!([{"bearer": []}]);
+            }
+            let responses = &mut operation["responses"];
+            let mut add = |code: &str, description: &str| {
+                if responses.get(code).is_none() {
+                    responses[code] = problem(description);
+                }
+            };
+            add("400", "Invalid query, path or body");
+            if !public {
+                add("401", "A valid bearer token is required");
+                add("403", "The token's scope is too small");
+            }
+            if has_params {
+                add("404", "Not found");
+            }
+            if has_body {
+                add("413", "Body too large");
+                add("415", "Not JSON");
+                add("422", "Invalid fields");
+            }
+            add("503", "Timed out or shutting down");
+        }
+    }
+    let created = &mut doc["paths"]["/v1/jobs"]["post"]["responses"]["201"];
+    created["links"] = json!({
+        "GetJob": {"operationId": "get_job", "parameters": {"job": "$response.body#/id"}},
+        "ReplaceJob": {"operationId": "replace_job", "parameters": {"job": "$response.body#/id"}},
+        "DeleteJob": {"operationId": "delete_job", "parameters": {"job": "$response.body#/id"}},
+        "PauseJob": {"operationId": "pause_job", "parameters": {"job": "$response.body#/id"}},
+        "ResumeJob": {"operationId": "resume_job", "parameters": {"job": "$response.body#/id"}},
+        "TriggerJob": {"operationId": "trigger_job", "parameters": {"job": "$response.body#/id"}},
+        "ListJobRuns": {"operationId": "list_job_runs", "parameters": {"job": "$response.body#/id"}},
+        "PreviewJob": {"operationId": "preview_job", "parameters": {"job": "$response.body#/id"}}
+    });
+    let triggered = &mut doc["paths"]["/v1/jobs/{job}/trigger"]["post"]["responses"]["202"];
+    triggered["links"] = json!({
+        "GetRun": {"operationId": "get_run", "parameters": {"run": "$response.body#/id"}},
+        "CancelRun": {"operationId": "cancel_run", "parameters": {"run": "$response.body#/id"}}
+    });
+}
+
+/// See [`complete`]: copies each union variant's tag property into the
+/// variant struct it references.
+fn close_tagged_unions(doc: &mut Value) {
+    let mut tags: Vec<(String, Value)> = Vec::new();
+    if let Some(schemas) = doc["components"]["schemas"].as_object() {
+        for schema in schemas.values() {
+            for branch in schema["oneOf"].as_array().into_iter().flatten() {
+                let parts = branch["allOf"].as_array();
+                let target = parts.and_then(|p| p.iter().find_map(|s| s["$ref"].as_str()));
+                let tag = parts.and_then(|p| p.iter().find_map(|s| s["properties"].as_object()));
+                if let (Some(target), Some(tag)) = (target, tag) {
+                    let name = target.trim_start_matches("#/components/schemas/").to_owned();
+                    for (key, value) in tag {
+                        tags.push((format!("{name}/{key}"), value.clone()));
+                    }
+                }
+            }
+        }
+    }
+    for (at, value) in tags {
+        let (name, key) = at.split_once('/').unwrap_or_default();
+        let properties = doc
+            .pointer_mut(&format!("/components/schemas/{name}/properties"))
+            .and_then(Value::as_object_mut);
+        if let Some(properties) = properties {
+            properties.insert(key.to_owned(), value);
+        }
+    }
 }

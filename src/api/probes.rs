@@ -89,8 +89,8 @@ fn flag(name: &str, ok: bool, reason: &str) -> Check {
 #[utoipa::path(get, path = "/livez", tag = "health",
     params(("verbose" = Option<String>, Query, description = "Present: answer JSON with every check")),
     responses(
-        (status = 200, description = "Alive", body = ProbeReport),
-        (status = 503, description = "A loop is stuck or dead", body = ProbeReport),
+        (status = 200, description = "Alive (JSON with `?verbose`)", content((ProbeReport = "application/json"), (String = "text/plain"))),
+        (status = 503, description = "A loop is stuck or dead (JSON with `?verbose`)", content((ProbeReport = "application/json"), (String = "text/plain"))),
     ))]
 pub async fn livez(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result<Response, ApiError> {
     let checks = ctx
@@ -113,8 +113,8 @@ pub async fn livez(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result
 #[utoipa::path(get, path = "/readyz", tag = "health",
     params(("verbose" = Option<String>, Query, description = "Present: answer JSON with every check")),
     responses(
-        (status = 200, description = "Ready", body = ProbeReport),
-        (status = 503, description = "Not ready", body = ProbeReport),
+        (status = 200, description = "Ready (JSON with `?verbose`)", content((ProbeReport = "application/json"), (String = "text/plain"))),
+        (status = 503, description = "Not ready (JSON with `?verbose`)", content((ProbeReport = "application/json"), (String = "text/plain"))),
     ))]
 pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result<Response, ApiError> {
     let h = &ctx.health;

@@ -52,9 +52,9 @@ async fn page(ctx: &ApiContext, filter: RunFilter, params: &Params) -> Result<Js
 #[utoipa::path(get, path = "/v1/runs", tag = "runs",
     params(
         ("status" = Option<Vec<RunStatus>>, Query, description = "Only these statuses (comma-separated or repeated)"),
-        ("job" = Option<String>, Query, description = "Only this job (id)"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 500 (default 50)"),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("job" = Option<String>, Query, format = Uuid, description = "Only this job (id)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Page size, 1 to 500 (default 50)"),
+        ("cursor" = Option<String>, Query, format = Uuid, description = "`next_cursor` of the previous page"),
     ),
     responses(
         (status = 200, description = "A page of runs", body = RunPage),
@@ -77,8 +77,8 @@ pub async fn list_runs(
     params(
         ("job" = String, Path, description = "Job id or name"),
         ("status" = Option<Vec<RunStatus>>, Query, description = "Only these statuses (comma-separated or repeated)"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 500 (default 50)"),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Page size, 1 to 500 (default 50)"),
+        ("cursor" = Option<String>, Query, format = Uuid, description = "`next_cursor` of the previous page"),
     ),
     responses(
         (status = 200, description = "A page of runs", body = RunPage),

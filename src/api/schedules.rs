@@ -46,6 +46,7 @@ pub struct PreviewRequest {
     pub schedule: ScheduleSpec,
     /// How many fires, 1 to 1000 (default 10).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     pub count: Option<u32>,
     /// List fires strictly after this instant (default now).
     #[serde(default)]
@@ -110,7 +111,7 @@ pub async fn preview_schedule(
 #[utoipa::path(get, path = "/v1/jobs/{job}/preview", tag = "schedules",
     params(
         ("job" = String, Path, description = "Job id or name"),
-        ("count" = Option<u32>, Query, description = "How many fires, 1 to 1000 (default 10)"),
+        ("count" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "How many fires, 1 to 1000 (default 10)"),
         ("after" = Option<DateTime<Utc>>, Query, description = "Fires strictly after this instant (default: the next fire's search point)"),
     ),
     responses(
