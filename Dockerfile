@@ -4,7 +4,7 @@
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock rustfmt.toml ./
+COPY Cargo.toml Cargo.lock rustfmt.toml build.rs ./
 COPY src src
 COPY migrations migrations
 COPY tests tests
@@ -23,6 +23,8 @@ COPY --from=build /usr/local/bin/cronguard /usr/local/bin/cronguard
 USER cronguard
 WORKDIR /data
 VOLUME ["/data"]
+# Listening on all interfaces requires API tokens: pass CRONGUARD_TOKENS
+# (or mount a file and set CRONGUARD_TOKENS_FILE); see docs/security.md.
 ENV CRONGUARD_LISTEN=0.0.0.0:8080 \
     CRONGUARD_DATABASE=sqlite:///data/cronguard.db \
     CRONGUARD_LOG_FORMAT=json
