@@ -38,6 +38,11 @@ use crate::store::WriterTask;
 use crate::store::{JobChange, SqliteOptions, Store, StoreError};
 use crate::supervisor::loops::{RestartBudget, supervise};
 use crate::supervisor::{Supervisor, SupervisorConfig, TaskContext};
+use crate::sync::Contact;
+use crate::sync::client::BackendClient;
+use crate::sync::metrics::SyncMetrics;
+use crate::sync::pull::Puller;
+use crate::sync::upload::Uploader;
 
 /// Why the application could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +64,9 @@ pub enum AppError {
     /// The server failed.
     #[error("server: {0}")]
     Serve(std::io::Error),
+    /// The control backend client could not be set up.
+    #[error("control backend: {0}")]
+    Backend(String),
 }
 
 /// A built application, ready to run.
@@ -82,6 +90,7 @@ impl App {
         let (tx, changes) = mpsc::unbounded_channel();
         let mut options = SqliteOptions::new(config.database.clone());
         options.synchronous = config.sqlite_synchronous;
+        options.outbox = config.backend.is_some();
         let (store, writer) = Store::open(&options, tx).await?;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -170,6 +179,23 @@ impl App {
             clock.clone(),
         )?;
         let processes = config.process_supervision.then(|| executor.processes().clone());
+        let backend = match &config.backend {
+            Some(b) => {
+                let token = b.token.as_ref().map(crate::sync::Secret::expose);
+                let client = BackendClient::new(&b.url, token, incarnation, b.timeout, b.max_body_bytes)
+                    .map_err(AppError::Backend)?;
+                let stale_after = b.poll_interval * 3 + b.timeout;
+                let contact = Arc::new(Contact::new(
+                    metrics.clone(),
+                    b.contact_max_age,
+                    stale_after,
+                    clock.now(),
+                ));
+                tracing::info!(url = %b.url, "control backend configured");
+                Some((b.clone(), client, contact))
+            }
+            None => None,
+        };
         let (supervisor, handle) = Supervisor::new(
             TaskContext {
                 store: store.clone(),
@@ -191,11 +217,12 @@ impl App {
             metrics: metrics.clone(),
             orphans: orphans.clone(),
             faults: faults.clone(),
-            actions,
+            actions: actions.clone(),
             incarnation,
             started_at: clock.now(),
             tokens: config.tokens.clone(),
             max_jobs: config.max_jobs,
+            backend: backend.as_ref().map(|(_, _, contact)| contact.clone()),
         });
         let router = api::router(
             ctx,
@@ -300,8 +327,53 @@ impl App {
             },
         );
 
+        // The control backend's loops. Startup never waits for the backend:
+        // the engine already runs the last known backend jobs from the store.
+        let syncing = async {
+            let Some((b, client, contact)) = backend else {
+                return;
+            };
+            let sync_metrics = SyncMetrics::new(&metrics);
+            let threshold = stale + b.timeout;
+            let puller = Arc::new(Puller {
+                client: client.clone(),
+                store: store.clone(),
+                clock: clock.clone(),
+                contact: contact.clone(),
+                metrics: sync_metrics.clone(),
+                actions: actions.clone(),
+                max_jobs: config.max_jobs,
+                interval: b.poll_interval,
+            });
+            let pull_beat = health.heartbeat("backend_sync", threshold);
+            let pulling = supervise(pull_beat.clone(), metrics.clone(), budget, stop.clone(), || {
+                puller
+                    .clone()
+                    .run(stop.clone(), pull_beat.clone(), faults.clone())
+            });
+            let uploader = Arc::new(Uploader {
+                client,
+                store: store.clone(),
+                clock: clock.clone(),
+                contact,
+                metrics: sync_metrics,
+                incarnation,
+                limit: b.outbox_limit,
+                batch: b.upload_batch,
+                max_backoff: b.max_backoff,
+                signal: store.outbox_signal(),
+            });
+            let upload_beat = health.heartbeat("uploader", threshold);
+            let uploading = supervise(upload_beat.clone(), metrics.clone(), budget, stop.clone(), || {
+                uploader
+                    .clone()
+                    .run(stop.clone(), upload_beat.clone(), faults.clone())
+            });
+            tokio::join!(pulling, uploading);
+        };
+
         let stopping = async {
-            tokio::join!(readiness, engine, supervising, reaping, retaining);
+            tokio::join!(readiness, engine, supervising, reaping, retaining, syncing);
             supervisor.lock().await.drain(shutdown.kill.clone()).await;
             http_stop.cancel();
         };

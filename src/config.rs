@@ -123,6 +123,47 @@ pub struct Settings {
     #[arg(long, env = "CRONGUARD_MAX_JOBS", value_name = "N")]
     pub max_jobs: Option<u64>,
 
+    /// Control backend base URL; cronguard pulls `v1/jobs` and pushes `v1/results` under it [default: none]
+    #[arg(long, env = "CRONGUARD_BACKEND_URL", value_name = "URL")]
+    pub backend_url: Option<String>,
+
+    /// Bearer token for the control backend (never logged); prefer the environment variable
+    #[arg(
+        long,
+        env = "CRONGUARD_BACKEND_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub backend_token: Option<String>,
+
+    /// Time between pulls of the desired jobs [default: 30s]
+    #[arg(long, env = "CRONGUARD_BACKEND_POLL_INTERVAL", value_name = "DURATION")]
+    pub backend_poll_interval: Option<String>,
+
+    /// Longest a call to the backend may take [default: 10s]
+    #[arg(long, env = "CRONGUARD_BACKEND_TIMEOUT", value_name = "DURATION")]
+    pub backend_timeout: Option<String>,
+
+    /// Longest wait between upload retries (exponential backoff from 1s, with jitter) [default: 5m]
+    #[arg(long, env = "CRONGUARD_BACKEND_MAX_BACKOFF", value_name = "DURATION")]
+    pub backend_max_backoff: Option<String>,
+
+    /// Fail liveness when no pull or push succeeded for this long (restart as the cure) [default: off]
+    #[arg(long, env = "CRONGUARD_BACKEND_CONTACT_MAX_AGE", value_name = "DURATION")]
+    pub backend_contact_max_age: Option<String>,
+
+    /// Largest job list accepted from the backend [default: 16777216]
+    #[arg(long, env = "CRONGUARD_BACKEND_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub backend_max_body_bytes: Option<usize>,
+
+    /// Results waiting for upload beyond which the oldest are dropped (and counted) [default: 100000]
+    #[arg(long, env = "CRONGUARD_OUTBOX_LIMIT", value_name = "N")]
+    pub outbox_limit: Option<u64>,
+
+    /// Results per upload [default: 100]
+    #[arg(long, env = "CRONGUARD_UPLOAD_BATCH", value_name = "N")]
+    pub upload_batch: Option<usize>,
+
     /// Log filter, e.g. `info` or `info,cronguard=debug` [default: info]
     #[arg(long, env = "CRONGUARD_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -175,6 +216,15 @@ impl Settings {
             command_allowlist,
             deny_private_networks,
             max_jobs,
+            backend_url,
+            backend_token,
+            backend_poll_interval,
+            backend_timeout,
+            backend_max_backoff,
+            backend_contact_max_age,
+            backend_max_body_bytes,
+            outbox_limit,
+            upload_batch,
             log,
             log_format,
         )
@@ -250,6 +300,8 @@ pub struct Config {
     pub deny_private_networks: bool,
     /// Job quota.
     pub max_jobs: Option<u64>,
+    /// The control backend, when configured.
+    pub backend: Option<crate::sync::BackendConfig>,
     /// Whether this process owns its process tree: child subreaper, stray
     /// detection and zombie reaping. Set by `cronguard serve`, not a
     /// setting: an embedding process (the test suite) owns its own tree.
@@ -264,7 +316,7 @@ pub const DEFAULT_DATABASE: &str = "sqlite://./cronguard.db";
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
-fn duration(
+pub(crate) fn duration(
     setting: &'static str,
     value: Option<String>,
     default: Duration,
@@ -278,7 +330,7 @@ fn duration(
     }
 }
 
-fn bounded(
+pub(crate) fn bounded(
     setting: &'static str,
     value: Option<usize>,
     default: usize,
@@ -308,6 +360,7 @@ impl Config {
 
     /// Applies defaults and validates.
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let backend = crate::sync::BackendConfig::from_settings(&s)?;
         let listen_text = s.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen = listen_text.parse().map_err(|_| ConfigError {
             setting: "listen",
@@ -403,6 +456,7 @@ impl Config {
                 .collect(),
             deny_private_networks: s.deny_private_networks.unwrap_or(false),
             max_jobs: s.max_jobs,
+            backend,
             process_supervision: false,
             command_shim: None,
         })

@@ -38,6 +38,39 @@ impl Heartbeat {
         self.last_unix_ms.store(unix, Ordering::Relaxed);
     }
 
+    /// Waits `duration` (or until `wake`, if given, or `shutdown`),
+    /// beating at least every second: for loops that wait longer than
+    /// their threshold between rounds. `false` when `shutdown` ended it.
+    pub async fn idle(
+        &self,
+        duration: Duration,
+        wake: Option<&tokio::sync::Notify>,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        let until = tokio::time::Instant::now() + duration;
+        let woken = async {
+            match wake {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(woken);
+        loop {
+            self.beat();
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return true;
+            }
+            let slice = (until - now).min(Duration::from_secs(1));
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return false,
+                () = &mut woken => return true,
+                () = tokio::time::sleep(slice) => {}
+            }
+        }
+    }
+
     /// The loop's name.
     pub fn name(&self) -> &'static str {
         self.name

@@ -36,4 +36,5 @@ pub mod secrets;
 pub mod shutdown;
 pub mod store;
 pub mod supervisor;
+pub mod sync;
 pub mod validation;

@@ -31,7 +31,11 @@ enum Command {
         database: Option<String>,
     },
     /// Print the OpenAPI 3.1 document of the API (as in `openapi/cronguard.json`).
-    Openapi,
+    Openapi {
+        /// Print the control backend protocol instead (`openapi/backend.json`)
+        #[arg(long)]
+        backend: bool,
+    },
     /// Print the tokens-file line for a token read from standard input
     /// (`NAME SCOPE sha256:HEX`), so the secret is stored nowhere.
     HashToken {
@@ -199,8 +203,12 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Openapi => {
-            print!("{}", cronguard::api::openapi::document());
+        Command::Openapi { backend } => {
+            if backend {
+                print!("{}", cronguard::sync::protocol::backend_document());
+            } else {
+                print!("{}", cronguard::api::openapi::document());
+            }
             ExitCode::SUCCESS
         }
         Command::Healthcheck { url, listen, timeout } => healthcheck(url, listen, timeout.into()),

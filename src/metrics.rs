@@ -65,14 +65,14 @@ impl std::fmt::Debug for Metrics {
 }
 
 /// Registers `metric` (a static definition: failure is a programming error).
-fn reg<T: Collector + Clone + 'static>(r: &Registry, metric: Result<T, prometheus::Error>) -> T {
+pub(crate) fn reg<T: Collector + Clone + 'static>(r: &Registry, metric: Result<T, prometheus::Error>) -> T {
     let metric = metric.unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
     r.register(Box::new(metric.clone()))
         .unwrap_or_else(|e| unreachable!("metric registered twice: {e}"));
     metric
 }
 
-fn opts(name: &str, help: &str) -> Opts {
+pub(crate) fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace(NS)
 }
 

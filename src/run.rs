@@ -179,8 +179,6 @@ text_enum! {
         Manual = "manual",
         /// A fire replayed after downtime.
         CatchUp = "catch_up",
-        /// Requested by the control backend.
-        Backend = "backend",
     }
 }
 

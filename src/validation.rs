@@ -8,10 +8,12 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::error::Category;
 use utoipa::ToSchema;
 
 /// One invalid field: where it is and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 pub struct FieldError {
     /// JSON pointer to the field, e.g. `/schedule/expr`.
     pub pointer: String,
@@ -116,6 +118,71 @@ pub fn parse_duration(
         ));
     }
     Ok(parsed)
+}
+
+/// Why a JSON document did not decode into the expected type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not JSON at all (syntax, truncation).
+    Malformed(String),
+    /// JSON, but a field has the wrong type, is unknown or is missing.
+    Invalid(FieldErrors),
+}
+
+/// Decodes `bytes` strictly as `T`; a data error names its field with a
+/// JSON pointer (shared by the API's request bodies and the control
+/// backend's job list, so both report the same problems the same way).
+pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let pointer = pointer(e.path());
+        let inner = e.into_inner();
+        match inner.classify() {
+            Category::Data => {
+                let message = inner.to_string();
+                let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+                // The path stops at the parent for missing fields, and for
+                // any error inside an internally tagged enum (`schedule`,
+                // `action`); the message names the field.
+                let pointer = match field_in(&message) {
+                    Some(field) if !pointer.ends_with(&format!("/{field}")) => format!("{pointer}/{field}"),
+                    _ => pointer,
+                };
+                DecodeError::Invalid(FieldErrors::from(FieldError::new(pointer, message)))
+            }
+            Category::Syntax | Category::Eof | Category::Io => DecodeError::Malformed(inner.to_string()),
+        }
+    })?;
+    de.end().map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    Ok(value)
+}
+
+/// The field an "unknown field" or "missing field" message names.
+fn field_in(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("missing field `"))?;
+    let name = rest.split('`').next()?;
+    Some(crate::action::escape_pointer(name))
+}
+
+fn pointer(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => {
+                out.push('/');
+                out.push_str(&index.to_string());
+            }
+            Segment::Map { key } => {
+                out.push('/');
+                out.push_str(&crate::action::escape_pointer(key));
+            }
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    out
 }
 
 #[cfg(test)]

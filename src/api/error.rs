@@ -109,6 +109,11 @@ pub enum ApiError {
     /// The run is already final (409).
     #[error("the run already ended")]
     RunAlreadyFinal,
+    /// The job belongs to the control backend: change it there (409).
+    #[error(
+        "job `{0}` comes from the control backend; change or delete it there (pause, resume and trigger work here)"
+    )]
+    OwnedByBackend(String),
     /// The service is shutting down (503).
     #[error("the service is shutting down")]
     ShuttingDown,
@@ -200,6 +205,11 @@ impl ApiError {
                 StatusCode::CONFLICT,
                 "urn:cronguard:problem:run-final",
                 "Run already ended",
+            ),
+            Self::OwnedByBackend(_) => (
+                StatusCode::CONFLICT,
+                "urn:cronguard:problem:owned-by-backend",
+                "Owned by the control backend",
             ),
             Self::ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,

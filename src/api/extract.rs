@@ -11,10 +11,9 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
-use serde_json::error::Category;
 
 use super::error::ApiError;
-use crate::validation::{FieldError, FieldErrors};
+use crate::validation::DecodeError;
 
 /// The request body limit in force, set as a request extension by the router.
 #[derive(Debug, Clone, Copy)]
@@ -80,56 +79,10 @@ async fn read<S: Send + Sync>(req: Request, state: &S) -> Result<(bool, Bytes), 
 
 /// Decodes `bytes` as `T`, mapping errors to problems with a pointer.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let pointer = pointer(e.path());
-        let inner = e.into_inner();
-        match inner.classify() {
-            Category::Data => {
-                let message = inner.to_string();
-                let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
-                // The path stops at the parent for missing fields, and for
-                // any error inside an internally tagged enum (`schedule`,
-                // `action`); the message names the field.
-                let pointer = match field_in(&message) {
-                    Some(field) if !pointer.ends_with(&format!("/{field}")) => format!("{pointer}/{field}"),
-                    _ => pointer,
-                };
-                ApiError::Validation(FieldErrors::from(FieldError::new(pointer, message)))
-            }
-            Category::Syntax | Category::Eof | Category::Io => ApiError::MalformedJson(inner.to_string()),
-        }
-    })?;
-    de.end().map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-    Ok(value)
-}
-
-/// The field an "unknown field" or "missing field" message names.
-fn field_in(message: &str) -> Option<String> {
-    let rest = message
-        .strip_prefix("unknown field `")
-        .or_else(|| message.strip_prefix("missing field `"))?;
-    let name = rest.split('`').next()?;
-    Some(crate::action::escape_pointer(name))
-}
-
-fn pointer(path: &serde_path_to_error::Path) -> String {
-    use serde_path_to_error::Segment;
-    let mut out = String::new();
-    for segment in path.iter() {
-        match segment {
-            Segment::Seq { index } => {
-                out.push('/');
-                out.push_str(&index.to_string());
-            }
-            Segment::Map { key } => {
-                out.push('/');
-                out.push_str(&crate::action::escape_pointer(key));
-            }
-            Segment::Enum { .. } | Segment::Unknown => {}
-        }
-    }
-    out
+    crate::validation::decode_json(bytes).map_err(|e| match e {
+        DecodeError::Malformed(text) => ApiError::MalformedJson(text),
+        DecodeError::Invalid(errors) => ApiError::Validation(errors),
+    })
 }
 
 /// A path parameter, decoded with a problem on failure (invalid

@@ -177,6 +177,15 @@ fn validate(ctx: &ApiContext, spec: JobSpec, schedule_changed: bool) -> Result<J
     Ok(def)
 }
 
+/// Backend jobs are defined at the backend while one is configured: a
+/// local edit would be overwritten (or resurrected) at the next pull.
+fn owned_here(ctx: &ApiContext, job: &Job) -> Result<(), ApiError> {
+    if job.source == Source::Backend && ctx.backend.is_some() {
+        return Err(ApiError::OwnedByBackend(job.name().to_owned()));
+    }
+    Ok(())
+}
+
 pub(super) async fn find(ctx: &ApiContext, key: &str) -> Result<Job, ApiError> {
     ctx.store
         .get_job(&JobKey::parse(key))
@@ -322,7 +331,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         (status = 200, description = "Replaced", body = JobView, headers(("ETag" = String, description = "The job's new version"))),
         (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name taken", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name taken, or the job is owned by the control backend", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "Version mismatch", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
@@ -337,6 +346,7 @@ pub async fn replace_job(
 ) -> Result<Response, ApiError> {
     let expected_version = if_match(&headers)?;
     let current = find(&ctx, &key).await?;
+    owned_here(&ctx, &current)?;
     check_action_scope(&principal, &spec)?;
     check_action_scope(&principal, &current.def.spec)?;
     unredact(&mut spec, &current.def.spec)?;
@@ -364,6 +374,7 @@ pub async fn replace_job(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job is owned by the control backend", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn delete_job(
     State(ctx): State<Arc<ApiContext>>,
@@ -371,7 +382,8 @@ pub async fn delete_job(
     PathParam(key): PathParam,
 ) -> Result<StatusCode, ApiError> {
     let job = find(&ctx, &key).await?;
-    ctx.store.delete_job(job.id).await?;
+    owned_here(&ctx, &job)?;
+    ctx.store.delete_job(job.id, ctx.clock.now()).await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.delete", job = %job.id, name = %job.name(), "job deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -66,6 +66,9 @@ pub struct ApiContext {
     pub tokens: Arc<auth::Tokens>,
     /// Job quota.
     pub max_jobs: Option<u64>,
+    /// Contact with the control backend, when one is configured (its jobs
+    /// are then read-only here).
+    pub backend: Option<Arc<crate::sync::Contact>>,
 }
 
 /// HTTP-level limits.

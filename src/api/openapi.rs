@@ -155,7 +155,7 @@ fn complete(doc: &mut Value) {
 
 /// See [`complete`]: copies each union variant's tag property into the
 /// variant struct it references.
-fn close_tagged_unions(doc: &mut Value) {
+pub(crate) fn close_tagged_unions(doc: &mut Value) {
     let mut tags: Vec<(String, Value)> = Vec::new();
     if let Some(schemas) = doc["components"]["schemas"].as_object() {
         for schema in schemas.values() {

@@ -93,7 +93,7 @@ fn flag(name: &str, ok: bool, reason: &str) -> Check {
         (status = 503, description = "A loop is stuck or dead (JSON with `?verbose`)", content((ProbeReport = "application/json"), (String = "text/plain"))),
     ))]
 pub async fn livez(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result<Response, ApiError> {
-    let checks = ctx
+    let mut checks: Vec<Check> = ctx
         .health
         .loop_checks()
         .into_iter()
@@ -105,6 +105,27 @@ pub async fn livez(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result
             reason: c.reason,
         })
         .collect();
+    // Opt-in: a fleet where a restart is the cure for a lost backend.
+    if let Some(contact) = &ctx.backend
+        && let Some(max) = contact.max_age
+    {
+        let now = ctx.clock.now();
+        let age = contact.age(now);
+        let too_old = contact.too_old(now).is_some();
+        checks.push(Check {
+            name: "backend_contact".into(),
+            ok: !too_old,
+            value: Some(age.as_secs_f64().into()),
+            threshold: Some(max.as_secs_f64().into()),
+            reason: too_old.then(|| {
+                format!(
+                    "no successful contact with the control backend for {:.0}s (--backend-contact-max-age {:.0}s)",
+                    age.as_secs_f64(),
+                    max.as_secs_f64()
+                )
+            }),
+        });
+    }
     respond(&params, checks)
 }
 
@@ -124,7 +145,7 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
         Ok(Err(e)) => flag("database", false, &format!("database not usable: {e}")),
         Err(_) => flag("database", false, "database did not answer within 2s"),
     };
-    let checks = vec![
+    let mut checks = vec![
         flag(
             "shutting_down",
             !h.shutting_down(),
@@ -138,6 +159,18 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
             "the engine has not loaded the schedule",
         ),
     ];
+    // Informational: a backend that is down does not make this instance
+    // unfit for traffic (it keeps running the last known jobs).
+    if let Some(contact) = &ctx.backend {
+        let view = contact.view(ctx.clock.now());
+        checks.push(Check {
+            name: "backend_contact".into(),
+            ok: true,
+            value: serde_json::to_value(&view).ok(),
+            threshold: None,
+            reason: None,
+        });
+    }
     respond(&params, checks)
 }
 
@@ -213,6 +246,20 @@ pub struct Status {
     pub orphans: OrphanCounts,
     /// The database.
     pub store: StoreStatus,
+    /// The control backend, when one is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendStatus>,
+}
+
+/// Contact with the control backend and the results waiting for it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BackendStatus {
+    /// Last attempt, last contact, failures.
+    pub contact: crate::sync::ContactView,
+    /// Results and rejections waiting for upload.
+    pub outbox_entries: u64,
+    /// When the oldest of them was written.
+    pub outbox_oldest: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Live runs.
@@ -257,6 +304,17 @@ pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, 
     let snapshot = ctx.supervisor.snapshot().await;
     let (active, paused) = ctx.store.count_jobs().await?;
     let orphans = ctx.orphans.report();
+    let backend = match &ctx.backend {
+        Some(contact) => {
+            let (outbox_entries, outbox_oldest) = ctx.store.outbox_stats().await?;
+            Some(BackendStatus {
+                contact: contact.view(ctx.clock.now()),
+                outbox_entries,
+                outbox_oldest,
+            })
+        }
+        None => None,
+    };
     Ok(Json(Status {
         version: env!("CARGO_PKG_VERSION"),
         revision: env!("CRONGUARD_GIT_REVISION"),
@@ -278,5 +336,6 @@ pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, 
         store: StoreStatus {
             size_bytes: ctx.store.size_bytes(),
         },
+        backend,
     }))
 }

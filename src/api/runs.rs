@@ -29,7 +29,13 @@ pub struct RunPage {
 fn statuses(params: &Params) -> Result<Vec<RunStatus>, ApiError> {
     let mut out = Vec::new();
     for value in params.all("status") {
-        for item in value.split(',').filter(|s| !s.is_empty()) {
+        for item in value.split(',') {
+            if item.is_empty() {
+                return Err(ApiError::BadQuery {
+                    name: "status".into(),
+                    detail: "an empty status; expected e.g. `failed` or `failed,timed_out`".into(),
+                });
+            }
             out.push(item.parse().map_err(|detail| ApiError::BadQuery {
                 name: "status".into(),
                 detail,

@@ -144,6 +144,17 @@ pub struct Replacement {
     pub now: DateTime<Utc>,
 }
 
+/// One result waiting for the control backend.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    /// Position in commit order.
+    pub seq: i64,
+    /// `result` or `rejection`.
+    pub kind: String,
+    /// The JSON to upload.
+    pub payload: String,
+}
+
 /// When a job last succeeded and last failed.
 pub type LastOutcomes = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
 
@@ -256,9 +267,11 @@ impl Store {
         })
     }
 
-    /// Deletes a job and its run history.
-    pub fn delete_job(&self, id: JobId) -> Ack<()> {
-        self.inner.write(|reply| writer::Op::DeleteJob { id, reply })
+    /// Deletes a job and its run history. With the outbox on, its live
+    /// runs are first recorded as `cancelled` (`job_deleted`) at `at` and
+    /// queued for the backend, so their results are not lost with the rows.
+    pub fn delete_job(&self, id: JobId, at: DateTime<Utc>) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::DeleteJob { id, at, reply })
     }
 
     /// One job by id or name.
@@ -425,6 +438,40 @@ impl Store {
         limit: u32,
     ) -> Result<Page<Run>, StoreError> {
         self.inner.list_runs(filter, cursor, limit).await
+    }
+
+    // ---- outbox (control backend) -----------------------------------------
+
+    /// Queues a rejected backend job spec for upload.
+    pub fn record_rejection(&self, rejection: crate::sync::protocol::Rejection) -> Ack<()> {
+        self.inner
+            .write(|reply| writer::Op::RecordRejection { rejection, reply })
+    }
+
+    /// Notified after every commit while the outbox is on (the uploader
+    /// waits on it instead of polling).
+    pub fn outbox_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.outbox_signal.clone()
+    }
+
+    /// Deletes acknowledged outbox entries.
+    pub fn outbox_delete(&self, seqs: Vec<i64>) -> Ack<u64> {
+        self.inner.write(|reply| writer::Op::OutboxDelete { seqs, reply })
+    }
+
+    /// Drops the oldest outbox entries beyond `limit`; how many.
+    pub fn outbox_trim(&self, limit: u64) -> Ack<u64> {
+        self.inner.write(|reply| writer::Op::OutboxTrim { limit, reply })
+    }
+
+    /// The oldest `limit` outbox entries, in commit order.
+    pub async fn outbox_peek(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.inner.outbox_peek(limit).await
+    }
+
+    /// Entries waiting, and when the oldest was written.
+    pub async fn outbox_stats(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
+        self.inner.outbox_stats().await
     }
 
     // ---- incarnations ---------------------------------------------------

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{self, JOB_COLUMNS, RUN_COLUMNS};
 use super::writer::{Op, Writer, WriterTask};
-use super::{Ack, JobChange, JobFilter, JobKey, LastOutcomes, Page, RunFilter, StoreError};
+use super::{Ack, JobChange, JobFilter, JobKey, LastOutcomes, OutboxEntry, Page, RunFilter, StoreError};
 use std::collections::HashMap;
 
 use crate::job::{Job, JobId};
@@ -51,6 +51,8 @@ pub struct SqliteOptions {
     pub busy_timeout: Duration,
     /// Size of the read-only connection pool.
     pub read_connections: u32,
+    /// Queue final run states for the control backend (outbox).
+    pub outbox: bool,
 }
 
 impl SqliteOptions {
@@ -61,6 +63,7 @@ impl SqliteOptions {
             synchronous: Synchronous::Normal,
             busy_timeout: Duration::from_secs(5),
             read_connections: 4,
+            outbox: false,
         }
     }
 
@@ -94,6 +97,7 @@ pub struct SqliteStore {
     read: SqlitePool,
     writer: mpsc::UnboundedSender<Op>,
     path: std::path::PathBuf,
+    pub(super) outbox_signal: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl SqliteStore {
@@ -112,12 +116,14 @@ impl SqliteStore {
             .connect_with(connect.read_only(true))
             .await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = Writer::new(conn, rx, changes).into_task();
+        let outbox_signal = std::sync::Arc::new(tokio::sync::Notify::new());
+        let task = Writer::new(conn, rx, changes, options.outbox.then(|| outbox_signal.clone())).into_task();
         Ok((
             Self {
                 read,
                 writer: tx,
                 path,
+                outbox_signal,
             },
             task,
         ))
@@ -369,6 +375,29 @@ impl SqliteStore {
                 Ok((id, (keep.and_then(|k| u32::try_from(k).ok()), age)))
             })
             .collect()
+    }
+
+    pub(super) async fn outbox_peek(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows: Vec<(i64, String, String)> =
+            sqlx::query_as("SELECT seq, kind, payload FROM outbox ORDER BY seq LIMIT ?")
+                .bind(i64::from(limit))
+                .fetch_all(&self.read)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, kind, payload)| OutboxEntry { seq, kind, payload })
+            .collect())
+    }
+
+    pub(super) async fn outbox_stats(
+        &self,
+    ) -> Result<(u64, Option<chrono::DateTime<chrono::Utc>>), StoreError> {
+        let (count, oldest): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(*), (SELECT created_at FROM outbox ORDER BY seq LIMIT 1) FROM outbox",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        Ok((count.max(0) as u64, oldest.map(rows::instant).transpose()?))
     }
 
     /// Bytes on disk: the database file and its write-ahead log.

@@ -233,7 +233,7 @@ impl Slots {
 /// Whether a fire's lateness is judged against the misfire grace: replayed
 /// catch-up fires are late by definition and were chosen to run.
 fn judged_late(trigger: Trigger) -> bool {
-    matches!(trigger, Trigger::Schedule | Trigger::Backend)
+    trigger == Trigger::Schedule
 }
 
 /// The supervisor loop and everything it owns.

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod api;
+mod backend;
 mod commands;
 mod observability;
 mod openapi;

@@ -175,7 +175,29 @@ pub(super) async fn set_paused(
     load_job(c, id).await.map(Arc::new)
 }
 
-pub(super) async fn delete(tx: &mut Transaction<'_, Sqlite>, id: JobId) -> Result<(), StoreError> {
+pub(super) async fn delete(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: JobId,
+    at: DateTime<Utc>,
+    outbox: bool,
+) -> Result<(), StoreError> {
+    if outbox {
+        // The rows go with the job: report its live runs first.
+        let live: Vec<(String,)> = sqlx::query_as(
+            "UPDATE runs SET status = 'cancelled', reason = 'job_deleted', ended_at = ?, \
+             error = 'the job was deleted' WHERE job_id = ? AND status IN ('queued', 'running') RETURNING id",
+        )
+        .bind(ms(at))
+        .bind(id.to_string())
+        .fetch_all(&mut **tx)
+        .await?;
+        for (run,) in live {
+            let run = run
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("run id {run}")))?;
+            super::outbox::record_run(tx, run, at).await?;
+        }
+    }
     let r = sqlx::query("DELETE FROM jobs WHERE id = ?")
         .bind(id.to_string())
         .execute(&mut **tx)

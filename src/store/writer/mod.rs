@@ -8,6 +8,7 @@
 //! request never takes its neighbours in the batch down with it.
 
 mod jobs;
+mod outbox;
 mod runs;
 
 use std::sync::Arc;
@@ -46,6 +47,7 @@ pub enum Op {
     },
     DeleteJob {
         id: JobId,
+        at: DateTime<Utc>,
         reply: Reply<()>,
     },
     InsertRun {
@@ -104,6 +106,18 @@ pub enum Op {
         limit: u32,
         reply: Reply<u64>,
     },
+    RecordRejection {
+        rejection: crate::sync::protocol::Rejection,
+        reply: Reply<()>,
+    },
+    OutboxDelete {
+        seqs: Vec<i64>,
+        reply: Reply<u64>,
+    },
+    OutboxTrim {
+        limit: u64,
+        reply: Reply<u64>,
+    },
     /// Commit what came before, acknowledge, and stop.
     Close {
         reply: Reply<()>,
@@ -149,6 +163,9 @@ pub struct Writer {
     conn: SqliteConnection,
     rx: mpsc::UnboundedReceiver<Op>,
     changes: mpsc::UnboundedSender<JobChange>,
+    /// With the control backend: final run states are queued in the
+    /// outbox, and this is notified after each commit.
+    outbox: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// The writer's future, for the app to own and await at shutdown.
@@ -200,8 +217,14 @@ impl Writer {
         conn: SqliteConnection,
         rx: mpsc::UnboundedReceiver<Op>,
         changes: mpsc::UnboundedSender<JobChange>,
+        outbox: Option<Arc<tokio::sync::Notify>>,
     ) -> Self {
-        Self { conn, rx, changes }
+        Self {
+            conn,
+            rx,
+            changes,
+            outbox,
+        }
     }
 
     pub(super) fn into_task(self) -> WriterTask {
@@ -214,7 +237,7 @@ impl Writer {
         let outcome = async {
             let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
             for op in batch.drain(..) {
-                done.push(apply(&mut tx, op).await);
+                done.push(apply(&mut tx, op, self.outbox.is_some()).await);
             }
             tx.commit().await
         }
@@ -226,6 +249,11 @@ impl Writer {
         // Ops never reached (BEGIN failed) are dropped: their callers see
         // `Closed`-like errors from the dropped reply channel.
         batch.clear();
+        if error.is_none()
+            && let Some(signal) = &self.outbox
+        {
+            signal.notify_one();
+        }
         for d in done {
             d(error.as_deref(), &self.changes);
         }
@@ -242,7 +270,7 @@ fn plain<T>(result: Result<T, StoreError>) -> Applied<T> {
     result.map(|v| (v, None))
 }
 
-async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op) -> Pending {
+async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op, outbox: bool) -> Pending {
     match op {
         Op::CreateJob { job, reply } => {
             let result = savepoint(tx, |c| Box::pin(jobs::create(c, job))).await;
@@ -262,12 +290,12 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op) -> Pending {
             let result = savepoint(tx, |c| Box::pin(jobs::set_paused(c, id, paused, note, now))).await;
             pending(reply, result.map(upserted))
         }
-        Op::DeleteJob { id, reply } => {
-            let result = jobs::delete(tx, id).await;
+        Op::DeleteJob { id, at, reply } => {
+            let result = jobs::delete(tx, id, at, outbox).await;
             pending(reply, result.map(|()| ((), Some(JobChange::Removed(id)))))
         }
-        Op::InsertRun { run, reply } => pending(reply, runs::insert(tx, &run).await),
-        Op::StartRun { id, at, reply } => pending(reply, runs::start(tx, id, at).await),
+        Op::InsertRun { run, reply } => pending(reply, runs::insert(tx, &run, outbox).await),
+        Op::StartRun { id, at, reply } => pending(reply, runs::start(tx, id, at, outbox).await),
         Op::RecordAttempt {
             id,
             attempts,
@@ -289,13 +317,14 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op) -> Pending {
             outcome,
             at,
             reply,
-        } => pending(reply, runs::finish(tx, id, outcome, at).await),
+        } => pending(reply, runs::finish(tx, id, outcome, at, outbox).await),
         Op::OrphanForeignRuns { current, at, reply } => {
-            pending(reply, plain(runs::orphan_foreign(tx, current, at).await))
+            pending(reply, plain(runs::orphan_foreign(tx, current, at, outbox).await))
         }
-        Op::OrphanRunIfLive { id, at, error, reply } => {
-            pending(reply, plain(runs::orphan_if_live(tx, id, at, &error).await))
-        }
+        Op::OrphanRunIfLive { id, at, error, reply } => pending(
+            reply,
+            plain(runs::orphan_if_live(tx, id, at, &error, outbox).await),
+        ),
         Op::RegisterIncarnation { id, at, reply } => {
             let result = sqlx::query(
                 "INSERT INTO incarnations (id, pid, version, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
@@ -336,6 +365,11 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op) -> Pending {
             limit,
             reply,
         } => pending(reply, plain(runs::prune_old(tx, older_than, limit).await)),
+        Op::RecordRejection { rejection, reply } => {
+            pending(reply, plain(outbox::record_rejection(tx, &rejection).await))
+        }
+        Op::OutboxDelete { seqs, reply } => pending(reply, plain(outbox::delete(tx, &seqs).await)),
+        Op::OutboxTrim { limit, reply } => pending(reply, plain(outbox::trim(tx, limit).await)),
         Op::Close { reply } => pending(reply, Ok(((), None))),
     }
 }

@@ -41,23 +41,31 @@ async fn claim_start(tx: &mut Transaction<'_, Sqlite>, job: JobId) -> Result<Opt
 }
 
 /// Turns a run that may not start (limit reached) into a `skipped` row.
-async fn skip_for_limit(tx: &mut Transaction<'_, Sqlite>, id: RunId, at: i64) -> Result<(), StoreError> {
+async fn skip_for_limit(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: RunId,
+    at: DateTime<Utc>,
+    outbox: bool,
+) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE runs SET status = 'skipped', reason = ?, started_at = NULL, ended_at = ?, \
          error = 'the job reached its max_runs' WHERE id = ?",
     )
     .bind(Reason::LimitReached.as_str())
-    .bind(at)
+    .bind(ms(at))
     .bind(id.to_string())
     .execute(&mut **tx)
     .await?;
+    if outbox {
+        super::outbox::record_run(tx, id, at).await?;
+    }
     Ok(())
 }
 
 /// Inserts a run; a scheduled fire also moves the job's cursor. A starting
 /// scheduled run over the job's `max_runs` is stored as skipped and
 /// reported as [`StoreError::LimitReached`].
-pub(super) async fn insert(tx: &mut Transaction<'_, Sqlite>, run: &Run) -> Applied<()> {
+pub(super) async fn insert(tx: &mut Transaction<'_, Sqlite>, run: &Run, outbox: bool) -> Applied<()> {
     let result = sqlx::query(
         "INSERT INTO runs (id, job_id, job_name, scheduled_at, scheduled_until, fires, status, trigger, reason, \
          created_at, started_at, ended_at, attempts, exit_code, http_status, error, output, pid, pgid, \
@@ -99,12 +107,15 @@ pub(super) async fn insert(tx: &mut Transaction<'_, Sqlite>, run: &Run) -> Appli
             .execute(&mut **tx)
             .await?;
     }
+    if outbox && run.status.is_final() {
+        super::outbox::record_run(tx, run.id, run.created_at).await?;
+    }
     let mut change = None;
     if run.status == RunStatus::Running && counts_toward_limit(run.trigger) {
         match claim_start(tx, run.job_id).await {
             Ok(c) => change = c,
             Err(StoreError::LimitReached) => {
-                skip_for_limit(tx, run.id, ms(run.created_at)).await?;
+                skip_for_limit(tx, run.id, run.created_at, outbox).await?;
                 return Err(StoreError::LimitReached);
             }
             Err(e) => return Err(e),
@@ -114,7 +125,12 @@ pub(super) async fn insert(tx: &mut Transaction<'_, Sqlite>, run: &Run) -> Appli
 }
 
 /// Moves a queued run to running (same limit rule as [`insert`]).
-pub(super) async fn start(tx: &mut Transaction<'_, Sqlite>, id: RunId, at: DateTime<Utc>) -> Applied<()> {
+pub(super) async fn start(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: RunId,
+    at: DateTime<Utc>,
+    outbox: bool,
+) -> Applied<()> {
     let row = sqlx::query(
         "UPDATE runs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued' \
          RETURNING job_id, trigger",
@@ -138,7 +154,7 @@ pub(super) async fn start(tx: &mut Transaction<'_, Sqlite>, id: RunId, at: DateT
     match claim_start(tx, job).await {
         Ok(change) => Ok(((), change)),
         Err(StoreError::LimitReached) => {
-            skip_for_limit(tx, id, ms(at)).await?;
+            skip_for_limit(tx, id, at, outbox).await?;
             Err(StoreError::LimitReached)
         }
         Err(e) => Err(e),
@@ -198,6 +214,7 @@ pub(super) async fn finish(
     id: RunId,
     o: Outcome,
     at: DateTime<Utc>,
+    outbox: bool,
 ) -> Applied<()> {
     debug_assert!(o.status.is_final());
     let row = sqlx::query(
@@ -221,6 +238,9 @@ pub(super) async fn finish(
         return Err(final_or_missing(tx, id).await);
     };
     let job: String = row.try_get(0)?;
+    if outbox {
+        super::outbox::record_run(tx, id, at).await?;
+    }
     let change = match o.status {
         RunStatus::Succeeded => {
             sqlx::query("UPDATE jobs SET consecutive_failures = 0 WHERE id = ? AND consecutive_failures > 0")
@@ -278,6 +298,7 @@ pub(super) async fn orphan_foreign(
     tx: &mut Transaction<'_, Sqlite>,
     current: Incarnation,
     at: DateTime<Utc>,
+    outbox: bool,
 ) -> Result<Vec<Run>, StoreError> {
     let found = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') AND incarnation != ?"
@@ -291,7 +312,7 @@ pub(super) async fn orphan_foreign(
             "the service incarnation {} that owned this {} run ended without recording its outcome",
             run.incarnation, run.status
         );
-        orphan_if_live(tx, run.id, at, &error).await?;
+        orphan_if_live(tx, run.id, at, &error, outbox).await?;
     }
     Ok(runs)
 }
@@ -302,6 +323,7 @@ pub(super) async fn orphan_if_live(
     id: RunId,
     at: DateTime<Utc>,
     error: &str,
+    outbox: bool,
 ) -> Result<bool, StoreError> {
     let r = sqlx::query(
         "UPDATE runs SET status = 'orphaned', ended_at = ?, error = ? WHERE id = ? AND status IN ('queued', 'running')",
@@ -311,7 +333,11 @@ pub(super) async fn orphan_if_live(
     .bind(id.to_string())
     .execute(&mut **tx)
     .await?;
-    Ok(r.rows_affected() == 1)
+    let orphaned = r.rows_affected() == 1;
+    if orphaned && outbox {
+        super::outbox::record_run(tx, id, at).await?;
+    }
+    Ok(orphaned)
 }
 
 /// Deletes up to `limit` finished runs of `job` beyond its `keep_last`

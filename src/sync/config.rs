@@ -1,0 +1,200 @@
+//! The control backend's settings, validated.
+
+use std::time::Duration;
+
+use url::Url;
+
+use crate::config::{ConfigError, Settings, bounded, duration};
+
+/// A secret that never appears in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// How cronguard talks to its control backend.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// Base URL; `v1/jobs` and `v1/results` are resolved against it.
+    pub url: Url,
+    /// Bearer token.
+    pub token: Option<Secret>,
+    /// Time between pulls.
+    pub poll_interval: Duration,
+    /// Longest call.
+    pub timeout: Duration,
+    /// Longest wait between upload retries.
+    pub max_backoff: Duration,
+    /// Liveness fails when no contact succeeded for this long.
+    pub contact_max_age: Option<Duration>,
+    /// Largest job list accepted.
+    pub max_body_bytes: usize,
+    /// Outbox entries kept at most.
+    pub outbox_limit: u64,
+    /// Entries per upload.
+    pub upload_batch: usize,
+}
+
+impl BackendConfig {
+    /// `None` without `--backend-url`; otherwise every backend setting
+    /// validated (an error names the setting, never the token).
+    pub fn from_settings(s: &Settings) -> Result<Option<Self>, ConfigError> {
+        let Some(text) = s.backend_url.as_deref() else {
+            return Ok(None);
+        };
+        let invalid = |message: String| ConfigError {
+            setting: "backend_url",
+            message,
+        };
+        let mut url = Url::parse(text).map_err(|e| invalid(format!("`{text}`: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(format!(
+                "`{text}`: only http:// and https:// are supported"
+            )));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid(
+                "put credentials in --backend-token, not in the URL".into(),
+            ));
+        }
+        // `v1/jobs` resolves under the base only if it ends with `/`.
+        if !url.path().ends_with('/') {
+            url.set_path(&format!("{}/", url.path()));
+        }
+        let token = match s.backend_token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) if t.bytes().any(|b| b.is_ascii_control()) => {
+                return Err(ConfigError {
+                    setting: "backend_token",
+                    message: "contains control characters".into(),
+                });
+            }
+            Some(t) => Some(Secret(t.to_owned())),
+        };
+        let positive = |setting: &'static str, value: Option<String>, default: Duration| {
+            let d = duration(setting, value, default)?;
+            if d.is_zero() {
+                Err(ConfigError {
+                    setting,
+                    message: "must be more than zero".into(),
+                })
+            } else {
+                Ok(d)
+            }
+        };
+        let contact_max_age = match s.backend_contact_max_age.clone() {
+            None => None,
+            Some(v) => Some(positive("backend_contact_max_age", Some(v), Duration::ZERO)?),
+        };
+        Ok(Some(Self {
+            url,
+            token,
+            poll_interval: positive(
+                "backend_poll_interval",
+                s.backend_poll_interval.clone(),
+                Duration::from_secs(30),
+            )?,
+            timeout: positive(
+                "backend_timeout",
+                s.backend_timeout.clone(),
+                Duration::from_secs(10),
+            )?,
+            max_backoff: positive(
+                "backend_max_backoff",
+                s.backend_max_backoff.clone(),
+                Duration::from_secs(300),
+            )?,
+            contact_max_age,
+            max_body_bytes: bounded(
+                "backend_max_body_bytes",
+                s.backend_max_body_bytes,
+                16 * 1024 * 1024,
+                1024,
+                1024 * 1024 * 1024,
+            )?,
+            outbox_limit: bounded(
+                "outbox_limit",
+                s.outbox_limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                100_000,
+                1,
+                100_000_000,
+            )? as u64,
+            upload_batch: bounded("upload_batch", s.upload_batch, 100, 1, 10_000)?,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_base_url_gets_a_trailing_slash_and_the_token_stays_secret() {
+        let s = Settings {
+            backend_url: Some("http://127.0.0.1:9/api".into()),
+            backend_token: Some("s3cret".into()),
+            ..Settings::default()
+        };
+        let c = BackendConfig::from_settings(&s).unwrap().unwrap();
+        assert_eq!(
+            c.url.join("v1/jobs").unwrap().as_str(),
+            "http://127.0.0.1:9/api/v1/jobs"
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(c.token.unwrap().expose(), "s3cret");
+    }
+
+    #[test]
+    fn invalid_backend_settings_name_the_setting() {
+        for (s, setting) in [
+            (
+                Settings {
+                    backend_url: Some("ftp://x".into()),
+                    ..Settings::default()
+                },
+                "backend_url",
+            ),
+            (
+                Settings {
+                    backend_url: Some("http://u:p@x/".into()),
+                    ..Settings::default()
+                },
+                "backend_url",
+            ),
+            (
+                Settings {
+                    backend_url: Some("http://x/".into()),
+                    backend_poll_interval: Some("0s".into()),
+                    ..Settings::default()
+                },
+                "backend_poll_interval",
+            ),
+            (
+                Settings {
+                    backend_url: Some("http://x/".into()),
+                    upload_batch: Some(0),
+                    ..Settings::default()
+                },
+                "upload_batch",
+            ),
+        ] {
+            assert_eq!(BackendConfig::from_settings(&s).unwrap_err().setting, setting);
+        }
+        assert!(
+            BackendConfig::from_settings(&Settings::default())
+                .unwrap()
+                .is_none()
+        );
+    }
+}

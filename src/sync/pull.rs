@@ -1,0 +1,348 @@
+//! The `backend_sync` loop: pull the desired jobs and reconcile the
+//! backend-owned ones.
+//!
+//! Rules (`docs/backend.md`):
+//! - jobs are matched by name; only `source: backend` jobs are created,
+//!   replaced or deleted; a local (`source: api`) job is never touched, and
+//!   a backend item with a local job's name is rejected;
+//! - each item is decoded and validated on its own, exactly like a `POST
+//!   /v1/jobs` body: an invalid item is rejected (logged, counted, reported
+//!   to the backend on the next upload) and the rest still apply; if a job
+//!   of that name already exists, it keeps its last good definition;
+//! - an unchanged item causes no write; a changed one is a replace (same
+//!   id, history kept; `paused` omitted keeps the current state, so a local
+//!   pause survives); a missing one is deleted (its live runs cancelled and
+//!   reported as `cancelled` / `job_deleted`);
+//! - the `ETag` is kept only once a list applied completely, so a failed
+//!   or partial apply is retried in full at the next pull.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::client::{BackendClient, Pulled};
+use super::contact::Contact;
+use super::metrics::SyncMetrics;
+use super::protocol::Rejection;
+use crate::action::ActionPolicy;
+use crate::clock::SharedClock;
+use crate::fault::Faults;
+use crate::health::Heartbeat;
+use crate::job::{Job, JobId, JobSpec, Source, check_name};
+use crate::store::{NewJob, Replacement, Store, StoreError};
+use crate::validation::{DecodeError, FieldError, decode_json};
+
+/// Writes issued at once (they share group commits); the loop beats
+/// between chunks.
+const CHUNK: usize = 256;
+
+/// The sync loop and what it needs.
+pub struct Puller {
+    /// The backend.
+    pub client: BackendClient,
+    /// Persistence.
+    pub store: Store,
+    /// Time.
+    pub clock: SharedClock,
+    /// Shared contact state.
+    pub contact: Arc<Contact>,
+    /// Counters.
+    pub metrics: SyncMetrics,
+    /// What actions this server accepts.
+    pub actions: ActionPolicy,
+    /// Job quota (`--max-jobs`).
+    pub max_jobs: Option<u64>,
+    /// Time between pulls.
+    pub interval: Duration,
+}
+
+/// What survives between pulls (in memory: after a restart the first pull
+/// is unconditional and current rejections are reported once more).
+#[derive(Debug, Default)]
+pub struct PullState {
+    etag: Option<String>,
+    /// Rejected items by label, as last reported.
+    reported: HashMap<String, Value>,
+}
+
+/// What one reconciliation did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Jobs created.
+    pub created: u64,
+    /// Jobs replaced.
+    pub updated: u64,
+    /// Jobs deleted.
+    pub deleted: u64,
+    /// Items rejected (including ones reported before).
+    pub rejected: u64,
+    /// Some write lost a race with the local API: retry at the next pull.
+    pub retry: bool,
+}
+
+enum Write {
+    Create(NewJob),
+    Replace(Replacement),
+}
+
+impl Puller {
+    /// Pulls every `interval` until `shutdown`. Store failures end the
+    /// loop (its supervisor restarts it); backend failures are recorded
+    /// and retried at the next interval.
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        heartbeat: Arc<Heartbeat>,
+        faults: Arc<Faults>,
+    ) -> Result<(), StoreError> {
+        let mut state = PullState::default();
+        loop {
+            heartbeat.beat();
+            faults.checkpoint(heartbeat.name()).await;
+            self.contact.attempt(self.clock.now());
+            let pulled = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                pulled = self.client.pull(state.etag.as_deref()) => pulled,
+            };
+            match pulled {
+                Ok(Pulled::Unchanged) => {
+                    self.contact.success(self.clock.now());
+                    self.metrics.pulled(false);
+                }
+                Ok(Pulled::Jobs { jobs, etag }) => {
+                    self.contact.success(self.clock.now());
+                    self.metrics.pulled(true);
+                    let applied = self.apply(jobs, &mut state, &heartbeat).await?;
+                    state.etag = if applied.retry { None } else { etag };
+                }
+                Err(e) => {
+                    tracing::warn!(reason = e.reason(), error = %e, "pulling jobs from the control backend failed");
+                    self.contact.failure(e.reason(), format!("pull: {e}"));
+                }
+            }
+            if !heartbeat.idle(self.interval, None, &shutdown).await {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reconciles the backend-owned jobs with `items`.
+    pub async fn apply(
+        &self,
+        items: Vec<Value>,
+        state: &mut PullState,
+        heartbeat: &Heartbeat,
+    ) -> Result<Applied, StoreError> {
+        let now = self.clock.now();
+        let existing: HashMap<String, Arc<Job>> = self
+            .store
+            .load_jobs()
+            .await?
+            .into_iter()
+            .map(|j| (j.name().to_owned(), j))
+            .collect();
+        let mut applied = Applied::default();
+        let mut named: HashSet<String> = HashSet::new();
+        let mut rejections: Vec<(String, Value, Vec<FieldError>)> = Vec::new();
+        let mut writes = Vec::new();
+        for (index, item) in items.into_iter().enumerate() {
+            let name = item.get("name").and_then(Value::as_str).map(str::to_owned);
+            let label = name
+                .clone()
+                .filter(|n| check_name(n).is_ok())
+                .unwrap_or_else(|| format!("#{index}"));
+            let mut reject =
+                |errors: Vec<FieldError>, item: Value| rejections.push((label.clone(), item, errors));
+            if let Some(name) = &name
+                && !named.insert(name.clone())
+            {
+                reject(
+                    vec![FieldError::new(
+                        "/name",
+                        "another job in the list has this name; the first one applies",
+                    )],
+                    item,
+                );
+                continue;
+            }
+            let bytes = serde_json::to_vec(&item).unwrap_or_default();
+            let spec: JobSpec = match decode_json(&bytes) {
+                Ok(spec) => spec,
+                Err(DecodeError::Invalid(errors)) => {
+                    reject(errors.0, item);
+                    continue;
+                }
+                Err(DecodeError::Malformed(text)) => {
+                    reject(vec![FieldError::new("", text)], item);
+                    continue;
+                }
+            };
+            let current = existing.get(&spec.name);
+            if current.is_some_and(|j| j.source == Source::Api) {
+                reject(
+                    vec![FieldError::new(
+                        "/name",
+                        "a job created through the local API has this name; the backend never changes local jobs",
+                    )],
+                    item,
+                );
+                continue;
+            }
+            if current.is_some_and(|j| j.def.spec == spec) {
+                continue;
+            }
+            let schedule_changed = current.is_none_or(|j| j.def.spec.schedule != spec.schedule);
+            let paused = spec.paused;
+            let def = match spec.validate(&self.actions) {
+                Ok(def) => def,
+                Err(errors) => {
+                    reject(errors.0, item);
+                    continue;
+                }
+            };
+            if schedule_changed && def.schedule.next_after(now).is_none() {
+                reject(
+                    vec![FieldError::new(
+                        "/schedule",
+                        "the schedule has no fire after now (`at` or `end` is in the past)",
+                    )],
+                    item,
+                );
+                continue;
+            }
+            writes.push((
+                label,
+                item,
+                match current {
+                    None => Write::Create(NewJob {
+                        id: JobId::new(),
+                        def,
+                        paused: paused.unwrap_or(false),
+                        source: Source::Backend,
+                        now,
+                    }),
+                    Some(job) => Write::Replace(Replacement {
+                        id: job.id,
+                        expected_version: Some(job.version),
+                        def,
+                        paused,
+                        now,
+                    }),
+                },
+            ));
+        }
+
+        // Deletes first: they free quota for the creates.
+        let deletes: Vec<&Arc<Job>> = existing
+            .values()
+            .filter(|j| j.source == Source::Backend && !named.contains(j.name()))
+            .collect();
+        for chunk in deletes.chunks(CHUNK) {
+            let acks: Vec<_> = chunk.iter().map(|j| self.store.delete_job(j.id, now)).collect();
+            for (job, result) in chunk.iter().zip(futures_util::future::join_all(acks).await) {
+                match result {
+                    Ok(()) => {
+                        applied.deleted += 1;
+                        tracing::info!(job = %job.id, name = %job.name(), "backend job deleted");
+                    }
+                    Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            heartbeat.beat();
+        }
+
+        let mut room = self
+            .max_jobs
+            .map(|max| max.saturating_sub(existing.len() as u64 - applied.deleted));
+        let mut admitted = Vec::with_capacity(writes.len());
+        for (label, item, write) in writes {
+            if let (Write::Create(_), Some(room)) = (&write, &mut room) {
+                if *room == 0 {
+                    let full =
+                        FieldError::new("", "this server holds its maximum number of jobs (--max-jobs)");
+                    rejections.push((label, item, vec![full]));
+                    continue;
+                }
+                *room -= 1;
+            }
+            admitted.push((label, item, write));
+        }
+        let mut admitted = admitted.into_iter().peekable();
+        while admitted.peek().is_some() {
+            let chunk: Vec<_> = admitted.by_ref().take(CHUNK).collect();
+            let mut acks = Vec::with_capacity(chunk.len());
+            let mut meta = Vec::with_capacity(chunk.len());
+            for (label, item, write) in chunk {
+                let created = matches!(write, Write::Create(_));
+                acks.push(match write {
+                    Write::Create(job) => self.store.create_job(job),
+                    Write::Replace(r) => self.store.replace_job(r),
+                });
+                meta.push((label, item, created));
+            }
+            for ((label, item, created), result) in
+                meta.into_iter().zip(futures_util::future::join_all(acks).await)
+            {
+                match result {
+                    Ok(job) if created => {
+                        applied.created += 1;
+                        tracing::info!(job = %job.id, name = %job.name(), "backend job created");
+                    }
+                    Ok(job) => {
+                        applied.updated += 1;
+                        tracing::info!(job = %job.id, name = %job.name(), version = job.version, "backend job updated");
+                    }
+                    // A local job took the name since the list was read.
+                    Err(StoreError::NameTaken(_)) => rejections.push((
+                        label,
+                        item,
+                        vec![FieldError::new(
+                            "/name",
+                            "a job created through the local API has this name",
+                        )],
+                    )),
+                    // Changed or deleted through the API meanwhile.
+                    Err(StoreError::VersionMismatch { .. } | StoreError::NotFound) => applied.retry = true,
+                    Err(e) => return Err(e),
+                }
+            }
+            heartbeat.beat();
+        }
+
+        applied.rejected = rejections.len() as u64;
+        let mut reported = HashMap::with_capacity(rejections.len());
+        for (label, item, errors) in rejections {
+            if state.reported.get(&label) != Some(&item) {
+                tracing::warn!(job = %label, errors = ?errors, "backend job rejected");
+                self.metrics.rejected();
+                self.store
+                    .record_rejection(Rejection {
+                        job: label.clone(),
+                        rejected_at: now,
+                        errors,
+                    })
+                    .await?;
+            }
+            reported.insert(label, item);
+        }
+        state.reported = reported;
+        self.metrics.applied("created", applied.created);
+        self.metrics.applied("updated", applied.updated);
+        self.metrics.applied("deleted", applied.deleted);
+        if applied.created + applied.updated + applied.deleted + applied.rejected > 0 {
+            tracing::info!(
+                created = applied.created,
+                updated = applied.updated,
+                deleted = applied.deleted,
+                rejected = applied.rejected,
+                "backend jobs reconciled"
+            );
+        }
+        Ok(applied)
+    }
+}
