@@ -267,3 +267,66 @@ async fn shutdown_fails_readiness_first_while_runs_drain() {
     assert_eq!(status, 200, "draining is not a liveness failure");
     assert_eq!(service.wait().await, Some(0));
 }
+
+/// Metric family names in the table of `docs/observability.md`.
+fn documented_metrics() -> std::collections::BTreeSet<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/observability.md")).unwrap();
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once("` |"))
+        .map(|(name, _)| name.to_owned())
+        .filter(|n| {
+            n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'*')
+        })
+        .collect()
+}
+
+fn family(name: &str) -> &str {
+    let name = name.strip_prefix("cronguard_").unwrap_or(name);
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(name)
+}
+
+#[tokio::test]
+async fn every_exported_or_referenced_metric_is_documented() {
+    let documented = documented_metrics();
+    let known = |name: &str| {
+        documented.contains(name) || (name.starts_with("process_") && documented.contains("process_*"))
+    };
+    // With a backend configured (unreachable), so its families exist too.
+    let mut options = Options::default();
+    options.settings.backend_url = Some("http://127.0.0.1:9/".into());
+    let app = TestApp::start(options).await;
+    let scrape = app.metrics().await;
+    app.stop().await;
+    let exported: Vec<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE cronguard_"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(exported.len() > 30, "{scrape}");
+    let undocumented: Vec<_> = exported.iter().filter(|n| !known(n)).collect();
+    assert!(
+        undocumented.is_empty(),
+        "exported but not in docs/observability.md: {undocumented:?}"
+    );
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["deploy/prometheus/alerts.yml", "deploy/grafana/cronguard.json"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let unknown: Vec<String> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("cronguard_"))
+            .map(|w| family(w).to_owned())
+            .filter(|n| !known(n))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses undocumented metrics: {unknown:?}"
+        );
+    }
+}

@@ -59,6 +59,8 @@ pub struct Shared {
     pub hooks: AtomicU64,
     pub unauthorized: AtomicU64,
     uploaded: Notify,
+    /// When each upload was attempted.
+    pub upload_attempts: Mutex<Vec<std::time::Instant>>,
 }
 
 pub struct FakeBackend {
@@ -179,6 +181,7 @@ async fn jobs(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
 }
 
 async fn results(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    s.upload_attempts.lock().unwrap().push(std::time::Instant::now());
     if let Some(r) = s.misbehave().await {
         return close(r);
     }
@@ -216,6 +219,7 @@ impl FakeBackend {
             hooks: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),
             uploaded: Notify::new(),
+            upload_attempts: Mutex::new(Vec::new()),
         });
         let router = axum::Router::new()
             .route("/api/v1/jobs", axum::routing::get(jobs))

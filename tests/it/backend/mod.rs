@@ -346,14 +346,15 @@ async fn an_outage_grows_the_outbox_and_stalls_contact_then_everything_arrives_o
 }
 
 #[tokio::test]
-async fn kill_9_with_50_undelivered_results_loses_none() {
+async fn kill_9_with_50_undelivered_results_loses_none_and_startup_does_not_wait_for_the_backend() {
     let backend = FakeBackend::start().await;
     let mut burst = job(&backend, "burst", never());
     burst["policy"] = json!({"overlap": "allow"});
     backend.set_jobs(vec![burst]);
     backend.set_mode(Mode::RejectUploads);
     let dir = tempfile::tempdir().unwrap();
-    let flags = flags(&backend);
+    let mut flags = flags(&backend);
+    flags.extend(["--upload-batch".into(), "10".into()]);
     let args: Vec<&str> = flags.iter().map(String::as_str).collect();
     let env = [("CRONGUARD_BACKEND_TOKEN", TOKEN)];
     let service = Binary::start_with_env(dir.path(), &args, &env).await;
@@ -379,18 +380,53 @@ async fn kill_9_with_50_undelivered_results_loses_none() {
     })
     .await;
     assert!(backend.results().is_empty());
+    // `Retry-After: 1` is honoured although the backoff cap is 400ms.
+    eventually("three upload attempts", || async {
+        (backend.shared.upload_attempts.lock().unwrap().len() >= 3).then_some(())
+    })
+    .await;
+    let attempts = backend.shared.upload_attempts.lock().unwrap().clone();
+    for pair in attempts.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= std::time::Duration::from_millis(950),
+            "retried after {gap:?}"
+        );
+    }
     service.signal(Signal::SIGKILL);
     let mut service = service;
     service.wait().await;
 
-    backend.set_mode(Mode::Ok);
+    // Startup does not wait for the backend: the persisted job still runs.
+    backend.set_mode(Mode::Fail);
     let service = Binary::start_with_env(dir.path(), &args, &env).await;
-    eventually("all 50 results delivered", || async {
+    let r = client()
+        .post(service.url("/v1/jobs/burst/trigger"))
+        .send()
+        .await
+        .unwrap();
+    let (code, run) = read(r).await;
+    assert_eq!(code, 202, "{run}");
+    triggered.insert(run["id"].as_str().unwrap().to_owned());
+    eventually("51 results in the outbox", || async {
+        let b = status(async |p| service.get(p).await).await;
+        (b["outbox_entries"].as_u64().unwrap() >= 51).then_some(())
+    })
+    .await;
+    backend.set_mode(Mode::Ok);
+    eventually("all 51 results delivered", || async {
         let delivered: HashSet<String> = backend.deliveries().into_keys().collect();
         triggered.is_subset(&delivered).then_some(())
     })
     .await;
     assert_once(&backend);
+    let batches = backend.batches();
+    assert!(batches.len() >= 6, "{} batches", batches.len());
+    assert!(
+        batches
+            .iter()
+            .all(|b| b["results"].as_array().unwrap().len() <= 10)
+    );
     let b = status(async |p| service.get(p).await).await;
     assert_eq!(b["contact"]["consecutive_failures"], 0);
     let logs = {
@@ -545,5 +581,38 @@ async fn a_hung_sync_loop_fails_liveness_a_down_backend_does_not() {
             .unwrap()
             .contains("--backend-contact-max-age")
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_outbox_over_its_limit_drops_the_oldest_and_counts_them() {
+    let backend = FakeBackend::start().await;
+    let mut burst = job(&backend, "burst", never());
+    burst["policy"] = json!({"overlap": "allow"});
+    backend.set_jobs(vec![burst]);
+    backend.set_mode(Mode::RejectUploads);
+    let mut o = options(&backend);
+    o.settings.outbox_limit = Some(5);
+    let app = TestApp::start(o).await;
+    eventually("the backend job", || async {
+        (app.get("/v1/jobs/burst").await.0 == 200).then_some(())
+    })
+    .await;
+    let mut runs = Vec::new();
+    for _ in 0..12 {
+        let (code, run) = app.post_empty("/v1/jobs/burst/trigger").await;
+        assert_eq!(code, 202, "{run}");
+        runs.push(app.final_run(run["id"].as_str().unwrap()).await);
+    }
+    eventually("7 dropped entries counted", || async {
+        let m = app.metrics().await;
+        (sample(&m, "cronguard_backend_outbox_dropped_total") == Some(7.0)).then_some(())
+    })
+    .await;
+    backend.set_mode(Mode::Ok);
+    outbox_drained(&app).await;
+    // The newest five arrive; the oldest seven were dropped.
+    let delivered: HashSet<String> = backend.deliveries().into_keys().collect();
+    assert_eq!(delivered, ids(&runs[7..]));
     app.stop().await;
 }
