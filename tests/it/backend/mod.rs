@@ -345,6 +345,26 @@ async fn an_outage_grows_the_outbox_and_stalls_contact_then_everything_arrives_o
     app.stop().await;
 }
 
+/// Triggers the `burst` job of the binary; the run's id.
+async fn trigger(service: &Binary) -> String {
+    let r = client()
+        .post(service.url("/v1/jobs/burst/trigger"))
+        .send()
+        .await
+        .unwrap();
+    let (code, run) = read(r).await;
+    assert_eq!(code, 202, "{run}");
+    run["id"].as_str().unwrap().to_owned()
+}
+
+async fn outbox_holds(service: &Binary, n: u64) {
+    eventually(&format!("{n} results in the outbox"), || async {
+        let b = status(async |p| service.get(p).await).await;
+        (b["outbox_entries"].as_u64().unwrap() >= n).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn kill_9_with_50_undelivered_results_loses_none_and_startup_does_not_wait_for_the_backend() {
     let backend = FakeBackend::start().await;
@@ -365,20 +385,9 @@ async fn kill_9_with_50_undelivered_results_loses_none_and_startup_does_not_wait
     .await;
     let mut triggered = HashSet::new();
     for _ in 0..50 {
-        let r = client()
-            .post(service.url("/v1/jobs/burst/trigger"))
-            .send()
-            .await
-            .unwrap();
-        let (code, run) = read(r).await;
-        assert_eq!(code, 202, "{run}");
-        triggered.insert(run["id"].as_str().unwrap().to_owned());
+        triggered.insert(trigger(&service).await);
     }
-    eventually("50 results in the outbox", || async {
-        let b = status(async |p| service.get(p).await).await;
-        (b["outbox_entries"].as_u64().unwrap() >= 50).then_some(())
-    })
-    .await;
+    outbox_holds(&service, 50).await;
     assert!(backend.results().is_empty());
     // `Retry-After: 1` is honoured although the backoff cap is 400ms.
     eventually("three upload attempts", || async {
@@ -400,19 +409,8 @@ async fn kill_9_with_50_undelivered_results_loses_none_and_startup_does_not_wait
     // Startup does not wait for the backend: the persisted job still runs.
     backend.set_mode(Mode::Fail);
     let service = Binary::start_with_env(dir.path(), &args, &env).await;
-    let r = client()
-        .post(service.url("/v1/jobs/burst/trigger"))
-        .send()
-        .await
-        .unwrap();
-    let (code, run) = read(r).await;
-    assert_eq!(code, 202, "{run}");
-    triggered.insert(run["id"].as_str().unwrap().to_owned());
-    eventually("51 results in the outbox", || async {
-        let b = status(async |p| service.get(p).await).await;
-        (b["outbox_entries"].as_u64().unwrap() >= 51).then_some(())
-    })
-    .await;
+    triggered.insert(trigger(&service).await);
+    outbox_holds(&service, 51).await;
     backend.set_mode(Mode::Ok);
     eventually("all 51 results delivered", || async {
         let delivered: HashSet<String> = backend.deliveries().into_keys().collect();
