@@ -1,135 +1,206 @@
-//! Fire lateness of the release binary under N every-second jobs.
+//! Fire lateness of the release binary against the floor, in one run.
 //!
-//! Starts `cronguard serve` (release build) on a fresh database, registers
-//! N jobs `* * * * * *` whose HTTP action posts to a receiver in this
-//! process, and measures for each request: arrival minus the scheduled
-//! instant (`X-Cronguard-Scheduled-At`). Reports p50 / p99 / max lateness,
-//! missed fires (expected − received) and duplicates (same job and second
-//! twice), then checks that every run of the window is recorded.
+//! For each N: a receiver process records every request's arrival; first
+//! the *floor* (N tokio tasks sleeping until each fire and posting with one
+//! shared client — what no scheduler can beat on this machine) runs for
+//! the window, then `cronguard serve` (release build, fresh database,
+//! every run persisted) runs N jobs for the same window. Lateness is
+//! arrival minus the scheduled instant (`X-Cronguard-Scheduled-At`).
+//! Reports p50 / p99 / max for both and the ratio of the p99s, missed
+//! fires (expected − received), duplicates (same job and instant twice),
+//! and how many runs of the window the database holds as succeeded.
 //!
-//! Run: `cargo bench --bench lateness -- [--jobs 100,1000] [--seconds 30]`.
-//! Not a test: it asserts nothing and prints figures with the machine.
+//! Workloads: `aligned` (N jobs `* * * * * *`: N fires at each whole
+//! second) and `spread` (N jobs `S/10 * * * * *` with S = i mod 10: N/10
+//! fires every second, each job every 10 s).
+//!
+//! Run: `cargo bench --bench lateness -- [--workload aligned|spread]
+//! [--jobs 100,1000] [--seconds 60]`. Not a test: it asserts nothing.
 
 #[path = "common/mod.rs"]
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::HeaderMap;
 use chrono::{DateTime, TimeDelta, Utc};
-use common::{Service, machine, percentile};
-use serde_json::{Value, json};
+use common::{Hit, ReceiverProcess, Service, floor, machine, percentile};
+use futures_util::StreamExt;
+use serde_json::json;
+use sqlx::Connection;
 
-type Hits = Arc<Mutex<Vec<(String, DateTime<Utc>, DateTime<Utc>)>>>;
-
-async fn receiver() -> (String, Hits) {
-    let hits: Hits = Arc::default();
-    let app = axum::Router::new()
-        .fallback(|State(hits): State<Hits>, headers: HeaderMap| async move {
-            let at = Utc::now();
-            let job = headers
-                .get("x-cronguard-job")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
-            let scheduled = headers
-                .get("x-cronguard-scheduled-at")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
-                .map(|d| d.to_utc());
-            if let Some(scheduled) = scheduled {
-                hits.lock().unwrap().push((job, scheduled, at));
-            }
-            "ok"
-        })
-        .with_state(hits.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hit", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, hits)
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    Aligned,
+    Spread,
 }
 
-async fn run(n: usize, seconds: i64) -> String {
-    let (url, hits) = receiver().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut service = Service::start(&dir.path().join("bench.db"), &[]).await;
-    let client = reqwest::Client::new();
-    for i in 0..n {
-        let spec = json!({
-            "name": format!("bench-{i}"),
-            "schedule": {"kind": "cron", "expr": "* * * * * *"},
-            "action": {"kind": "http", "url": url, "timeout": "10s"},
-        });
-        let r = client
-            .post(format!("{}/v1/jobs", service.base))
-            .json(&spec)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
-    }
-    // Measure whole seconds after a warm-up of two seconds.
-    let now = Utc::now();
-    let start = DateTime::from_timestamp(now.timestamp() + 3, 0).unwrap();
-    let end = start + TimeDelta::seconds(seconds);
-    tokio::time::sleep((end - Utc::now() + TimeDelta::seconds(3)).to_std().unwrap()).await;
-    let all = std::mem::take(&mut *hits.lock().unwrap());
-    let mut lateness = Vec::new();
-    let mut seen: HashMap<(String, DateTime<Utc>), u32> = HashMap::new();
-    for (job, scheduled, at) in all {
-        if scheduled < start || scheduled >= end {
-            continue;
+impl Workload {
+    fn period(self) -> i64 {
+        match self {
+            Self::Aligned => 1,
+            Self::Spread => 10,
         }
-        lateness.push((at - scheduled).num_microseconds().unwrap() as f64 / 1000.0);
-        *seen.entry((job, scheduled)).or_default() += 1;
+    }
+
+    fn offset(self, i: usize) -> i64 {
+        match self {
+            Self::Aligned => 0,
+            Self::Spread => (i % 10) as i64,
+        }
+    }
+
+    fn expr(self, i: usize) -> String {
+        match self {
+            Self::Aligned => "* * * * * *".into(),
+            Self::Spread => format!("{}/10 * * * * *", i % 10),
+        }
+    }
+}
+
+struct Stats {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    received: usize,
+    duplicates: usize,
+    early: usize,
+}
+
+fn stats(hits: &[Hit], start: DateTime<Utc>, end: DateTime<Utc>) -> Stats {
+    let (from, to) = (start.timestamp_millis(), end.timestamp_millis());
+    let mut lateness = Vec::new();
+    let mut seen: HashMap<(u64, i64), usize> = HashMap::new();
+    for h in hits
+        .iter()
+        .filter(|h| h.scheduled_ms >= from && h.scheduled_ms < to)
+    {
+        lateness.push((h.at_us - h.scheduled_ms * 1000) as f64 / 1000.0);
+        *seen.entry((h.job, h.scheduled_ms)).or_default() += 1;
     }
     lateness.sort_by(f64::total_cmp);
-    let expected = n as i64 * seconds;
-    let unique = seen.len() as i64;
-    let duplicates: u32 = seen.values().map(|c| c - 1).sum();
-    let early = lateness.iter().filter(|l| **l < 0.0).count();
-
-    // Every run of the window is recorded (and final) in the database.
-    let mut recorded = 0;
-    let mut cursor = String::new();
-    loop {
-        let page: Value = client
-            .get(format!("{}/v1/runs?limit=500{cursor}", service.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        for r in page["items"].as_array().unwrap() {
-            let at = DateTime::parse_from_rfc3339(r["scheduled_at"].as_str().unwrap())
-                .unwrap()
-                .to_utc();
-            if at >= start && at < end && r["status"] == "succeeded" {
-                recorded += 1;
-            }
-        }
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = format!("&cursor={c}"),
-            None => break,
-        }
+    Stats {
+        p50: percentile(&lateness, 0.50),
+        p99: percentile(&lateness, 0.99),
+        max: lateness.last().copied().unwrap_or(f64::NAN),
+        received: seen.len(),
+        duplicates: seen.values().map(|c| c - 1).sum(),
+        early: lateness.iter().filter(|l| **l < 0.0).count(),
     }
-    let _ = service.child.kill().await;
+}
+
+/// A window starting `lead` seconds from now on a whole second.
+fn window(lead: i64, seconds: i64) -> (DateTime<Utc>, DateTime<Utc>) {
+    let start = DateTime::from_timestamp(Utc::now().timestamp() + lead, 0).expect("instant");
+    (start, start + TimeDelta::seconds(seconds))
+}
+
+async fn sleep_past(end: DateTime<Utc>, extra: i64) {
+    let wait = end + TimeDelta::seconds(extra) - Utc::now();
+    tokio::time::sleep(wait.to_std().unwrap_or_default()).await;
+}
+
+async fn run(workload: Workload, n: usize, seconds: i64) -> String {
+    let receiver = ReceiverProcess::start().await;
+    let expected = n as i64 * seconds / workload.period();
+
+    // The floor, with three seconds of warm-up before the window.
+    let (start, end) = window(5, seconds);
+    floor(
+        &receiver.url,
+        n,
+        workload.period(),
+        |i| workload.offset(i),
+        start - TimeDelta::seconds(3),
+        end,
+    )
+    .await;
+    sleep_past(end, 2).await;
+    let floor_stats = stats(&receiver.take().await, start, end);
+
+    // cronguard.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("bench.db");
+    let mut service = Service::start(&db, &[]).await;
+    let client = reqwest::Client::new();
+    let base = service.base.clone();
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let (client, base, url) = (client.clone(), base.clone(), receiver.url.clone());
+            async move {
+                let spec = json!({
+                    "name": format!("bench-{i}"),
+                    "schedule": {"kind": "cron", "expr": workload.expr(i)},
+                    "action": {"kind": "http", "url": url, "timeout": "10s"},
+                });
+                let r = client
+                    .post(format!("{base}/v1/jobs"))
+                    .json(&spec)
+                    .send()
+                    .await
+                    .expect("create");
+                assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let (start, end) = window(4, seconds);
+    sleep_past(end, 3).await;
+    let ours = stats(&receiver.take().await, start, end);
+    // Stop gracefully (every run committed), then count the window's runs.
+    if let Some(pid) = service.child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(60), service.child.wait()).await;
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("open");
+    let (recorded,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM runs WHERE status = 'succeeded' AND scheduled_at >= ? AND scheduled_at < ?",
+    )
+    .bind(start.timestamp_millis())
+    .bind(end.timestamp_millis())
+    .fetch_one(&mut conn)
+    .await
+    .expect("count");
     format!(
-        "N={n:<6} window={seconds}s fires={expected:<7} received={unique:<7} missed={:<5} duplicates={duplicates:<3} early={early} \
-         lateness_ms p50={:.2} p99={:.2} max={:.2} recorded_succeeded={recorded}",
-        expected - unique,
-        percentile(&lateness, 0.50),
-        percentile(&lateness, 0.99),
-        lateness.last().copied().unwrap_or(f64::NAN),
+        "N={n:<6} window={seconds}s fires={expected:<7}\n  \
+         floor:     p50={:>8.2}ms p99={:>8.2}ms max={:>8.2}ms received={} missed={} duplicates={}\n  \
+         cronguard: p50={:>8.2}ms p99={:>8.2}ms max={:>8.2}ms received={} missed={} duplicates={} early={} recorded_succeeded={recorded}\n  \
+         p99 ratio cronguard/floor = {:.2}",
+        floor_stats.p50,
+        floor_stats.p99,
+        floor_stats.max,
+        floor_stats.received,
+        expected - floor_stats.received as i64,
+        floor_stats.duplicates,
+        ours.p50,
+        ours.p99,
+        ours.max,
+        ours.received,
+        expected - ours.received as i64,
+        ours.duplicates,
+        ours.early,
+        ours.p99 / floor_stats.p99,
     )
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    if common::receiver_main() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(bench());
+}
+
+async fn bench() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
@@ -138,16 +209,25 @@ async fn main() {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    let workload = match arg("--workload").as_deref() {
+        None | Some("aligned") => Workload::Aligned,
+        Some("spread") => Workload::Spread,
+        Some(other) => panic!("--workload aligned|spread, not {other}"),
+    };
     let jobs: Vec<usize> = arg("--jobs")
         .unwrap_or_else(|| "100,1000".into())
         .split(',')
         .map(|n| n.parse().expect("--jobs N[,N...]"))
         .collect();
-    let seconds: i64 = arg("--seconds").map_or(30, |s| s.parse().expect("--seconds N"));
-    println!("cronguard fire lateness (every-second jobs, HTTP to a loopback receiver)");
+    let seconds: i64 = arg("--seconds").map_or(60, |s| s.parse().expect("--seconds N"));
+    let name = if workload == Workload::Aligned {
+        "aligned"
+    } else {
+        "spread"
+    };
+    println!("cronguard fire lateness vs the floor ({name}: HTTP to a loopback receiver process)");
     println!("{}", machine());
     for n in jobs {
-        println!("{}", run(n, seconds).await);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        println!("{}", run(workload, n, seconds).await);
     }
 }

@@ -99,3 +99,159 @@ pub fn machine() -> String {
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
     )
 }
+
+/// One request the receiver got: job header, scheduled instant (ms), arrival (µs).
+#[derive(Debug, Clone, Copy)]
+pub struct Hit {
+    pub job: u64,
+    pub scheduled_ms: i64,
+    pub at_us: i64,
+}
+
+/// The HTTP receiver, in its own process (`<bench> --receiver`): the floor
+/// client and cronguard then each have a whole process's file limit, and
+/// the receiver's work is not charged to either. It records
+/// `(X-Cronguard-Job-Name, X-Cronguard-Scheduled-At, arrival)` and hands
+/// them out on `GET /__hits` (one `job scheduled_ms at_us` line each).
+pub struct ReceiverProcess {
+    pub child: tokio::process::Child,
+    pub url: String,
+    base: String,
+}
+
+impl ReceiverProcess {
+    pub async fn start() -> Self {
+        let mut child = tokio::process::Command::new(std::env::current_exe().expect("exe"))
+            .arg("--receiver")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the receiver");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let addr = lines.next_line().await.ok().flatten().expect("receiver address");
+        Self {
+            child,
+            url: format!("http://{addr}/hit"),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// Takes every hit recorded so far.
+    pub async fn take(&self) -> Vec<Hit> {
+        let text = reqwest::get(format!("{}/__hits", self.base))
+            .await
+            .expect("GET /__hits")
+            .text()
+            .await
+            .expect("hits");
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                Some(Hit {
+                    job: f.next()?.parse().ok()?,
+                    scheduled_ms: f.next()?.parse().ok()?,
+                    at_us: f.next()?.parse().ok()?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Runs the receiver if this process was started as one; returns whether it was.
+pub fn receiver_main() -> bool {
+    if !std::env::args().any(|a| a == "--receiver") {
+        return false;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        use axum::http::HeaderMap;
+        use std::sync::{Arc, Mutex};
+        type Hits = Arc<Mutex<Vec<Hit>>>;
+        let hits: Hits = Arc::default();
+        let record = |headers: &HeaderMap| -> Option<Hit> {
+            let at_us = chrono::Utc::now().timestamp_micros();
+            let job = headers.get("x-cronguard-job-name")?.to_str().ok()?;
+            let job = job.rsplit('-').next()?.parse().ok()?;
+            let scheduled = headers.get("x-cronguard-scheduled-at")?.to_str().ok()?;
+            let scheduled_ms = chrono::DateTime::parse_from_rfc3339(scheduled)
+                .ok()?
+                .timestamp_millis();
+            Some(Hit {
+                job,
+                scheduled_ms,
+                at_us,
+            })
+        };
+        let app = axum::Router::new()
+            .route(
+                "/__hits",
+                axum::routing::get(
+                    |axum::extract::State(hits): axum::extract::State<Hits>| async move {
+                        let taken = std::mem::take(&mut *hits.lock().unwrap());
+                        let mut out = String::with_capacity(taken.len() * 40);
+                        for h in taken {
+                            out.push_str(&format!("{} {} {}\n", h.job, h.scheduled_ms, h.at_us));
+                        }
+                        out
+                    },
+                ),
+            )
+            .fallback(
+                move |axum::extract::State(hits): axum::extract::State<Hits>, headers: HeaderMap| async move {
+                    if let Some(hit) = record(&headers) {
+                        hits.lock().unwrap().push(hit);
+                    }
+                    "ok"
+                },
+            )
+            .with_state(hits);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        println!("{}", listener.local_addr().expect("addr"));
+        axum::serve(listener, app).await.expect("serve");
+    });
+    true
+}
+
+/// The floor: what no scheduler can beat on this machine. `n` tokio tasks
+/// in one process, each sleeping until its next fire (`period` seconds,
+/// offset `offset(i)` seconds) and posting to `url` with one shared
+/// client, with the headers cronguard sends. Runs from `start` until `end`.
+pub async fn floor(
+    url: &str,
+    n: usize,
+    period: i64,
+    offset: impl Fn(usize) -> i64,
+    start: chrono::DateTime<chrono::Utc>,
+    end: chrono::DateTime<chrono::Utc>,
+) {
+    let client = reqwest::Client::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (client, url) = (client.clone(), url.to_owned());
+        let off = offset(i);
+        tasks.spawn(async move {
+            // The first fire at or after `start` on this task's grid.
+            let base = start.timestamp();
+            let mut next = base + (off - base).rem_euclid(period);
+            while next < end.timestamp() {
+                let at = chrono::DateTime::from_timestamp(next, 0).expect("instant");
+                let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+                tokio::time::sleep(wait).await;
+                let _ = client
+                    .post(&url)
+                    .header("x-cronguard-job-name", format!("floor-{i}"))
+                    .header(
+                        "x-cronguard-scheduled-at",
+                        at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    )
+                    .send()
+                    .await;
+                next += period;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}

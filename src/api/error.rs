@@ -283,6 +283,7 @@ impl From<StoreError> for ApiError {
             | StoreError::LimitReached
             | StoreError::Corrupt(_)
             | StoreError::Database(_)
+            | StoreError::Sqlite(_)
             | StoreError::Migrate(_)) => Self::Internal(e.to_string()),
         }
     }

@@ -23,6 +23,52 @@ pub const RUN_COLUMNS: &str = "id, job_id, job_name, scheduled_at, scheduled_unt
      trigger, reason, created_at, started_at, ended_at, attempts, exit_code, http_status, error, \
      output, pid, pgid, process_start_ticks, incarnation, attempt_log";
 
+/// A result row, whichever driver read it: sqlx for the async reads,
+/// rusqlite for the writer thread (see `docs/decisions.md`). The decoders
+/// below are written once against it.
+pub trait Columns {
+    /// A nullable text column.
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError>;
+    /// A nullable integer column.
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError>;
+
+    /// A text column.
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        self.opt_text(i)?
+            .ok_or_else(|| StoreError::Corrupt(format!("column {i} is NULL")))
+    }
+
+    /// An integer column.
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        self.opt_int(i)?
+            .ok_or_else(|| StoreError::Corrupt(format!("column {i} is NULL")))
+    }
+}
+
+impl Columns for SqliteRow {
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.get(i)?)
+    }
+
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        Ok(self.get(i)?)
+    }
+}
+
+fn opt_i32(value: Option<i64>) -> Option<i32> {
+    value.and_then(|v| i32::try_from(v).ok())
+}
+
 /// Unix milliseconds.
 pub fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -55,9 +101,9 @@ pub fn spec_json(spec: &JobSpec) -> Result<String, StoreError> {
 /// here (schedules must be compiled anyway). Whether command actions may
 /// *run* is decided by the executor at run time, so a job stored while
 /// commands were enabled still loads, and its runs fail with a clear error.
-pub fn job(row: &SqliteRow) -> Result<Job, StoreError> {
-    let id: String = row.try_get(0)?;
-    let spec_text: String = row.try_get(1)?;
+pub fn job(row: &impl Columns) -> Result<Job, StoreError> {
+    let id = row.text(0)?;
+    let spec_text = row.text(1)?;
     let spec: JobSpec =
         serde_json::from_str(&spec_text).map_err(|e| StoreError::Corrupt(format!("job {id} spec: {e}")))?;
     let def = spec
@@ -66,59 +112,57 @@ pub fn job(row: &SqliteRow) -> Result<Job, StoreError> {
             ..ActionPolicy::default()
         })
         .map_err(|e| StoreError::Corrupt(format!("job {id} spec: {e}")))?;
-    let source: String = row.try_get(4)?;
+    let source = row.text(4)?;
     Ok(Job {
         id: parse::<JobId>(&id, "job id")?,
         def,
-        paused: row.try_get(2)?,
-        pause_note: row.try_get(3)?,
+        paused: row.int(2)? != 0,
+        pause_note: row.opt_text(3)?,
         source: Source::parse(&source).ok_or_else(|| StoreError::Corrupt(format!("source {source}")))?,
-        version: row.try_get(5)?,
-        created_at: instant(row.try_get(6)?)?,
-        updated_at: instant(row.try_get(7)?)?,
-        cursor_at: instant(row.try_get(8)?)?,
-        runs_started: row.try_get::<i64, _>(9)?.try_into().unwrap_or(0),
+        version: row.int(5)?,
+        created_at: instant(row.int(6)?)?,
+        updated_at: instant(row.int(7)?)?,
+        cursor_at: instant(row.int(8)?)?,
+        runs_started: row.int(9)?.try_into().unwrap_or(0),
     })
 }
 
 /// Decodes a job row into a shared job.
-pub fn shared_job(row: &SqliteRow) -> Result<Arc<Job>, StoreError> {
+pub fn shared_job(row: &impl Columns) -> Result<Arc<Job>, StoreError> {
     job(row).map(Arc::new)
 }
 
 /// Decodes a run row selected with [`RUN_COLUMNS`].
-pub fn run(row: &SqliteRow) -> Result<Run, StoreError> {
-    let id: String = row.try_get(0)?;
-    let job_id: String = row.try_get(1)?;
-    let status: String = row.try_get(6)?;
-    let trigger: String = row.try_get(7)?;
-    let reason: Option<String> = row.try_get(8)?;
-    let incarnation: String = row.try_get(20)?;
-    let http_status: Option<i64> = row.try_get(14)?;
-    let ticks: Option<i64> = row.try_get(19)?;
+pub fn run(row: &impl Columns) -> Result<Run, StoreError> {
+    let id = row.text(0)?;
+    let job_id = row.text(1)?;
+    let status = row.text(6)?;
+    let trigger = row.text(7)?;
+    let reason = row.opt_text(8)?;
+    let incarnation = row.text(20)?;
     Ok(Run {
         id: parse::<RunId>(&id, "run id")?,
         job_id: parse(&job_id, "job id")?,
-        job_name: row.try_get(2)?,
-        scheduled_at: instant(row.try_get(3)?)?,
-        scheduled_until: opt_instant(row.try_get(4)?)?,
-        fires: row.try_get::<i64, _>(5)?.try_into().unwrap_or(u32::MAX),
+        job_name: row.text(2)?,
+        scheduled_at: instant(row.int(3)?)?,
+        scheduled_until: opt_instant(row.opt_int(4)?)?,
+        fires: row.int(5)?.try_into().unwrap_or(u32::MAX),
         status: parse(&status, "status")?,
         trigger: parse(&trigger, "trigger")?,
         reason: reason.as_deref().map(|r| parse(r, "reason")).transpose()?,
-        created_at: instant(row.try_get(9)?)?,
-        started_at: opt_instant(row.try_get(10)?)?,
-        ended_at: opt_instant(row.try_get(11)?)?,
-        attempts: row.try_get::<i64, _>(12)?.try_into().unwrap_or(u32::MAX),
-        exit_code: row.try_get(13)?,
-        http_status: http_status.and_then(|s| u16::try_from(s).ok()),
-        error: row.try_get(15)?,
-        output: row.try_get(16)?,
-        pid: row.try_get(17)?,
-        pgid: row.try_get(18)?,
-        process_start_ticks: ticks.and_then(|t| u64::try_from(t).ok()),
+        created_at: instant(row.int(9)?)?,
+        started_at: opt_instant(row.opt_int(10)?)?,
+        ended_at: opt_instant(row.opt_int(11)?)?,
+        attempts: row.int(12)?.try_into().unwrap_or(u32::MAX),
+        exit_code: opt_i32(row.opt_int(13)?),
+        http_status: row.opt_int(14)?.and_then(|s| u16::try_from(s).ok()),
+        error: row.opt_text(15)?,
+        output: row.opt_text(16)?,
+        pid: opt_i32(row.opt_int(17)?),
+        pgid: opt_i32(row.opt_int(18)?),
+        process_start_ticks: row.opt_int(19)?.and_then(|t| u64::try_from(t).ok()),
         incarnation: Incarnation(parse(&incarnation, "incarnation")?),
-        attempt_log: match row.try_get::<Option<String>, _>(21)? {
+        attempt_log: match row.opt_text(21)? {
             Some(text) => {
                 serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("attempt log: {e}")))?
             }

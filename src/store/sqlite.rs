@@ -18,7 +18,7 @@ use sqlx::{Connection, QueryBuilder, Sqlite};
 use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{self, JOB_COLUMNS, RUN_COLUMNS};
-use super::writer::{Op, Writer, WriterTask};
+use super::writer::{Op, Queue, Writer, WriterTask};
 use super::{Ack, JobChange, JobFilter, JobKey, LastOutcomes, OutboxEntry, Page, RunFilter, StoreError};
 use std::collections::HashMap;
 
@@ -67,6 +67,23 @@ impl SqliteOptions {
         }
     }
 
+    /// The writer's connection (rusqlite), with the same settings as
+    /// [`Self::connect_options`] gives the read pool.
+    fn open_writer(&self, path: &std::path::Path) -> Result<rusqlite::Connection, StoreError> {
+        let conn = rusqlite::Connection::open(path)?;
+        let sync = match self.synchronous {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        };
+        conn.busy_timeout(self.busy_timeout)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", sync)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(conn)
+    }
+
     fn connect_options(&self) -> Result<SqliteConnectOptions, StoreError> {
         let url = if self.url.starts_with("sqlite:") {
             self.url.clone()
@@ -95,7 +112,7 @@ impl SqliteOptions {
 /// the schedule, API writes by the HTTP concurrency limit.
 pub struct SqliteStore {
     read: SqlitePool,
-    writer: mpsc::UnboundedSender<Op>,
+    writer: Queue,
     path: std::path::PathBuf,
     pub(super) outbox_signal: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -109,23 +126,24 @@ impl SqliteStore {
         let path = connect.get_filename().to_path_buf();
         let mut conn = SqliteConnection::connect_with(&connect).await?;
         MIGRATOR.run(&mut conn).await?;
+        conn.close().await?;
+        let write = options.open_writer(&path)?;
         let read = SqlitePoolOptions::new()
             .max_connections(options.read_connections.max(1))
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(connect.read_only(true))
             .await?;
-        let (tx, rx) = mpsc::unbounded_channel();
         let outbox_signal = std::sync::Arc::new(tokio::sync::Notify::new());
-        let task = Writer::new(conn, rx, changes, options.outbox.then(|| outbox_signal.clone())).into_task();
+        let (writer, queue) = Writer::new(write, changes, options.outbox.then(|| outbox_signal.clone()));
         Ok((
             Self {
                 read,
-                writer: tx,
+                writer: queue,
                 path,
                 outbox_signal,
             },
-            task,
+            writer.into_task(),
         ))
     }
 
@@ -139,9 +157,10 @@ impl SqliteStore {
     /// Enqueues a write now; the returned [`Ack`] resolves after its commit.
     pub(super) fn write<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Ack<T> {
         let (tx, rx) = oneshot::channel();
-        match self.writer.send(op(tx)) {
-            Ok(()) => Ack::waiting(rx),
-            Err(_) => Ack::failed(StoreError::Closed),
+        if self.writer.send(op(tx)) {
+            Ack::waiting(rx)
+        } else {
+            Ack::failed(StoreError::Closed)
         }
     }
 

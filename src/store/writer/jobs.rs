@@ -3,17 +3,12 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::SqliteConnection;
-use sqlx::{Sqlite, Transaction};
+use rusqlite::{Connection, params};
 
-use super::load_job;
+use super::{is_unique_violation, load_job};
 use crate::job::{Job, JobDefinition, JobId};
 use crate::store::rows::{ms, spec_json};
 use crate::store::{NewJob, Replacement, StoreError};
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
-}
 
 /// The policy values the store acts on itself, copied into columns:
 /// `max_runs`, `auto_pause_after`, history `keep_last` and `max_age` (ms).
@@ -34,49 +29,46 @@ fn limits(def: &JobDefinition) -> Limits {
     }
 }
 
-async fn write_labels(c: &mut SqliteConnection, id: JobId, def: &JobDefinition) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM job_labels WHERE job_id = ?")
-        .bind(id.to_string())
-        .execute(&mut *c)
-        .await?;
+fn write_labels(c: &Connection, id: JobId, def: &JobDefinition) -> Result<(), StoreError> {
+    c.prepare_cached("DELETE FROM job_labels WHERE job_id = ?")?
+        .execute(params![id.to_string()])?;
+    let mut insert = c.prepare_cached("INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)")?;
     for (key, value) in &def.spec.labels {
-        sqlx::query("INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)")
-            .bind(id.to_string())
-            .bind(key)
-            .bind(value)
-            .execute(&mut *c)
-            .await?;
+        insert.execute(params![id.to_string(), key, value])?;
     }
     Ok(())
 }
 
-pub(super) async fn create(c: &mut SqliteConnection, job: NewJob) -> Result<Arc<Job>, StoreError> {
+pub(super) fn create(c: &Connection, job: NewJob) -> Result<Arc<Job>, StoreError> {
     let name = job.def.spec.name.clone();
     let limits = limits(&job.def);
-    let result = sqlx::query(
-        "INSERT INTO jobs (id, name, spec, paused, pause_note, source, version, created_at, updated_at, cursor_at, \
-         max_runs, auto_pause_after, history_keep_last, history_max_age_ms) \
-         VALUES (?, ?, ?, ?, NULL, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(job.id.to_string())
-    .bind(&name)
-    .bind(spec_json(&job.def.spec)?)
-    .bind(job.paused)
-    .bind(job.source.as_str())
-    .bind(ms(job.now))
-    .bind(ms(job.now))
-    .bind(ms(job.now))
-    .bind(limits.max_runs)
-    .bind(limits.auto_pause_after)
-    .bind(limits.keep_last)
-    .bind(limits.max_age_ms)
-    .execute(&mut *c)
-    .await;
+    let result = c
+        .prepare_cached(
+            "INSERT INTO jobs (id, name, spec, paused, pause_note, source, version, created_at, updated_at, cursor_at, \
+             max_runs, auto_pause_after, history_keep_last, history_max_age_ms) \
+             VALUES (?, ?, ?, ?, NULL, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
+        )?
+        .execute(params![
+            job.id.to_string(),
+            name,
+            spec_json(&job.def.spec)?,
+            job.paused,
+            job.source.as_str(),
+            ms(job.now),
+            ms(job.now),
+            ms(job.now),
+            limits.max_runs,
+            limits.auto_pause_after,
+            limits.keep_last,
+            limits.max_age_ms,
+        ]);
     match result {
         Err(e) if is_unique_violation(&e) => return Err(StoreError::NameTaken(name)),
         r => r?,
     };
-    write_labels(c, job.id, &job.def).await?;
+    if !job.def.spec.labels.is_empty() {
+        write_labels(c, job.id, &job.def)?;
+    }
     let mut def = job.def;
     def.spec.paused = None;
     Ok(Arc::new(Job {
@@ -93,8 +85,8 @@ pub(super) async fn create(c: &mut SqliteConnection, job: NewJob) -> Result<Arc<
     }))
 }
 
-pub(super) async fn replace(c: &mut SqliteConnection, r: Replacement) -> Result<Arc<Job>, StoreError> {
-    let current = load_job(c, r.id).await?;
+pub(super) fn replace(c: &Connection, r: Replacement) -> Result<Arc<Job>, StoreError> {
+    let current = load_job(c, r.id)?;
     if let Some(expected) = r.expected_version
         && expected != current.version
     {
@@ -112,44 +104,45 @@ pub(super) async fn replace(c: &mut SqliteConnection, r: Replacement) -> Result<
     let pause_note = if paused { current.pause_note.clone() } else { None };
     let name = r.def.spec.name.clone();
     let limits = limits(&r.def);
-    let result = sqlx::query(
-        "UPDATE jobs SET name = ?, spec = ?, paused = ?, pause_note = ?, version = version + 1, \
-         updated_at = ?, cursor_at = ?, max_runs = ?, auto_pause_after = ?, history_keep_last = ?, \
-         history_max_age_ms = ?, consecutive_failures = CASE WHEN ? THEN 0 ELSE consecutive_failures END \
-         WHERE id = ?",
-    )
-    .bind(&name)
-    .bind(spec_json(&r.def.spec)?)
-    .bind(paused)
-    .bind(&pause_note)
-    .bind(ms(r.now))
-    .bind(ms(cursor_at))
-    .bind(limits.max_runs)
-    .bind(limits.auto_pause_after)
-    .bind(limits.keep_last)
-    .bind(limits.max_age_ms)
-    .bind(resumed)
-    .bind(r.id.to_string())
-    .execute(&mut *c)
-    .await;
+    let result = c
+        .prepare_cached(
+            "UPDATE jobs SET name = ?, spec = ?, paused = ?, pause_note = ?, version = version + 1, \
+             updated_at = ?, cursor_at = ?, max_runs = ?, auto_pause_after = ?, history_keep_last = ?, \
+             history_max_age_ms = ?, consecutive_failures = CASE WHEN ? THEN 0 ELSE consecutive_failures END \
+             WHERE id = ?",
+        )?
+        .execute(params![
+            name,
+            spec_json(&r.def.spec)?,
+            paused,
+            pause_note,
+            ms(r.now),
+            ms(cursor_at),
+            limits.max_runs,
+            limits.auto_pause_after,
+            limits.keep_last,
+            limits.max_age_ms,
+            resumed,
+            r.id.to_string(),
+        ]);
     match result {
         Err(e) if is_unique_violation(&e) => return Err(StoreError::NameTaken(name)),
         r => r?,
     };
-    write_labels(c, r.id, &r.def).await?;
-    load_job(c, r.id).await.map(Arc::new)
+    write_labels(c, r.id, &r.def)?;
+    load_job(c, r.id).map(Arc::new)
 }
 
 /// Pauses (keeping or setting a note) or resumes. Resuming moves the
 /// cursor to `now` and clears the consecutive-failure count.
-pub(super) async fn set_paused(
-    c: &mut SqliteConnection,
+pub(super) fn set_paused(
+    c: &Connection,
     id: JobId,
     paused: bool,
     note: Option<String>,
     now: DateTime<Utc>,
 ) -> Result<Arc<Job>, StoreError> {
-    let current = load_job(c, id).await?;
+    let current = load_job(c, id)?;
     let note = if paused {
         note.or(current.pause_note.clone())
     } else {
@@ -160,49 +153,42 @@ pub(super) async fn set_paused(
     }
     let resumed = current.paused && !paused;
     let cursor_at = if resumed { now } else { current.cursor_at };
-    sqlx::query(
+    c.prepare_cached(
         "UPDATE jobs SET paused = ?, pause_note = ?, version = version + 1, updated_at = ?, cursor_at = ?, \
          consecutive_failures = CASE WHEN ? THEN 0 ELSE consecutive_failures END WHERE id = ?",
-    )
-    .bind(paused)
-    .bind(&note)
-    .bind(ms(now))
-    .bind(ms(cursor_at))
-    .bind(resumed)
-    .bind(id.to_string())
-    .execute(&mut *c)
-    .await?;
-    load_job(c, id).await.map(Arc::new)
+    )?
+    .execute(params![
+        paused,
+        note,
+        ms(now),
+        ms(cursor_at),
+        resumed,
+        id.to_string()
+    ])?;
+    load_job(c, id).map(Arc::new)
 }
 
-pub(super) async fn delete(
-    tx: &mut Transaction<'_, Sqlite>,
-    id: JobId,
-    at: DateTime<Utc>,
-    outbox: bool,
-) -> Result<(), StoreError> {
+pub(super) fn delete(c: &Connection, id: JobId, at: DateTime<Utc>, outbox: bool) -> Result<(), StoreError> {
     if outbox {
         // The rows go with the job: report its live runs first.
-        let live: Vec<(String,)> = sqlx::query_as(
-            "UPDATE runs SET status = 'cancelled', reason = 'job_deleted', ended_at = ?, \
-             error = 'the job was deleted' WHERE job_id = ? AND status IN ('queued', 'running') RETURNING id",
-        )
-        .bind(ms(at))
-        .bind(id.to_string())
-        .fetch_all(&mut **tx)
-        .await?;
-        for (run,) in live {
+        let live: Vec<String> = c
+            .prepare_cached(
+                "UPDATE runs SET status = 'cancelled', reason = 'job_deleted', ended_at = ?, \
+                 error = 'the job was deleted' WHERE job_id = ? AND status IN ('queued', 'running') RETURNING id",
+            )?
+            .query_map(params![ms(at), id.to_string()], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        for run in live {
             let run = run
                 .parse()
                 .map_err(|_| StoreError::Corrupt(format!("run id {run}")))?;
-            super::outbox::record_run(tx, run, at).await?;
+            super::outbox::record_run(c, run, at)?;
         }
     }
-    let r = sqlx::query("DELETE FROM jobs WHERE id = ?")
-        .bind(id.to_string())
-        .execute(&mut **tx)
-        .await?;
-    if r.rows_affected() == 0 {
+    let deleted = c
+        .prepare_cached("DELETE FROM jobs WHERE id = ?")?
+        .execute(params![id.to_string()])?;
+    if deleted == 0 {
         Err(StoreError::NotFound)
     } else {
         Ok(())

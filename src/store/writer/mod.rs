@@ -1,21 +1,26 @@
 //! The single writer: group commit of every write in the service.
 //!
-//! The task takes the first queued operation, then everything else already
-//! queued (up to [`MAX_BATCH`]), applies them in one `BEGIN IMMEDIATE`
-//! transaction and commits once. Callers get their result only after the
-//! commit, so an acknowledged write is durable. Operations that can fail on
-//! a constraint (job writes) run inside a savepoint, so one rejected
-//! request never takes its neighbours in the batch down with it.
+//! A dedicated thread owns the only write connection (rusqlite: each
+//! statement runs on the calling thread, with no hand-off per statement —
+//! see `docs/decisions.md`). It takes the first queued operation, then
+//! everything else already queued (up to [`MAX_BATCH`]), applies them in
+//! one `BEGIN IMMEDIATE` transaction and commits once. Callers get their
+//! result only after the commit, so an acknowledged write is durable.
+//! Operations that can fail on a constraint (job writes) run inside a
+//! savepoint, so one rejected request never takes its neighbours in the
+//! batch down with it.
 
 mod jobs;
 mod outbox;
 mod runs;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc as queue;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::SqliteConnection;
-use sqlx::{Connection, Sqlite, Transaction};
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::rows::ms;
@@ -158,96 +163,149 @@ fn pending<T: Send + 'static>(reply: Reply<T>, applied: Applied<T>) -> Pending {
     })
 }
 
+/// The sending side of the writer's queue.
+#[derive(Clone)]
+pub struct Queue {
+    tx: queue::Sender<Op>,
+    depth: Arc<AtomicUsize>,
+}
+
+impl Queue {
+    /// Enqueues `op`; `false` once the writer is gone.
+    pub fn send(&self, op: Op) -> bool {
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        let sent = self.tx.send(op).is_ok();
+        if !sent {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+        }
+        sent
+    }
+}
+
 /// The writer: owns the only write connection.
 pub struct Writer {
-    conn: SqliteConnection,
-    rx: mpsc::UnboundedReceiver<Op>,
+    conn: Connection,
+    rx: queue::Receiver<Op>,
+    depth: Arc<AtomicUsize>,
     changes: mpsc::UnboundedSender<JobChange>,
     /// With the control backend: final run states are queued in the
     /// outbox, and this is notified after each commit.
     outbox: Option<Arc<tokio::sync::Notify>>,
 }
 
-/// The writer's future, for the app to own and await at shutdown.
+/// The writer, for the app to run and await at shutdown.
 pub struct WriterTask(Writer);
 
 impl WriterTask {
-    /// Runs until [`super::Store::close`] (or until every handle is
-    /// dropped), committing what was queued before; then closes the
-    /// connection (checkpointing the WAL). Later writes fail with `Closed`.
-    /// Stamps `heartbeat` at least every second, so a commit that hangs
-    /// (a stuck disk) shows in liveness.
+    /// Runs the writer thread until [`super::Store::close`] (or until
+    /// every handle is dropped), committing what was queued before; then
+    /// closes the connection (checkpointing the WAL). Later writes fail
+    /// with `Closed`. Stamps `heartbeat` at least every second, so a commit
+    /// that hangs (a stuck disk) shows in liveness.
     pub async fn run(
         self,
         heartbeat: std::sync::Arc<crate::health::Heartbeat>,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) {
-        let mut w = self.0;
-        let mut batch = Vec::with_capacity(64);
-        loop {
-            heartbeat.beat();
-            let first = match tokio::time::timeout(std::time::Duration::from_secs(1), w.rx.recv()).await {
-                Ok(Some(op)) => op,
-                Ok(None) => break,
-                Err(_) => continue,
-            };
-            batch.push(first);
-            while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(Op::Close { .. })) {
-                match w.rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
+        let (done, finished) = oneshot::channel();
+        let writer = self.0;
+        let spawned = std::thread::Builder::new()
+            .name("cronguard-writer".into())
+            .spawn(move || {
+                writer.run(&heartbeat, &metrics);
+                let _ = done.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = finished.await;
             }
-            let closing = matches!(batch.last(), Some(Op::Close { .. }));
-            let started = std::time::Instant::now();
-            let ok = w.commit(&mut batch).await;
-            metrics.commit(started.elapsed(), ok, w.rx.len());
-            if closing {
-                break;
-            }
-        }
-        if let Err(e) = w.conn.close().await {
-            tracing::warn!(error = %e, "closing the database connection failed");
+            Err(e) => tracing::error!(error = %e, "could not start the database writer thread"),
         }
     }
 }
 
 impl Writer {
     pub(super) fn new(
-        conn: SqliteConnection,
-        rx: mpsc::UnboundedReceiver<Op>,
+        conn: Connection,
         changes: mpsc::UnboundedSender<JobChange>,
         outbox: Option<Arc<tokio::sync::Notify>>,
-    ) -> Self {
-        Self {
-            conn,
-            rx,
-            changes,
-            outbox,
-        }
+    ) -> (Self, Queue) {
+        let (tx, rx) = queue::channel();
+        let depth = Arc::new(AtomicUsize::new(0));
+        let queue = Queue {
+            tx,
+            depth: depth.clone(),
+        };
+        (
+            Self {
+                conn,
+                rx,
+                depth,
+                changes,
+                outbox,
+            },
+            queue,
+        )
     }
 
     pub(super) fn into_task(self) -> WriterTask {
         WriterTask(self)
     }
 
-    /// Applies and commits `batch`; `false` if the commit failed.
-    async fn commit(&mut self, batch: &mut Vec<Op>) -> bool {
-        let mut done: Vec<Pending> = Vec::with_capacity(batch.len());
-        let outcome = async {
-            let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
-            for op in batch.drain(..) {
-                done.push(apply(&mut tx, op, self.outbox.is_some()).await);
+    fn take(&self, timeout: Duration) -> Result<Op, queue::RecvTimeoutError> {
+        let op = self.rx.recv_timeout(timeout)?;
+        self.depth.fetch_sub(1, Ordering::Relaxed);
+        Ok(op)
+    }
+
+    fn run(mut self, heartbeat: &crate::health::Heartbeat, metrics: &crate::metrics::Metrics) {
+        let mut batch = Vec::with_capacity(64);
+        loop {
+            heartbeat.beat();
+            let first = match self.take(Duration::from_secs(1)) {
+                Ok(op) => op,
+                Err(queue::RecvTimeoutError::Timeout) => continue,
+                Err(queue::RecvTimeoutError::Disconnected) => break,
+            };
+            batch.push(first);
+            while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(Op::Close { .. })) {
+                match self.take(Duration::ZERO) {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
             }
-            tx.commit().await
+            let closing = matches!(batch.last(), Some(Op::Close { .. }));
+            let started = Instant::now();
+            let ok = self.commit(&mut batch);
+            metrics.commit(started.elapsed(), ok, self.depth.load(Ordering::Relaxed));
+            if closing {
+                break;
+            }
         }
-        .await;
+        if let Err((_, e)) = self.conn.close() {
+            tracing::warn!(error = %e, "closing the database connection failed");
+        }
+    }
+
+    /// Applies and commits `batch`; `false` if the commit failed.
+    fn commit(&mut self, batch: &mut Vec<Op>) -> bool {
+        let mut done: Vec<Pending> = Vec::with_capacity(batch.len());
+        let outbox = self.outbox.is_some();
+        let outcome = (|| {
+            let mut tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for op in batch.drain(..) {
+                done.push(apply(&mut tx, op, outbox));
+            }
+            tx.commit()
+        })();
         let error = outcome.err().map(|e| {
             tracing::error!(error = %e, ops = done.len(), "group commit failed");
             e.to_string()
         });
         // Ops never reached (BEGIN failed) are dropped: their callers see
-        // `Closed`-like errors from the dropped reply channel.
+        // `Closed` from the dropped reply channel.
         batch.clear();
         if error.is_none()
             && let Some(signal) = &self.outbox
@@ -270,14 +328,14 @@ fn plain<T>(result: Result<T, StoreError>) -> Applied<T> {
     result.map(|v| (v, None))
 }
 
-async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op, outbox: bool) -> Pending {
+fn apply(tx: &mut Transaction<'_>, op: Op, outbox: bool) -> Pending {
     match op {
         Op::CreateJob { job, reply } => {
-            let result = savepoint(tx, |c| Box::pin(jobs::create(c, job))).await;
+            let result = savepoint(tx, |c| jobs::create(c, job));
             pending(reply, result.map(upserted))
         }
         Op::ReplaceJob { replacement, reply } => {
-            let result = savepoint(tx, |c| Box::pin(jobs::replace(c, replacement))).await;
+            let result = savepoint(tx, |c| jobs::replace(c, replacement));
             pending(reply, result.map(upserted))
         }
         Op::SetPaused {
@@ -287,65 +345,62 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op, outbox: bool) -> Pendin
             now,
             reply,
         } => {
-            let result = savepoint(tx, |c| Box::pin(jobs::set_paused(c, id, paused, note, now))).await;
+            let result = savepoint(tx, |c| jobs::set_paused(c, id, paused, note, now));
             pending(reply, result.map(upserted))
         }
         Op::DeleteJob { id, at, reply } => {
-            let result = jobs::delete(tx, id, at, outbox).await;
+            let result = jobs::delete(tx, id, at, outbox);
             pending(reply, result.map(|()| ((), Some(JobChange::Removed(id)))))
         }
-        Op::InsertRun { run, reply } => pending(reply, runs::insert(tx, &run, outbox).await),
-        Op::StartRun { id, at, reply } => pending(reply, runs::start(tx, id, at, outbox).await),
+        Op::InsertRun { run, reply } => pending(reply, runs::insert(tx, &run, outbox)),
+        Op::StartRun { id, at, reply } => pending(reply, runs::start(tx, id, at, outbox)),
         Op::RecordAttempt {
             id,
             attempts,
             log,
             reply,
-        } => pending(reply, plain(runs::record_attempt(tx, id, attempts, &log).await)),
+        } => pending(reply, plain(runs::record_attempt(tx, id, attempts, &log))),
         Op::RecordProcess {
             id,
             pid,
             pgid,
             start_ticks,
             reply,
-        } => pending(
-            reply,
-            plain(runs::record_process(tx, id, pid, pgid, start_ticks).await),
-        ),
+        } => pending(reply, plain(runs::record_process(tx, id, pid, pgid, start_ticks))),
         Op::FinishRun {
             id,
             outcome,
             at,
             reply,
-        } => pending(reply, runs::finish(tx, id, outcome, at, outbox).await),
+        } => pending(reply, runs::finish(tx, id, outcome, at, outbox)),
         Op::OrphanForeignRuns { current, at, reply } => {
-            pending(reply, plain(runs::orphan_foreign(tx, current, at, outbox).await))
+            pending(reply, plain(runs::orphan_foreign(tx, current, at, outbox)))
         }
-        Op::OrphanRunIfLive { id, at, error, reply } => pending(
-            reply,
-            plain(runs::orphan_if_live(tx, id, at, &error, outbox).await),
-        ),
+        Op::OrphanRunIfLive { id, at, error, reply } => {
+            pending(reply, plain(runs::orphan_if_live(tx, id, at, &error, outbox)))
+        }
         Op::RegisterIncarnation { id, at, reply } => {
-            let result = sqlx::query(
-                "INSERT INTO incarnations (id, pid, version, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(id.to_string())
-            .bind(i64::from(std::process::id()))
-            .bind(env!("CARGO_PKG_VERSION"))
-            .bind(ms(at))
-            .bind(ms(at))
-            .execute(&mut **tx)
-            .await
-            .map(|_| ())
-            .map_err(StoreError::from);
+            let result = tx
+                .prepare_cached(
+                    "INSERT INTO incarnations (id, pid, version, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        id.to_string(),
+                        i64::from(std::process::id()),
+                        env!("CARGO_PKG_VERSION"),
+                        ms(at),
+                        ms(at)
+                    ])
+                })
+                .map(|_| ())
+                .map_err(StoreError::from);
             pending(reply, plain(result))
         }
         Op::StopIncarnation { id, at, reply } => {
-            let result = sqlx::query("UPDATE incarnations SET stopped_at = ? WHERE id = ?")
-                .bind(ms(at))
-                .bind(id.to_string())
-                .execute(&mut **tx)
-                .await
+            let result = tx
+                .prepare_cached("UPDATE incarnations SET stopped_at = ? WHERE id = ?")
+                .and_then(|mut s| s.execute(params![ms(at), id.to_string()]))
                 .map(|_| ())
                 .map_err(StoreError::from);
             pending(reply, plain(result))
@@ -358,49 +413,55 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, op: Op, outbox: bool) -> Pendin
             reply,
         } => pending(
             reply,
-            plain(runs::prune_job(tx, job, keep_last, older_than, limit).await),
+            plain(runs::prune_job(tx, job, keep_last, older_than, limit)),
         ),
         Op::PruneOld {
             older_than,
             limit,
             reply,
-        } => pending(reply, plain(runs::prune_old(tx, older_than, limit).await)),
+        } => pending(reply, plain(runs::prune_old(tx, older_than, limit))),
         Op::RecordRejection { rejection, reply } => {
-            pending(reply, plain(outbox::record_rejection(tx, &rejection).await))
+            pending(reply, plain(outbox::record_rejection(tx, &rejection)))
         }
-        Op::OutboxDelete { seqs, reply } => pending(reply, plain(outbox::delete(tx, &seqs).await)),
-        Op::OutboxTrim { limit, reply } => pending(reply, plain(outbox::trim(tx, limit).await)),
+        Op::OutboxDelete { seqs, reply } => pending(reply, plain(outbox::delete(tx, &seqs))),
+        Op::OutboxTrim { limit, reply } => pending(reply, plain(outbox::trim(tx, limit))),
         Op::Close { reply } => pending(reply, Ok(((), None))),
     }
 }
 
 /// Runs `f` inside a savepoint: all of its writes or none.
-async fn savepoint<T>(
-    tx: &mut Transaction<'_, Sqlite>,
-    f: impl for<'c> FnOnce(&'c mut SqliteConnection) -> futures_util::future::BoxFuture<'c, Result<T, StoreError>>,
+fn savepoint<T>(
+    tx: &mut Transaction<'_>,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let mut sp = tx.begin().await?;
-    match f(&mut sp).await {
+    let sp = tx.savepoint()?;
+    match f(&sp) {
         Ok(v) => {
-            sp.commit().await?;
+            sp.commit()?;
             Ok(v)
         }
-        Err(e) => {
-            sp.rollback().await?;
-            Err(e)
-        }
+        // Dropping the savepoint rolls it back.
+        Err(e) => Err(e),
     }
 }
 
 /// Reads a job as the change feed publishes it.
-async fn load_job(c: &mut SqliteConnection, id: JobId) -> Result<Job, StoreError> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+fn load_job(c: &Connection, id: JobId) -> Result<Job, StoreError> {
+    let mut statement = c.prepare_cached(&format!(
         "SELECT {} FROM jobs WHERE id = ?",
         super::rows::JOB_COLUMNS
-    )))
-    .bind(id.to_string())
-    .fetch_optional(&mut *c)
-    .await?
-    .ok_or(StoreError::NotFound)?;
-    super::rows::job(&row)
+    ))?;
+    let mut rows = statement.query(params![id.to_string()])?;
+    let row = rows.next()?.ok_or(StoreError::NotFound)?;
+    super::rows::job(row)
+}
+
+/// Whether `e` is a violation of a UNIQUE constraint.
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+/// Whether `e` is a violation of a foreign key.
+fn is_foreign_key_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY)
 }

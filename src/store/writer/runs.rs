@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Row, Sqlite, Transaction};
+use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Applied, load_job};
+use super::{Applied, is_foreign_key_violation, load_job};
 use crate::job::JobId;
 use crate::run::{Attempt, Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::rows::{self, RUN_COLUMNS, attempt_log_json, ms};
@@ -18,46 +18,40 @@ fn counts_toward_limit(trigger: Trigger) -> bool {
     matches!(trigger, Trigger::Schedule | Trigger::CatchUp)
 }
 
+fn job_id(text: &str) -> Result<JobId, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Corrupt(format!("job id {text}")))
+}
+
 /// Claims one start under the job's `max_runs`. `Ok(Some(change))` when
 /// this start used up the limit (the engine must stop firing the job).
-async fn claim_start(tx: &mut Transaction<'_, Sqlite>, job: JobId) -> Result<Option<JobChange>, StoreError> {
-    let row = sqlx::query(
-        "UPDATE jobs SET runs_started = runs_started + 1 \
-         WHERE id = ? AND (max_runs IS NULL OR runs_started < max_runs) RETURNING runs_started, max_runs",
-    )
-    .bind(job.to_string())
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = row else {
+fn claim_start(c: &Connection, job: JobId) -> Result<Option<JobChange>, StoreError> {
+    let claimed: Option<(i64, Option<i64>)> = c
+        .prepare_cached(
+            "UPDATE jobs SET runs_started = runs_started + 1 \
+             WHERE id = ? AND (max_runs IS NULL OR runs_started < max_runs) RETURNING runs_started, max_runs",
+        )?
+        .query_row(params![job.to_string()], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    let Some((started, max)) = claimed else {
         return Err(StoreError::LimitReached);
     };
-    let started: i64 = row.try_get(0)?;
-    let max: Option<i64> = row.try_get(1)?;
     if max == Some(started) {
-        let job = load_job(tx, job).await?;
+        let job = load_job(c, job)?;
         return Ok(Some(JobChange::Upserted(Arc::new(job))));
     }
     Ok(None)
 }
 
 /// Turns a run that may not start (limit reached) into a `skipped` row.
-async fn skip_for_limit(
-    tx: &mut Transaction<'_, Sqlite>,
-    id: RunId,
-    at: DateTime<Utc>,
-    outbox: bool,
-) -> Result<(), StoreError> {
-    sqlx::query(
+fn skip_for_limit(c: &Connection, id: RunId, at: DateTime<Utc>, outbox: bool) -> Result<(), StoreError> {
+    c.prepare_cached(
         "UPDATE runs SET status = 'skipped', reason = ?, started_at = NULL, ended_at = ?, \
          error = 'the job reached its max_runs' WHERE id = ?",
-    )
-    .bind(Reason::LimitReached.as_str())
-    .bind(ms(at))
-    .bind(id.to_string())
-    .execute(&mut **tx)
-    .await?;
+    )?
+    .execute(params![Reason::LimitReached.as_str(), ms(at), id.to_string()])?;
     if outbox {
-        super::outbox::record_run(tx, id, at).await?;
+        super::outbox::record_run(c, id, at)?;
     }
     Ok(())
 }
@@ -65,57 +59,55 @@ async fn skip_for_limit(
 /// Inserts a run; a scheduled fire also moves the job's cursor. A starting
 /// scheduled run over the job's `max_runs` is stored as skipped and
 /// reported as [`StoreError::LimitReached`].
-pub(super) async fn insert(tx: &mut Transaction<'_, Sqlite>, run: &Run, outbox: bool) -> Applied<()> {
-    let result = sqlx::query(
-        "INSERT INTO runs (id, job_id, job_name, scheduled_at, scheduled_until, fires, status, trigger, reason, \
-         created_at, started_at, ended_at, attempts, exit_code, http_status, error, output, pid, pgid, \
-         process_start_ticks, incarnation) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?) ON CONFLICT DO NOTHING",
-    )
-    .bind(run.id.to_string())
-    .bind(run.job_id.to_string())
-    .bind(&run.job_name)
-    .bind(ms(run.scheduled_at))
-    .bind(run.scheduled_until.map(ms))
-    .bind(i64::from(run.fires))
-    .bind(run.status.as_str())
-    .bind(run.trigger.as_str())
-    .bind(run.reason.map(|r| r.as_str()))
-    .bind(ms(run.created_at))
-    .bind(run.started_at.map(ms))
-    .bind(run.ended_at.map(ms))
-    .bind(i64::from(run.attempts))
-    .bind(run.exit_code)
-    .bind(run.http_status.map(i64::from))
-    .bind(&run.error)
-    .bind(&run.output)
-    .bind(run.incarnation.to_string())
-    .execute(&mut **tx)
-    .await;
+pub(super) fn insert(c: &Connection, run: &Run, outbox: bool) -> Applied<()> {
+    let result = c
+        .prepare_cached(
+            "INSERT INTO runs (id, job_id, job_name, scheduled_at, scheduled_until, fires, status, trigger, reason, \
+             created_at, started_at, ended_at, attempts, exit_code, http_status, error, output, pid, pgid, \
+             process_start_ticks, incarnation) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            run.id.to_string(),
+            run.job_id.to_string(),
+            run.job_name,
+            ms(run.scheduled_at),
+            run.scheduled_until.map(ms),
+            i64::from(run.fires),
+            run.status.as_str(),
+            run.trigger.as_str(),
+            run.reason.map(|r| r.as_str()),
+            ms(run.created_at),
+            run.started_at.map(ms),
+            run.ended_at.map(ms),
+            i64::from(run.attempts),
+            run.exit_code,
+            run.http_status.map(i64::from),
+            run.error,
+            run.output,
+            run.incarnation.to_string(),
+        ]);
     match result {
-        Ok(r) if r.rows_affected() == 0 => return Err(StoreError::DuplicateFire),
+        Ok(0) => return Err(StoreError::DuplicateFire),
         Ok(_) => {}
         // The job was deleted between the fire and this insert.
-        Err(sqlx::Error::Database(d)) if d.is_foreign_key_violation() => return Err(StoreError::NotFound),
+        Err(e) if is_foreign_key_violation(&e) => return Err(StoreError::NotFound),
         Err(e) => return Err(e.into()),
     }
     if counts_toward_limit(run.trigger) {
         let handled_until = run.scheduled_until.unwrap_or(run.scheduled_at);
-        sqlx::query("UPDATE jobs SET cursor_at = MAX(cursor_at, ?) WHERE id = ?")
-            .bind(ms(handled_until))
-            .bind(run.job_id.to_string())
-            .execute(&mut **tx)
-            .await?;
+        c.prepare_cached("UPDATE jobs SET cursor_at = MAX(cursor_at, ?) WHERE id = ?")?
+            .execute(params![ms(handled_until), run.job_id.to_string()])?;
     }
     if outbox && run.status.is_final() {
-        super::outbox::record_run(tx, run.id, run.created_at).await?;
+        super::outbox::record_run(c, run.id, run.created_at)?;
     }
     let mut change = None;
     if run.status == RunStatus::Running && counts_toward_limit(run.trigger) {
-        match claim_start(tx, run.job_id).await {
-            Ok(c) => change = c,
+        match claim_start(c, run.job_id) {
+            Ok(claimed) => change = claimed,
             Err(StoreError::LimitReached) => {
-                skip_for_limit(tx, run.id, run.created_at, outbox).await?;
+                skip_for_limit(c, run.id, run.created_at, outbox)?;
                 return Err(StoreError::LimitReached);
             }
             Err(e) => return Err(e),
@@ -125,36 +117,28 @@ pub(super) async fn insert(tx: &mut Transaction<'_, Sqlite>, run: &Run, outbox: 
 }
 
 /// Moves a queued run to running (same limit rule as [`insert`]).
-pub(super) async fn start(
-    tx: &mut Transaction<'_, Sqlite>,
-    id: RunId,
-    at: DateTime<Utc>,
-    outbox: bool,
-) -> Applied<()> {
-    let row = sqlx::query(
-        "UPDATE runs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued' \
-         RETURNING job_id, trigger",
-    )
-    .bind(ms(at))
-    .bind(id.to_string())
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = row else {
-        return Err(final_or_missing(tx, id).await);
+pub(super) fn start(c: &Connection, id: RunId, at: DateTime<Utc>, outbox: bool) -> Applied<()> {
+    let row: Option<(String, String)> = c
+        .prepare_cached(
+            "UPDATE runs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued' \
+             RETURNING job_id, trigger",
+        )?
+        .query_row(params![ms(at), id.to_string()], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .optional()?;
+    let Some((job, trigger)) = row else {
+        return Err(final_or_missing(c, id));
     };
-    let job: String = row.try_get(0)?;
-    let trigger: String = row.try_get(1)?;
     let trigger: Trigger = trigger.parse().map_err(StoreError::Corrupt)?;
-    let job: JobId = job
-        .parse()
-        .map_err(|_| StoreError::Corrupt(format!("job id {job}")))?;
+    let job = job_id(&job)?;
     if !counts_toward_limit(trigger) {
         return Ok(((), None));
     }
-    match claim_start(tx, job).await {
+    match claim_start(c, job) {
         Ok(change) => Ok(((), change)),
         Err(StoreError::LimitReached) => {
-            skip_for_limit(tx, id, at, outbox).await?;
+            skip_for_limit(c, id, at, outbox)?;
             Err(StoreError::LimitReached)
         }
         Err(e) => Err(e),
@@ -162,46 +146,45 @@ pub(super) async fn start(
 }
 
 /// Records attempts so far while a run with retries goes on.
-pub(super) async fn record_attempt(
-    tx: &mut Transaction<'_, Sqlite>,
+pub(super) fn record_attempt(
+    c: &Connection,
     id: RunId,
     attempts: u32,
     log: &[Attempt],
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE runs SET attempts = ?, attempt_log = ? WHERE id = ? AND status = 'running'")
-        .bind(i64::from(attempts))
-        .bind(attempt_log_json(log))
-        .bind(id.to_string())
-        .execute(&mut **tx)
-        .await?;
+    c.prepare_cached("UPDATE runs SET attempts = ?, attempt_log = ? WHERE id = ? AND status = 'running'")?
+        .execute(params![
+            i64::from(attempts),
+            attempt_log_json(log),
+            id.to_string()
+        ])?;
     Ok(())
 }
 
 /// Records the process a command run started.
-pub(super) async fn record_process(
-    tx: &mut Transaction<'_, Sqlite>,
+pub(super) fn record_process(
+    c: &Connection,
     id: RunId,
     pid: i32,
     pgid: i32,
     start_ticks: Option<u64>,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE runs SET pid = ?, pgid = ?, process_start_ticks = ? WHERE id = ?")
-        .bind(pid)
-        .bind(pgid)
-        .bind(start_ticks.and_then(|t| i64::try_from(t).ok()))
-        .bind(id.to_string())
-        .execute(&mut **tx)
-        .await?;
+    c.prepare_cached("UPDATE runs SET pid = ?, pgid = ?, process_start_ticks = ? WHERE id = ?")?
+        .execute(params![
+            pid,
+            pgid,
+            start_ticks.and_then(|t| i64::try_from(t).ok()),
+            id.to_string()
+        ])?;
     Ok(())
 }
 
-pub(super) async fn final_or_missing(tx: &mut Transaction<'_, Sqlite>, id: RunId) -> StoreError {
-    match sqlx::query("SELECT 1 FROM runs WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut **tx)
-        .await
-    {
-        Ok(Some(_)) => StoreError::AlreadyFinal,
+pub(super) fn final_or_missing(c: &Connection, id: RunId) -> StoreError {
+    let found = c
+        .prepare_cached("SELECT 1 FROM runs WHERE id = ?")
+        .and_then(|mut s| s.query_row(params![id.to_string()], |_| Ok(())).optional());
+    match found {
+        Ok(Some(())) => StoreError::AlreadyFinal,
         Ok(None) => StoreError::NotFound,
         Err(e) => e.into(),
     }
@@ -209,84 +192,70 @@ pub(super) async fn final_or_missing(tx: &mut Transaction<'_, Sqlite>, id: RunId
 
 /// Records a run's final state and moves the job's consecutive-failure
 /// count; reaching `auto_pause_after` pauses the job in the same commit.
-pub(super) async fn finish(
-    tx: &mut Transaction<'_, Sqlite>,
-    id: RunId,
-    o: Outcome,
-    at: DateTime<Utc>,
-    outbox: bool,
-) -> Applied<()> {
+pub(super) fn finish(c: &Connection, id: RunId, o: Outcome, at: DateTime<Utc>, outbox: bool) -> Applied<()> {
     debug_assert!(o.status.is_final());
-    let row = sqlx::query(
-        "UPDATE runs SET status = ?, reason = ?, ended_at = ?, attempts = ?, exit_code = ?, http_status = ?, \
-         error = ?, output = ?, attempt_log = COALESCE(?, attempt_log) \
-         WHERE id = ? AND status IN ('queued', 'running') RETURNING job_id",
-    )
-    .bind(o.status.as_str())
-    .bind(o.reason.map(|r| r.as_str()))
-    .bind(ms(at))
-    .bind(i64::from(o.attempts))
-    .bind(o.exit_code)
-    .bind(o.http_status.map(i64::from))
-    .bind(&o.error)
-    .bind(&o.output)
-    .bind(attempt_log_json(&o.attempt_log))
-    .bind(id.to_string())
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = row else {
-        return Err(final_or_missing(tx, id).await);
+    let job: Option<String> = c
+        .prepare_cached(
+            "UPDATE runs SET status = ?, reason = ?, ended_at = ?, attempts = ?, exit_code = ?, http_status = ?, \
+             error = ?, output = ?, attempt_log = COALESCE(?, attempt_log) \
+             WHERE id = ? AND status IN ('queued', 'running') RETURNING job_id",
+        )?
+        .query_row(
+            params![
+                o.status.as_str(),
+                o.reason.map(|r| r.as_str()),
+                ms(at),
+                i64::from(o.attempts),
+                o.exit_code,
+                o.http_status.map(i64::from),
+                o.error,
+                o.output,
+                attempt_log_json(&o.attempt_log),
+                id.to_string(),
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(job) = job else {
+        return Err(final_or_missing(c, id));
     };
-    let job: String = row.try_get(0)?;
     if outbox {
-        super::outbox::record_run(tx, id, at).await?;
+        super::outbox::record_run(c, id, at)?;
     }
     let change = match o.status {
         RunStatus::Succeeded => {
-            sqlx::query("UPDATE jobs SET consecutive_failures = 0 WHERE id = ? AND consecutive_failures > 0")
-                .bind(&job)
-                .execute(&mut **tx)
-                .await?;
+            c.prepare_cached(
+                "UPDATE jobs SET consecutive_failures = 0 WHERE id = ? AND consecutive_failures > 0",
+            )?
+            .execute(params![job])?;
             None
         }
-        RunStatus::Failed | RunStatus::TimedOut => auto_pause(tx, &job, at).await?,
+        RunStatus::Failed | RunStatus::TimedOut => auto_pause(c, &job, at)?,
         _ => None,
     };
     Ok(((), change))
 }
 
-async fn auto_pause(
-    tx: &mut Transaction<'_, Sqlite>,
-    job: &str,
-    at: DateTime<Utc>,
-) -> Result<Option<JobChange>, StoreError> {
-    let row = sqlx::query(
-        "UPDATE jobs SET consecutive_failures = consecutive_failures + 1 WHERE id = ? \
-         RETURNING consecutive_failures, auto_pause_after, paused",
-    )
-    .bind(job)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let failures: i64 = row.try_get(0)?;
-    let limit: Option<i64> = row.try_get(1)?;
-    let paused: bool = row.try_get(2)?;
+fn auto_pause(c: &Connection, job: &str, at: DateTime<Utc>) -> Result<Option<JobChange>, StoreError> {
+    let counted: Option<(i64, Option<i64>, bool)> = c
+        .prepare_cached(
+            "UPDATE jobs SET consecutive_failures = consecutive_failures + 1 WHERE id = ? \
+             RETURNING consecutive_failures, auto_pause_after, paused",
+        )?
+        .query_row(params![job], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .optional()?;
+    let Some((failures, limit, paused)) = counted else {
+        return Ok(None);
+    };
     match limit {
         Some(limit) if failures >= limit && !paused => {
             let note = format!("auto-paused after {failures} consecutive failed runs");
-            sqlx::query(
+            c.prepare_cached(
                 "UPDATE jobs SET paused = 1, pause_note = ?, version = version + 1, updated_at = ? WHERE id = ?",
-            )
-            .bind(&note)
-            .bind(ms(at))
-            .bind(job)
-            .execute(&mut **tx)
-            .await?;
+            )?
+            .execute(params![note, ms(at), job])?;
             tracing::warn!(job, failures, "job auto-paused");
-            let id: JobId = job
-                .parse()
-                .map_err(|_| StoreError::Corrupt(format!("job id {job}")))?;
-            Ok(Some(JobChange::Upserted(Arc::new(load_job(tx, id).await?))))
+            Ok(Some(JobChange::Upserted(Arc::new(load_job(c, job_id(job)?)?))))
         }
         _ => Ok(None),
     }
@@ -294,93 +263,89 @@ async fn auto_pause(
 
 /// Marks every live run not owned by `current` as orphaned; returns them
 /// as they were.
-pub(super) async fn orphan_foreign(
-    tx: &mut Transaction<'_, Sqlite>,
+pub(super) fn orphan_foreign(
+    c: &Connection,
     current: Incarnation,
     at: DateTime<Utc>,
     outbox: bool,
 ) -> Result<Vec<Run>, StoreError> {
-    let found = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') AND incarnation != ?"
-    )))
-    .bind(current.to_string())
-    .fetch_all(&mut **tx)
-    .await?;
-    let runs = found.iter().map(rows::run).collect::<Result<Vec<_>, _>>()?;
+    let runs = {
+        let mut statement = c.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') AND incarnation != ?"
+        ))?;
+        let mut found = statement.query(params![current.to_string()])?;
+        let mut runs = Vec::new();
+        while let Some(row) = found.next()? {
+            runs.push(rows::run(row)?);
+        }
+        runs
+    };
     for run in &runs {
         let error = format!(
             "the service incarnation {} that owned this {} run ended without recording its outcome",
             run.incarnation, run.status
         );
-        orphan_if_live(tx, run.id, at, &error, outbox).await?;
+        orphan_if_live(c, run.id, at, &error, outbox)?;
     }
     Ok(runs)
 }
 
 /// Marks one run `orphaned` if it is still live; whether it was.
-pub(super) async fn orphan_if_live(
-    tx: &mut Transaction<'_, Sqlite>,
+pub(super) fn orphan_if_live(
+    c: &Connection,
     id: RunId,
     at: DateTime<Utc>,
     error: &str,
     outbox: bool,
 ) -> Result<bool, StoreError> {
-    let r = sqlx::query(
-        "UPDATE runs SET status = 'orphaned', ended_at = ?, error = ? WHERE id = ? AND status IN ('queued', 'running')",
-    )
-    .bind(ms(at))
-    .bind(error)
-    .bind(id.to_string())
-    .execute(&mut **tx)
-    .await?;
-    let orphaned = r.rows_affected() == 1;
+    let changed = c
+        .prepare_cached(
+            "UPDATE runs SET status = 'orphaned', ended_at = ?, error = ? WHERE id = ? AND status IN ('queued', 'running')",
+        )?
+        .execute(params![ms(at), error, id.to_string()])?;
+    let orphaned = changed == 1;
     if orphaned && outbox {
-        super::outbox::record_run(tx, id, at).await?;
+        super::outbox::record_run(c, id, at)?;
     }
     Ok(orphaned)
 }
 
 /// Deletes up to `limit` finished runs of `job` beyond its `keep_last`
 /// newest runs, or created before `older_than`.
-pub(super) async fn prune_job(
-    tx: &mut Transaction<'_, Sqlite>,
+pub(super) fn prune_job(
+    c: &Connection,
     job: JobId,
     keep_last: Option<u32>,
     older_than: Option<DateTime<Utc>>,
     limit: u32,
 ) -> Result<u64, StoreError> {
-    let r = sqlx::query(
-        "DELETE FROM runs WHERE id IN (\
-           SELECT id FROM runs WHERE job_id = ?1 AND status NOT IN ('queued', 'running') \
-           AND (id < (SELECT id FROM runs WHERE job_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2) OR id < ?3) \
-           ORDER BY id LIMIT ?4)",
-    )
-    .bind(job.to_string())
-    // No keep-last: an offset past any history keeps everything.
-    .bind(keep_last.map_or(i64::MAX, |k| i64::from(k.max(1)) - 1))
-    .bind(older_than.map(|t| RunId::boundary(t).to_string()))
-    .bind(i64::from(limit))
-    .execute(&mut **tx)
-    .await?;
-    Ok(r.rows_affected())
+    let deleted = c
+        .prepare_cached(
+            "DELETE FROM runs WHERE id IN (\
+               SELECT id FROM runs WHERE job_id = ?1 AND status NOT IN ('queued', 'running') \
+               AND (id < (SELECT id FROM runs WHERE job_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2) OR id < ?3) \
+               ORDER BY id LIMIT ?4)",
+        )?
+        .execute(params![
+            job.to_string(),
+            // No keep-last: an offset past any history keeps everything.
+            keep_last.map_or(i64::MAX, |k| i64::from(k.max(1)) - 1),
+            older_than.map(|t| RunId::boundary(t).to_string()),
+            i64::from(limit),
+        ])?;
+    Ok(deleted as u64)
 }
 
 /// Deletes up to `limit` finished runs created before `older_than`, of jobs
 /// without their own history age.
-pub(super) async fn prune_old(
-    tx: &mut Transaction<'_, Sqlite>,
-    older_than: DateTime<Utc>,
-    limit: u32,
-) -> Result<u64, StoreError> {
-    let r = sqlx::query(
-        "DELETE FROM runs WHERE id IN (\
-           SELECT id FROM runs WHERE id < ? AND status NOT IN ('queued', 'running') \
-           AND job_id NOT IN (SELECT id FROM jobs WHERE history_max_age_ms IS NOT NULL) \
-           ORDER BY id LIMIT ?)",
-    )
-    .bind(RunId::boundary(older_than).to_string())
-    .bind(i64::from(limit))
-    .execute(&mut **tx)
-    .await?;
-    Ok(r.rows_affected())
+pub(super) fn prune_old(c: &Connection, older_than: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+    let deleted = c
+        .prepare_cached(
+            "DELETE FROM runs WHERE id IN (\
+               SELECT id FROM runs WHERE id < ? AND status NOT IN ('queued', 'running') \
+               AND job_id NOT IN (SELECT id FROM jobs WHERE history_max_age_ms IS NOT NULL) \
+               ORDER BY id LIMIT ?)",
+        )?
+        .execute(params![RunId::boundary(older_than).to_string(), i64::from(limit)])?;
+    Ok(deleted as u64)
 }
