@@ -128,6 +128,7 @@ impl SqliteStore {
         MIGRATOR.run(&mut conn).await?;
         conn.close().await?;
         let write = options.open_writer(&path)?;
+        let checkpointer = options.open_writer(&path)?;
         let read = SqlitePoolOptions::new()
             .max_connections(options.read_connections.max(1))
             .min_connections(1)
@@ -135,7 +136,12 @@ impl SqliteStore {
             .connect_with(connect.read_only(true))
             .await?;
         let outbox_signal = std::sync::Arc::new(tokio::sync::Notify::new());
-        let (writer, queue) = Writer::new(write, changes, options.outbox.then(|| outbox_signal.clone()));
+        let (writer, queue) = Writer::new(
+            write,
+            checkpointer,
+            changes,
+            options.outbox.then(|| outbox_signal.clone()),
+        );
         Ok((
             Self {
                 read,

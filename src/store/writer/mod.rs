@@ -28,8 +28,13 @@ use super::{JobChange, NewJob, Replacement, StoreError};
 use crate::job::{Job, JobId};
 use crate::run::{Attempt, Incarnation, Outcome, Run, RunId};
 
-/// Most operations committed in one transaction.
-const MAX_BATCH: usize = 2048;
+/// Most operations committed in one transaction. Small enough that the
+/// first runs of a burst of fires start after a short commit while the
+/// rest are still being written (a commit costs little in WAL mode).
+const MAX_BATCH: usize = 256;
+
+/// How often the checkpointer moves the write-ahead log into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -185,6 +190,9 @@ impl Queue {
 /// The writer: owns the only write connection.
 pub struct Writer {
     conn: Connection,
+    /// A second connection for WAL checkpoints on their own thread, so a
+    /// checkpoint (which syncs the database file) never delays a commit.
+    checkpointer: Option<Connection>,
     rx: queue::Receiver<Op>,
     depth: Arc<AtomicUsize>,
     changes: mpsc::UnboundedSender<JobChange>,
@@ -227,6 +235,7 @@ impl WriterTask {
 impl Writer {
     pub(super) fn new(
         conn: Connection,
+        checkpointer: Connection,
         changes: mpsc::UnboundedSender<JobChange>,
         outbox: Option<Arc<tokio::sync::Notify>>,
     ) -> (Self, Queue) {
@@ -239,6 +248,7 @@ impl Writer {
         (
             Self {
                 conn,
+                checkpointer: Some(checkpointer),
                 rx,
                 depth,
                 changes,
@@ -259,6 +269,21 @@ impl Writer {
     }
 
     fn run(mut self, heartbeat: &crate::health::Heartbeat, metrics: &crate::metrics::Metrics) {
+        // Commits never checkpoint; the checkpointer thread does, until
+        // `_stop` is dropped with this function's end.
+        if let Err(e) = self.conn.pragma_update(None, "wal_autocheckpoint", 0) {
+            tracing::warn!(error = %e, "could not hand WAL checkpoints to the checkpointer");
+        }
+        let (_stop, stopped) = queue::channel::<()>();
+        let spawned = self.checkpointer.take().map(|conn| {
+            std::thread::Builder::new()
+                .name("cronguard-checkpoint".into())
+                .spawn(move || checkpoint(conn, stopped))
+        });
+        if let Some(Err(e)) = spawned {
+            tracing::error!(error = %e, "could not start the checkpointer; commits checkpoint themselves");
+            let _ = self.conn.pragma_update(None, "wal_autocheckpoint", 1000);
+        }
         let mut batch = Vec::with_capacity(64);
         loop {
             heartbeat.beat();
@@ -316,6 +341,16 @@ impl Writer {
             d(error.as_deref(), &self.changes);
         }
         error.is_none()
+    }
+}
+
+/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] (passive: never waits
+/// for readers or the writer) until `stop` disconnects.
+fn checkpoint(conn: Connection, stop: queue::Receiver<()>) {
+    while let Err(queue::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
     }
 }
 

@@ -94,26 +94,42 @@ pub(super) fn insert(c: &Connection, run: &Run, outbox: bool) -> Applied<()> {
         Err(e) if is_foreign_key_violation(&e) => return Err(StoreError::NotFound),
         Err(e) => return Err(e.into()),
     }
-    if counts_toward_limit(run.trigger) {
-        let handled_until = run.scheduled_until.unwrap_or(run.scheduled_at);
-        c.prepare_cached("UPDATE jobs SET cursor_at = MAX(cursor_at, ?) WHERE id = ?")?
-            .execute(params![ms(handled_until), run.job_id.to_string()])?;
-    }
     if outbox && run.status.is_final() {
         super::outbox::record_run(c, run.id, run.created_at)?;
     }
-    let mut change = None;
-    if run.status == RunStatus::Running && counts_toward_limit(run.trigger) {
-        match claim_start(c, run.job_id) {
-            Ok(claimed) => change = claimed,
-            Err(StoreError::LimitReached) => {
-                skip_for_limit(c, run.id, run.created_at, outbox)?;
-                return Err(StoreError::LimitReached);
-            }
-            Err(e) => return Err(e),
-        }
+    if !counts_toward_limit(run.trigger) {
+        return Ok(((), None));
     }
-    Ok(((), change))
+    // One statement moves the cursor and, for a starting run, claims a
+    // start under `max_runs` (the common case of every scheduled fire).
+    let starting = run.status == RunStatus::Running;
+    let handled_until = run.scheduled_until.unwrap_or(run.scheduled_at);
+    let counted: Option<(i64, Option<i64>)> = c
+        .prepare_cached(
+            "UPDATE jobs SET cursor_at = MAX(cursor_at, ?1), runs_started = runs_started + ?2 WHERE id = ?3 \
+             RETURNING runs_started, max_runs",
+        )?
+        .query_row(
+            params![ms(handled_until), i64::from(starting), run.job_id.to_string()],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let Some((started, max)) = counted.filter(|_| starting) else {
+        return Ok(((), None));
+    };
+    match max {
+        Some(max) if started > max => {
+            c.prepare_cached("UPDATE jobs SET runs_started = runs_started - 1 WHERE id = ?")?
+                .execute(params![run.job_id.to_string()])?;
+            skip_for_limit(c, run.id, run.created_at, outbox)?;
+            Err(StoreError::LimitReached)
+        }
+        Some(max) if started == max => {
+            let job = load_job(c, run.job_id)?;
+            Ok(((), Some(JobChange::Upserted(Arc::new(job)))))
+        }
+        _ => Ok(((), None)),
+    }
 }
 
 /// Moves a queued run to running (same limit rule as [`insert`]).
