@@ -2,8 +2,8 @@
 //!
 //! A dedicated thread owns the only write connection (rusqlite: each
 //! statement runs on the calling thread, with no hand-off per statement —
-//! see `docs/decisions.md`). It takes the first queued operation, then
-//! everything else already queued (up to [`MAX_BATCH`]), applies them in
+//! see `docs/decisions.md`). It takes everything queued, picks a batch
+//! (run starts first, see [`Lanes`]; up to [`MAX_BATCH`]), applies it in
 //! one `BEGIN IMMEDIATE` transaction and commits once. Callers get their
 //! result only after the commit, so an acknowledged write is durable.
 //! Operations that can fail on a constraint (job writes) run inside a
@@ -284,25 +284,29 @@ impl Writer {
             tracing::error!(error = %e, "could not start the checkpointer; commits checkpoint themselves");
             let _ = self.conn.pragma_update(None, "wal_autocheckpoint", 1000);
         }
-        let mut batch = Vec::with_capacity(64);
+        let mut lanes = Lanes::default();
+        let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
             heartbeat.beat();
-            let first = match self.take(Duration::from_secs(1)) {
-                Ok(op) => op,
-                Err(queue::RecvTimeoutError::Timeout) => continue,
-                Err(queue::RecvTimeoutError::Disconnected) => break,
-            };
-            batch.push(first);
-            while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(Op::Close { .. })) {
-                match self.take(Duration::ZERO) {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
+            if lanes.is_empty() {
+                match self.take(Duration::from_secs(1)) {
+                    Ok(op) => lanes.push(op),
+                    Err(queue::RecvTimeoutError::Timeout) => continue,
+                    Err(queue::RecvTimeoutError::Disconnected) => break,
                 }
             }
+            while let Ok(op) = self.take(Duration::ZERO) {
+                lanes.push(op);
+            }
+            lanes.fill(&mut batch);
             let closing = matches!(batch.last(), Some(Op::Close { .. }));
             let started = Instant::now();
             let ok = self.commit(&mut batch);
-            metrics.commit(started.elapsed(), ok, self.depth.load(Ordering::Relaxed));
+            metrics.commit(
+                started.elapsed(),
+                ok,
+                self.depth.load(Ordering::Relaxed) + lanes.len(),
+            );
             if closing {
                 break;
             }
@@ -341,6 +345,65 @@ impl Writer {
             d(error.as_deref(), &self.changes);
         }
         error.is_none()
+    }
+}
+
+/// Queued operations in two lanes. Run starts are on the critical path of
+/// a fire (the action waits for its row), so they are committed first;
+/// everything else (run ends, API writes, housekeeping) follows as soon as
+/// no start waits. Order within a lane is submission order. Reordering
+/// across lanes is safe: a caller that needs an order awaits the first
+/// write's acknowledgement before submitting the second.
+#[derive(Default)]
+struct Lanes {
+    starts: std::collections::VecDeque<Op>,
+    rest: std::collections::VecDeque<Op>,
+    /// Batches of starts in a row while other writes waited.
+    passed: u32,
+}
+
+impl Lanes {
+    fn push(&mut self, op: Op) {
+        if matches!(op, Op::InsertRun { .. } | Op::StartRun { .. }) {
+            self.starts.push_back(op);
+        } else {
+            self.rest.push_back(op);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.starts.is_empty() && self.rest.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.starts.len() + self.rest.len()
+    }
+
+    /// Moves the next batch into `batch`: starts first, but never more
+    /// than four batches of starts in a row while other writes wait; a
+    /// batch ends after a `Close`.
+    fn fill(&mut self, batch: &mut Vec<Op>) {
+        // A `Close` waits for every start queued before it.
+        let closing = matches!(self.rest.front(), Some(Op::Close { .. }));
+        let starts_first = !self.starts.is_empty() && (self.rest.is_empty() || self.passed < 4 || closing);
+        self.passed = if starts_first && !self.rest.is_empty() {
+            self.passed + 1
+        } else {
+            0
+        };
+        let lane = if starts_first {
+            &mut self.starts
+        } else {
+            &mut self.rest
+        };
+        while batch.len() < MAX_BATCH {
+            let Some(op) = lane.pop_front() else { break };
+            let close = matches!(op, Op::Close { .. });
+            batch.push(op);
+            if close {
+                break;
+            }
+        }
     }
 }
 
