@@ -101,7 +101,10 @@ impl Executor {
         let mut http = reqwest::Client::builder()
             .user_agent(concat!("cronguard/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(1024)
+            // Keep every connection of a burst for the next one (reqwest's
+            // default: unbounded, closed after 90 s idle). Connections are
+            // bounded by the runs in flight (`--max-running`); capping the
+            // idle pool below that makes each burst reconnect.
             .connect_timeout(Duration::from_secs(10));
         if config.actions.deny_private_networks {
             // Names are checked when they resolve, so a name that points
