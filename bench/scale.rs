@@ -1,5 +1,7 @@
 //! Registered-jobs scale: startup time, memory, idle CPU, scrape and read
-//! latency with N jobs (hourly cron, spread over the hour).
+//! latency with N jobs (hourly cron, spread over 50 minutes of the hour so
+//! that none is due during the measurement), and the time to be ready
+//! again after a restart.
 //!
 //! The jobs are written straight into a fresh database (as a previous
 //! incarnation would have left them), then the release binary starts on it.
@@ -11,48 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Service, machine, percentile};
-use sqlx::Connection;
-
-async fn seed(db: &std::path::Path, n: usize) -> Duration {
-    let started = Instant::now();
-    // Let the binary create the schema, then fill it.
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_cronguard"))
-        .args(["migrate", "--database"])
-        .arg(db)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("migrate");
-    assert!(status.success());
-    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .expect("open");
-    let now = chrono::Utc::now().timestamp_millis();
-    let mut tx = conn.begin().await.expect("begin");
-    for i in 0..n {
-        let id = uuid::Uuid::now_v7().to_string();
-        let spec = serde_json::json!({
-            "name": format!("job-{i}"),
-            "schedule": {"kind": "cron", "expr": format!("{} {} * * * *", i % 60, (i / 60) % 60)},
-            "action": {"kind": "http", "url": "http://127.0.0.1:9/hook"},
-        });
-        sqlx::query(
-            "INSERT INTO jobs (id, name, spec, paused, source, version, created_at, updated_at, cursor_at) \
-             VALUES (?, ?, ?, 0, 'api', 1, ?, ?, ?)",
-        )
-        .bind(&id)
-        .bind(format!("job-{i}"))
-        .bind(spec.to_string())
-        .bind(now)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .expect("insert");
-    }
-    tx.commit().await.expect("commit");
-    started.elapsed()
-}
+use common::{Service, machine, percentile, seed};
 
 async fn time_get(client: &reqwest::Client, url: &str, n: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(n);
@@ -82,7 +43,7 @@ async fn main() {
     let db = dir.path().join("scale.db");
     let seeded = seed(&db, n).await;
     let started = Instant::now();
-    let service = Service::start(&db, &[]).await;
+    let mut service = Service::start(&db, &[]).await;
     let ready = started.elapsed();
     let rss = service.rss();
     let cpu0 = service.cpu_seconds();
@@ -93,9 +54,22 @@ async fn main() {
     let metrics = time_get(&client, &format!("{}/metrics", service.base), 50).await;
     let job = time_get(&client, &format!("{}/v1/jobs/job-{}", service.base, n / 2), 200).await;
     let list = time_get(&client, &format!("{}/v1/jobs?limit=100", service.base), 50).await;
+    // Restart: SIGTERM, then start again on the same database.
+    if let Some(pid) = service.child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(120), service.child.wait()).await;
+    let restarted = Instant::now();
+    let service = Service::start(&db, &[]).await;
+    let ready_again = restarted.elapsed();
+    let rss_again = service.rss();
     println!(
         "jobs={n} seeded_in={:.1}s ready_after_start={:.2}s rss={:.0}MiB idle_cpu={:.1}% \
-         metrics_ms p50={:.2} max={:.2} get_job_ms p50={:.2} p99={:.2} list_100_ms p50={:.2}",
+         metrics_ms p50={:.2} max={:.2} get_job_ms p50={:.2} p99={:.2} list_100_ms p50={:.2} \
+         ready_after_restart={:.2}s rss_after_restart={:.0}MiB",
         seeded.as_secs_f64(),
         ready.as_secs_f64(),
         rss as f64 / (1024.0 * 1024.0),
@@ -105,5 +79,7 @@ async fn main() {
         percentile(&job, 0.5),
         percentile(&job, 0.99),
         percentile(&list, 0.5),
+        ready_again.as_secs_f64(),
+        rss_again as f64 / (1024.0 * 1024.0),
     );
 }

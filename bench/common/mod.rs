@@ -255,3 +255,51 @@ pub async fn floor(
     }
     while tasks.join_next().await.is_some() {}
 }
+
+/// Writes `n` jobs straight into a fresh database at `db` (as a previous
+/// incarnation would have left them): hourly cron `S M * * * *`, spread
+/// over the 50 minutes that start 5 minutes from now, so none is due while
+/// a benchmark measures. Returns how long it took.
+pub async fn seed(db: &Path, n: usize) -> std::time::Duration {
+    use sqlx::Connection;
+    let started = std::time::Instant::now();
+    // Let the binary create the schema, then fill it.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_cronguard"))
+        .args(["migrate", "--database"])
+        .arg(db)
+        .stdout(Stdio::null())
+        .status()
+        .expect("migrate");
+    assert!(status.success());
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("open");
+    let now = chrono::Utc::now();
+    let first_minute = (now.timestamp() / 60 + 5) % 60;
+    let now = now.timestamp_millis();
+    let mut tx = conn.begin().await.expect("begin");
+    for i in 0..n {
+        let id = uuid::Uuid::now_v7().to_string();
+        let minute = (first_minute + (i as i64 / 60) % 50) % 60;
+        let spec = serde_json::json!({
+            "name": format!("job-{i}"),
+            "schedule": {"kind": "cron", "expr": format!("{} {minute} * * * *", i % 60)},
+            "action": {"kind": "http", "url": "http://127.0.0.1:9/hook"},
+        });
+        sqlx::query(
+            "INSERT INTO jobs (id, name, spec, paused, source, version, created_at, updated_at, cursor_at) \
+             VALUES (?, ?, ?, 0, 'api', 1, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(format!("job-{i}"))
+        .bind(spec.to_string())
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    }
+    tx.commit().await.expect("commit");
+    started.elapsed()
+}

@@ -16,7 +16,9 @@
 //! second pass, wildcard ones walk both), which is why it is normalised
 //! here rather than inherited.
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use chrono::offset::LocalResult;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
@@ -34,6 +36,43 @@ pub const DEFAULT_TIMEZONE: &str = "UTC";
 /// Candidates examined per search before giving up (a repeated hour of an
 /// every-second expression is 3,600).
 const MAX_CANDIDATES: usize = 10_000;
+
+/// Parsed expressions, shared: croner keeps a bitfield of every year per
+/// parsed expression (about 5 KB), and a million jobs typically use a few
+/// thousand distinct expressions. Entries die with their last rule; dead
+/// ones are swept when the table has doubled since the last sweep.
+struct Interned {
+    table: HashMap<String, Weak<Cron>>,
+    sweep_at: usize,
+}
+
+/// The parsed `expr`, and whether it was parsed just now (not shared).
+fn parsed(expr: &str) -> Result<(Arc<Cron>, bool), croner::errors::CronError> {
+    static INTERNED: OnceLock<Mutex<Interned>> = OnceLock::new();
+    let interned = INTERNED.get_or_init(|| {
+        Mutex::new(Interned {
+            table: HashMap::new(),
+            sweep_at: 1024,
+        })
+    });
+    let mut interned = interned.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(cron) = interned.table.get(expr).and_then(Weak::upgrade) {
+        return Ok((cron, false));
+    }
+    let cron = Arc::new(
+        CronParser::builder()
+            .seconds(Seconds::Optional)
+            .year(Year::Disallowed)
+            .build()
+            .parse(expr)?,
+    );
+    if interned.table.len() >= interned.sweep_at {
+        interned.table.retain(|_, cron| cron.strong_count() > 0);
+        interned.sweep_at = (interned.table.len() * 2).max(1024);
+    }
+    interned.table.insert(expr.to_owned(), Arc::downgrade(&cron));
+    Ok((cron, true))
+}
 
 /// Fall-fold policy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -60,7 +99,8 @@ pub enum Gap {
 /// A parsed cron expression, its time zone and DST policies.
 #[derive(Debug, Clone)]
 pub struct CronRule {
-    cron: Cron,
+    /// Shared by every rule with the same expression (see [`parsed`]).
+    cron: Arc<Cron>,
     tz: Tz,
     fold: Fold,
     gap: Gap,
@@ -77,18 +117,14 @@ impl CronRule {
         pointer: &str,
     ) -> Result<Self, FieldErrors> {
         let mut errors = FieldErrors::default();
-        let parser = CronParser::builder()
-            .seconds(Seconds::Optional)
-            .year(Year::Disallowed)
-            .build();
-        let cron = match parser.parse(expr) {
-            Ok(cron) => Some(cron),
+        let (cron, fresh) = match parsed(expr) {
+            Ok(found) => (Some(found.0), found.1),
             Err(e) => {
                 errors.push(
                     format!("{pointer}/expr"),
                     format!("`{expr}` is not a valid 5- or 6-field cron expression: {e}"),
                 );
-                None
+                (None, false)
             }
         };
         let tz_name = timezone.unwrap_or(DEFAULT_TIMEZONE);
@@ -114,8 +150,9 @@ impl CronRule {
                 };
                 // An expression that can never match (`0 0 30 2 *`) is a
                 // mistake, not a schedule: reject it instead of storing a
-                // job that silently never fires.
-                if rule.croner_next(Utc::now()).is_none() {
+                // job that silently never fires. (Checked once per distinct
+                // expression: a shared one was checked when first parsed.)
+                if fresh && rule.croner_next(Utc::now()).is_none() {
                     errors.push(
                         format!("{pointer}/expr"),
                         format!("`{expr}` never matches a date"),
