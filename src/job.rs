@@ -268,6 +268,94 @@ impl Job {
     }
 }
 
+/// What the engine keeps of a job: enough to plan its fires (about 200
+/// bytes, against several kilobytes for a whole [`Job`]), so a million
+/// registered jobs fit in memory. The whole job is loaded shortly before
+/// it fires (see `docs/performance.md`).
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// The job.
+    pub id: JobId,
+    /// When it fires.
+    pub schedule: Schedule,
+    /// How late a fire may start.
+    pub misfire_grace: std::time::Duration,
+    /// What runs after downtime.
+    pub catch_up: crate::policy::CatchUp,
+    /// How far back catch-up looks.
+    pub catch_up_window: std::time::Duration,
+    /// Suspended.
+    pub paused: bool,
+    /// Started all the runs `max_runs` allows.
+    pub exhausted: bool,
+    /// The stored schedule cursor.
+    pub cursor_at: DateTime<Utc>,
+    /// The name, for jobs with their own metric series (`monitor: true`).
+    pub monitor: Option<std::sync::Arc<str>>,
+}
+
+/// The parts of a stored spec that timing needs (the rest is skipped).
+#[derive(Deserialize)]
+struct TimingSpec {
+    name: String,
+    schedule: ScheduleSpec,
+    #[serde(default)]
+    policy: PolicySpec,
+    #[serde(default)]
+    monitor: bool,
+}
+
+impl Timing {
+    /// The timing of a whole job.
+    pub fn of(job: &Job) -> Self {
+        let policy = &job.def.policy;
+        Self {
+            id: job.id,
+            schedule: job.def.schedule.clone(),
+            misfire_grace: policy.misfire_grace,
+            catch_up: policy.catch_up,
+            catch_up_window: policy.catch_up_window,
+            paused: job.paused,
+            exhausted: job.exhausted(),
+            cursor_at: job.cursor_at,
+            monitor: job.def.spec.monitor.then(|| job.name().into()),
+        }
+    }
+
+    /// The timing of a stored job, reading only what it needs from its
+    /// spec (the full spec is validated when the job is loaded to fire).
+    pub fn from_stored(
+        id: JobId,
+        spec: &str,
+        paused: bool,
+        cursor_at: DateTime<Utc>,
+        exhausted: bool,
+    ) -> Result<Self, String> {
+        let spec: TimingSpec = serde_json::from_str(spec).map_err(|e| e.to_string())?;
+        let schedule = Schedule::parse(&spec.schedule, "/schedule").map_err(|e| e.to_string())?;
+        let policy = spec.policy.parse("/policy").map_err(|e| e.to_string())?;
+        Ok(Self {
+            id,
+            schedule,
+            misfire_grace: policy.misfire_grace,
+            catch_up: policy.catch_up,
+            catch_up_window: policy.catch_up_window,
+            paused,
+            exhausted,
+            cursor_at,
+            monitor: spec.monitor.then(|| spec.name.into()),
+        })
+    }
+
+    /// The next nominal fire strictly after `cursor`, if it may fire.
+    pub fn next_after(&self, cursor: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.paused || self.exhausted {
+            return None;
+        }
+        self.schedule.next_after(cursor)
+    }
+}
+
 /// Checks a pause note.
 pub fn check_note(note: &str) -> Result<(), FieldErrors> {
     if note.len() > MAX_NOTE_LEN || note.chars().any(|c| c.is_control() && c != '\n') {

@@ -3,9 +3,13 @@
 //! It sleeps until the earliest due instant, a committed job change, or
 //! cancellation — never on a polling tick — and hands due fires to the
 //! supervisor in one batch per wake-up. It keeps only what it needs in
-//! memory (the job, its cursor, its next fire); the store stays the source
-//! of truth, so a (re)started engine simply reloads it, and a fire already
-//! recorded can never be recorded twice (unique `(job, scheduled_at)`).
+//! memory: per job a [`Timing`] (schedule, policy for late fires, cursor,
+//! about 200 bytes), and the whole [`Job`] only while it is about to fire
+//! (loaded [`PREFETCH`] ahead, kept while it fires often), so a million
+//! registered jobs fit in a few hundred megabytes. The store stays the
+//! source of truth, so a (re)started engine simply reloads it, and a fire
+//! already recorded can never be recorded twice (unique `(job,
+//! scheduled_at)`).
 //!
 //! The engine also wakes at least every heartbeat interval to stamp its
 //! heartbeat and to re-read the wall clock, which bounds the error when the
@@ -22,18 +26,24 @@ use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use self::plan::{MAX_SCAN, Plan, due_at, plan};
+pub use self::plan::{Due, MAX_SCAN, Plan, due_at, plan};
 use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::{Health, Heartbeat};
-use crate::job::{Job, JobId};
+use crate::job::{Job, JobId, Timing};
 use crate::metrics::Metrics;
 use crate::run::Reason;
 use crate::store::{JobChange, Store, StoreError};
 use crate::supervisor::{Fire, SupervisorHandle};
 
+/// How long before its fire a job is loaded whole; a job firing again
+/// within twice this stays loaded.
+pub const PREFETCH: Duration = Duration::from_secs(2);
+
 struct Entry {
-    job: Arc<Job>,
+    timing: Timing,
+    /// The whole job, while it is about to fire.
+    job: Option<Arc<Job>>,
     /// The last nominal fire handed over (or the store's cursor).
     cursor: DateTime<Utc>,
     /// Generation of the live heap item; older items are stale.
@@ -41,6 +51,9 @@ struct Entry {
     /// The nominal fire the live heap item stands for.
     next: Option<DateTime<Utc>>,
 }
+
+/// A heap of `(instant, generation, job)`, earliest first.
+type Heap = BinaryHeap<Reverse<(DateTime<Utc>, u64, JobId)>>;
 
 /// What the engine works with.
 #[derive(Clone)]
@@ -66,9 +79,16 @@ pub struct Engine {
     /// Active jobs (some may have no fire left, e.g. a once-job that ran).
     jobs: HashMap<JobId, Entry>,
     /// Paused jobs, counted and remembered for their metric series.
-    paused: HashMap<JobId, Arc<Job>>,
-    heap: BinaryHeap<Reverse<(DateTime<Utc>, u64, JobId)>>,
+    paused: HashMap<JobId, Option<Arc<str>>>,
+    /// Due instants.
+    heap: Heap,
+    /// Instants at which a job not in memory must be loaded.
+    prefetch: Heap,
     generation: u64,
+}
+
+fn delta(d: Duration) -> TimeDelta {
+    TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX)
 }
 
 impl Engine {
@@ -80,6 +100,7 @@ impl Engine {
             jobs: HashMap::new(),
             paused: HashMap::new(),
             heap: BinaryHeap::new(),
+            prefetch: BinaryHeap::new(),
             generation: 0,
         }
     }
@@ -98,12 +119,16 @@ impl Engine {
         loop {
             faults.checkpoint(self.heartbeat.name()).await;
             let now = self.ctx.clock.now();
-            self.fire_due(now);
+            self.fetch_upcoming(now).await?;
+            self.fire_due(now).await?;
             self.heartbeat.beat();
             let next = self.next_due();
             self.ctx.metrics.set_next_fire(next);
-            let idle = now + TimeDelta::from_std(self.ctx.interval).unwrap_or(TimeDelta::seconds(1));
-            let wake = next.map_or(idle, |due| due.min(idle));
+            let idle = now + delta(self.ctx.interval);
+            let wake = [next, self.next_prefetch()]
+                .into_iter()
+                .flatten()
+                .fold(idle, DateTime::min);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
@@ -128,17 +153,19 @@ impl Engine {
         self.ctx.health.set_schedule_loaded(false);
         // Changes committed before the load are in it; drop their notices.
         while changes.try_recv().is_ok() {}
-        let jobs = self.ctx.store.load_jobs().await?;
+        let timings = self.ctx.store.load_timings().await?;
         self.jobs.clear();
         self.paused.clear();
         self.heap.clear();
-        self.restore_monitored(&jobs).await?;
+        self.prefetch.clear();
+        self.restore_monitored(&timings).await?;
         let now = self.ctx.clock.now();
-        let mut fires = Vec::new();
-        let count = jobs.len();
-        for job in jobs {
-            self.schedule(job, now, Reason::Downtime, &mut fires);
+        let mut due = Vec::new();
+        let count = timings.len();
+        for timing in timings {
+            self.schedule(timing, None, now, Reason::Downtime, &mut due);
         }
+        let fires = self.with_jobs(due).await?;
         tracing::info!(jobs = count, due = fires.len(), "schedule loaded");
         self.ctx.supervisor.fire(fires);
         self.publish_counts();
@@ -147,20 +174,23 @@ impl Engine {
     }
 
     /// Restores the last success and failure of monitored jobs.
-    async fn restore_monitored(&self, jobs: &[Arc<Job>]) -> Result<(), StoreError> {
-        let monitored: Vec<&Arc<Job>> = jobs.iter().filter(|j| j.def.spec.monitor).collect();
+    async fn restore_monitored(&self, timings: &[Timing]) -> Result<(), StoreError> {
+        let monitored: Vec<(JobId, &Arc<str>)> = timings
+            .iter()
+            .filter_map(|t| t.monitor.as_ref().map(|name| (t.id, name)))
+            .collect();
         if monitored.is_empty() {
             return Ok(());
         }
-        let ids: Vec<JobId> = monitored.iter().map(|j| j.id).collect();
+        let ids: Vec<JobId> = monitored.iter().map(|(id, _)| *id).collect();
         let outcomes = self.ctx.store.last_outcomes(&ids).await?;
-        for job in monitored {
-            if let Some((success, failure)) = outcomes.get(&job.id) {
+        for (id, name) in monitored {
+            if let Some((success, failure)) = outcomes.get(&id) {
                 if let Some(at) = success {
-                    self.ctx.metrics.job_outcome(job.name(), true, *at);
+                    self.ctx.metrics.job_outcome(name, true, *at);
                 }
                 if let Some(at) = failure {
-                    self.ctx.metrics.job_outcome(job.name(), false, *at);
+                    self.ctx.metrics.job_outcome(name, false, *at);
                 }
             }
         }
@@ -172,29 +202,39 @@ impl Engine {
     }
 
     /// Forgets a job's per-job series if its name (or monitoring) changes.
-    fn forget_series(&self, old: Option<&Arc<Job>>, new: Option<&Job>) {
-        if let Some(old) = old.filter(|o| o.def.spec.monitor)
-            && new.is_none_or(|n| n.name() != old.name() || !n.def.spec.monitor)
+    fn forget_series(&self, old: Option<&Arc<str>>, new: Option<&Arc<str>>) {
+        if let Some(old) = old
+            && new != Some(old)
         {
-            self.ctx.metrics.forget_job(old.name());
+            self.ctx.metrics.forget_job(old);
         }
     }
 
-    /// Puts `job` on the heap from its cursor; fires due now go to `fires`.
-    fn schedule(&mut self, job: Arc<Job>, now: DateTime<Utc>, reason: Reason, fires: &mut Vec<Fire>) {
-        let id = job.id;
-        let previous = self
-            .jobs
-            .get(&id)
-            .map(|e| e.job.clone())
-            .or_else(|| self.paused.get(&id).cloned());
-        self.forget_series(previous.as_ref(), Some(&job));
-        if job.paused {
+    /// The monitored name a job had, if any.
+    fn monitored(&self, id: JobId) -> Option<Arc<str>> {
+        match self.jobs.get(&id) {
+            Some(e) => e.timing.monitor.clone(),
+            None => self.paused.get(&id).cloned().flatten(),
+        }
+    }
+
+    /// Puts a job on the heap from its cursor; fires due now go to `due`.
+    fn schedule(
+        &mut self,
+        timing: Timing,
+        job: Option<Arc<Job>>,
+        now: DateTime<Utc>,
+        reason: Reason,
+        due: &mut Vec<(JobId, Due)>,
+    ) {
+        let id = timing.id;
+        self.forget_series(self.monitored(id).as_ref(), timing.monitor.as_ref());
+        if timing.paused {
             self.jobs.remove(&id);
-            if job.def.spec.monitor {
-                self.ctx.metrics.job_expected_by(job.name(), None);
+            if let Some(name) = &timing.monitor {
+                self.ctx.metrics.job_expected_by(name, None);
             }
-            self.paused.insert(id, job);
+            self.paused.insert(id, timing.monitor);
             return;
         }
         self.paused.remove(&id);
@@ -203,15 +243,12 @@ impl Engine {
         let cursor = self
             .jobs
             .get(&id)
-            .map_or(job.cursor_at, |e| e.cursor.max(job.cursor_at));
-        let first = if job.exhausted() {
-            None
-        } else {
-            job.def.schedule.next_after(cursor)
-        };
+            .map_or(timing.cursor_at, |e| e.cursor.max(timing.cursor_at));
+        let first = timing.next_after(cursor);
         self.jobs.insert(
             id,
             Entry {
+                timing,
                 job,
                 cursor,
                 generation: 0,
@@ -219,7 +256,7 @@ impl Engine {
             },
         );
         if let Some(first) = first {
-            self.advance(id, first, now, reason, fires);
+            self.advance(id, first, now, reason, due);
         }
     }
 
@@ -231,48 +268,65 @@ impl Engine {
         first: DateTime<Utc>,
         now: DateTime<Utc>,
         reason: Reason,
-        fires: &mut Vec<Fire>,
+        due: &mut Vec<(JobId, Due)>,
     ) {
         let Some(entry) = self.jobs.get_mut(&id) else {
             return;
         };
-        let planned = plan(&entry.job, first, now, reason);
+        let planned = plan(&entry.timing, first, now, reason);
         if let Some(last) = planned.fires.last() {
             entry.cursor = last
                 .missed
                 .map_or(last.scheduled_at, |m| m.until)
                 .max(entry.cursor);
         }
-        fires.extend(planned.fires);
+        due.extend(planned.fires.into_iter().map(|d| (id, d)));
         entry.next = planned.next;
-        if entry.job.def.spec.monitor {
+        let next_due = entry.next.map(|n| due_at(&entry.timing, n));
+        if let Some(name) = &entry.timing.monitor {
             // A dead man's switch: the next fire plus its grace.
-            let grace = TimeDelta::from_std(entry.job.def.policy.misfire_grace).unwrap_or(TimeDelta::zero());
-            let by = entry.next.map(|n| due_at(&entry.job, n) + grace);
-            self.ctx.metrics.job_expected_by(entry.job.name(), by);
+            let grace = delta(entry.timing.misfire_grace);
+            self.ctx
+                .metrics
+                .job_expected_by(name, next_due.map(|d| d + grace));
         }
-        if let Some(next) = entry.next {
-            self.generation += 1;
-            entry.generation = self.generation;
-            self.heap
-                .push(Reverse((due_at(&entry.job, next), entry.generation, id)));
+        let Some(next_due) = next_due else {
+            entry.job = None;
+            return;
+        };
+        self.generation += 1;
+        entry.generation = self.generation;
+        self.heap.push(Reverse((next_due, entry.generation, id)));
+        // Keep the whole job only if it fires again soon; otherwise load
+        // it again shortly before its next fire.
+        if next_due > now + delta(PREFETCH * 2) {
+            entry.job = None;
+        }
+        if entry.job.is_none() {
+            let at = next_due - delta(PREFETCH);
+            self.prefetch.push(Reverse((at, entry.generation, id)));
         }
     }
 
     fn apply(&mut self, change: JobChange) {
         match change {
             JobChange::Upserted(job) => {
-                let mut fires = Vec::new();
+                let mut due = Vec::new();
                 let now = self.ctx.clock.now();
-                self.schedule(job, now, Reason::Misfire, &mut fires);
+                self.schedule(
+                    Timing::of(&job),
+                    Some(job.clone()),
+                    now,
+                    Reason::Misfire,
+                    &mut due,
+                );
+                let fires = due.into_iter().map(|(_, d)| fire(&job, d)).collect();
                 self.ctx.supervisor.fire(fires);
             }
             JobChange::Removed(id) => {
-                let previous = self
-                    .jobs
-                    .remove(&id)
-                    .map(|e| e.job)
-                    .or_else(|| self.paused.remove(&id));
+                let previous = self.monitored(id);
+                self.jobs.remove(&id);
+                self.paused.remove(&id);
                 self.forget_series(previous.as_ref(), None);
                 self.ctx.supervisor.job_removed(id);
             }
@@ -281,19 +335,80 @@ impl Engine {
 
     /// The earliest due instant, dropping stale heap items on the way.
     fn next_due(&mut self) -> Option<DateTime<Utc>> {
-        while let Some(Reverse((due, generation, id))) = self.heap.peek() {
-            if self.jobs.get(id).is_some_and(|e| e.generation == *generation) {
-                return Some(*due);
-            }
-            self.heap.pop();
-        }
-        None
+        let jobs = &self.jobs;
+        live_top(&mut self.heap, |id, g| {
+            jobs.get(&id).is_some_and(|e| e.generation == g)
+        })
     }
 
-    fn fire_due(&mut self, now: DateTime<Utc>) {
-        let mut fires = Vec::new();
-        while let Some(due) = self.next_due() {
-            if due > now {
+    /// When the next job must be loaded.
+    fn next_prefetch(&mut self) -> Option<DateTime<Utc>> {
+        let jobs = &self.jobs;
+        live_top(&mut self.prefetch, |id, g| {
+            jobs.get(&id)
+                .is_some_and(|e| e.generation == g && e.job.is_none())
+        })
+    }
+
+    /// Loads the jobs due within [`PREFETCH`] that are not in memory.
+    async fn fetch_upcoming(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut ids = Vec::new();
+        while let Some(at) = self.next_prefetch() {
+            if at > now {
+                break;
+            }
+            if let Some(Reverse((_, _, id))) = self.prefetch.pop() {
+                ids.push(id);
+            }
+        }
+        self.attach(ids).await
+    }
+
+    /// Loads the given jobs whole and keeps them with their entries.
+    async fn attach(&mut self, ids: Vec<JobId>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for job in self.ctx.store.get_jobs(&ids).await? {
+            if let Some(entry) = self.jobs.get_mut(&job.id) {
+                entry.job = Some(job);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pairs planned fires with their jobs (loading any not in memory);
+    /// fires of jobs deleted meanwhile are dropped with them.
+    async fn with_jobs(&mut self, due: Vec<(JobId, Due)>) -> Result<Vec<Fire>, StoreError> {
+        let mut missing: Vec<JobId> = due
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| self.jobs.get(id).is_some_and(|e| e.job.is_none()))
+            .collect();
+        missing.dedup();
+        self.attach(missing.clone()).await?;
+        let mut fires = Vec::with_capacity(due.len());
+        for (id, d) in due {
+            if let Some(job) = self.jobs.get(&id).and_then(|e| e.job.as_ref()) {
+                fires.push(fire(job, d));
+            }
+        }
+        // Loaded just for these fires: let go of those not due again soon.
+        let soon = self.ctx.clock.now() + delta(PREFETCH * 2);
+        for id in missing {
+            if let Some(entry) = self.jobs.get_mut(&id)
+                && entry.next.is_none_or(|n| due_at(&entry.timing, n) > soon)
+            {
+                entry.job = None;
+            }
+        }
+        Ok(fires)
+    }
+
+    async fn fire_due(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut due = Vec::new();
+        while let Some(at) = self.next_due() {
+            if at > now {
                 break;
             }
             let Some(Reverse((_, _, id))) = self.heap.pop() else {
@@ -302,8 +417,33 @@ impl Engine {
             let Some(first) = self.jobs.get_mut(&id).and_then(|e| e.next.take()) else {
                 continue;
             };
-            self.advance(id, first, now, Reason::Misfire, &mut fires);
+            self.advance(id, first, now, Reason::Misfire, &mut due);
         }
-        self.ctx.supervisor.fire(fires);
+        if !due.is_empty() {
+            let fires = self.with_jobs(due).await?;
+            self.ctx.supervisor.fire(fires);
+        }
+        Ok(())
+    }
+}
+
+/// The earliest live item of `heap`, dropping stale ones on the way.
+fn live_top(heap: &mut Heap, live: impl Fn(JobId, u64) -> bool) -> Option<DateTime<Utc>> {
+    while let Some(Reverse((at, generation, id))) = heap.peek() {
+        if live(*id, *generation) {
+            return Some(*at);
+        }
+        heap.pop();
+    }
+    None
+}
+
+fn fire(job: &Arc<Job>, d: Due) -> Fire {
+    Fire {
+        job: job.clone(),
+        scheduled_at: d.scheduled_at,
+        due_at: d.due_at,
+        trigger: d.trigger,
+        missed: d.missed,
     }
 }

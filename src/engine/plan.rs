@@ -7,33 +7,45 @@
 //! a process that was stalled, and a start after downtime.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use crate::job::Job;
+use crate::job::Timing;
 use crate::policy::{CatchUp, MAX_CATCH_UP_RUNS};
 use crate::run::{Reason, Trigger};
-use crate::supervisor::{Fire, Missed};
+use crate::supervisor::Missed;
 
 /// Most fire times enumerated for one job in one plan; past it, the scan
 /// jumps to the part of the range that can still run and the missed count
 /// becomes a lower bound. Bounds the work of a restart after long downtime.
 pub const MAX_SCAN: u32 = 10_000;
 
+/// One planned fire (the engine pairs it with the job for the supervisor).
+#[derive(Debug, Clone, Copy)]
+pub struct Due {
+    /// Nominal fire instant.
+    pub scheduled_at: DateTime<Utc>,
+    /// When it should start (nominal plus jitter).
+    pub due_at: DateTime<Utc>,
+    /// Why it runs.
+    pub trigger: Trigger,
+    /// For a row summarising missed fires.
+    pub missed: Option<Missed>,
+}
+
 /// The result of planning one job.
 #[derive(Debug)]
 pub struct Plan {
     /// Fires for the supervisor, in order.
-    pub fires: Vec<Fire>,
+    pub fires: Vec<Due>,
     /// The first nominal fire not yet due, if any.
     pub next: Option<DateTime<Utc>>,
 }
 
 /// The due instant of a nominal fire (nominal plus the job's jitter).
-pub fn due_at(job: &Job, nominal: DateTime<Utc>) -> DateTime<Utc> {
-    let jitter = job.def.schedule.jitter_for(job.id.0, nominal);
+pub fn due_at(job: &Timing, nominal: DateTime<Utc>) -> DateTime<Utc> {
+    let jitter = job.schedule.jitter_for(job.id.0, nominal);
     nominal + TimeDelta::from_std(jitter).unwrap_or_default()
 }
 
@@ -44,9 +56,9 @@ fn age(now: DateTime<Utc>, t: DateTime<Utc>) -> Duration {
 /// Plans the fires of `job` from `first` (a nominal fire not yet handled)
 /// up to `now`. `reason` labels fires missed for being late: `Downtime` at
 /// startup, `Misfire` when the engine itself fell behind.
-pub fn plan(job: &Arc<Job>, first: DateTime<Utc>, now: DateTime<Utc>, reason: Reason) -> Plan {
-    let policy = &job.def.policy;
-    let schedule = &job.def.schedule;
+pub fn plan(job: &Timing, first: DateTime<Utc>, now: DateTime<Utc>, reason: Reason) -> Plan {
+    let policy = job;
+    let schedule = &job.schedule;
     let mut on_time = Vec::new();
     // Late fires: the first, the count, and the most recent ones (one more
     // than can ever be replayed, so the fire before the replayed suffix is
@@ -123,9 +135,8 @@ pub fn plan(job: &Arc<Job>, first: DateTime<Utc>, now: DateTime<Utc>, reason: Re
     Plan { fires, next: cursor }
 }
 
-fn fire(job: &Arc<Job>, t: DateTime<Utc>, trigger: Trigger, missed: Option<Missed>) -> Fire {
-    Fire {
-        job: job.clone(),
+fn fire(job: &Timing, t: DateTime<Utc>, trigger: Trigger, missed: Option<Missed>) -> Due {
+    Due {
         scheduled_at: t,
         due_at: due_at(job, t),
         trigger,
@@ -137,9 +148,9 @@ fn fire(job: &Arc<Job>, t: DateTime<Utc>, trigger: Trigger, missed: Option<Misse
 mod tests {
     use super::*;
     use crate::action::ActionPolicy;
-    use crate::job::{JobId, JobSpec, Source};
+    use crate::job::{Job, JobId, JobSpec, Source};
 
-    fn job(policy: serde_json::Value) -> Arc<Job> {
+    fn job(policy: serde_json::Value) -> Timing {
         let spec: JobSpec = serde_json::from_value(serde_json::json!({
             "name": "j",
             "schedule": {"kind": "cron", "expr": "* * * * *"},
@@ -148,7 +159,7 @@ mod tests {
         }))
         .unwrap();
         let t = at("2027-01-01T00:00:00Z");
-        Arc::new(Job {
+        Timing::of(&Job {
             id: JobId::new(),
             def: spec.validate(&ActionPolicy::default()).unwrap(),
             paused: false,

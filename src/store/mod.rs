@@ -297,6 +297,16 @@ impl Store {
         self.inner.load_jobs().await
     }
 
+    /// What the engine keeps of every job (see [`crate::job::Timing`]).
+    pub async fn load_timings(&self) -> Result<Vec<crate::job::Timing>, StoreError> {
+        self.inner.load_timings().await
+    }
+
+    /// The jobs with these ids (missing ones are left out).
+    pub async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Arc<Job>>, StoreError> {
+        self.inner.get_jobs(ids).await
+    }
+
     /// Counts of jobs: (active, paused).
     pub async fn count_jobs(&self) -> Result<(u64, u64), StoreError> {
         self.inner.count_jobs().await

@@ -22,7 +22,7 @@ use super::writer::{Op, Queue, Writer, WriterTask};
 use super::{Ack, JobChange, JobFilter, JobKey, LastOutcomes, OutboxEntry, Page, RunFilter, StoreError};
 use std::collections::HashMap;
 
-use crate::job::{Job, JobId};
+use crate::job::{Job, JobId, Timing};
 use crate::run::{Incarnation, Run, RunId, RunStatus};
 
 /// Migrations for the SQLite backend, embedded in the binary.
@@ -235,6 +235,55 @@ impl SqliteStore {
                 // One undecodable row must not keep every other job from
                 // firing; it is reported loudly instead.
                 Err(e) => tracing::error!(error = %e, "skipping a stored job that does not decode"),
+            }
+        }
+        Ok(jobs)
+    }
+
+    pub(super) async fn load_timings(&self) -> Result<Vec<Timing>, StoreError> {
+        use futures_util::TryStreamExt;
+        type Row = (String, String, bool, i64, i64, Option<i64>);
+        // Streamed: a million rows never sit in memory at once.
+        let mut rows = sqlx::query_as::<_, Row>(
+            "SELECT id, spec, paused, cursor_at, runs_started, max_runs FROM jobs ORDER BY id",
+        )
+        .fetch(&self.read);
+        let mut timings = Vec::new();
+        while let Some((id, spec, paused, cursor_at, started, max_runs)) = rows.try_next().await? {
+            let decoded = id
+                .parse::<JobId>()
+                .map_err(|_| format!("job id {id}"))
+                .and_then(|job| {
+                    let exhausted = max_runs.is_some_and(|max| started >= max);
+                    let cursor = rows::instant(cursor_at).map_err(|e| e.to_string())?;
+                    Timing::from_stored(job, &spec, paused, cursor, exhausted)
+                });
+            match decoded {
+                Ok(timing) => timings.push(timing),
+                // One undecodable row must not keep every other job from
+                // firing; it is reported loudly instead.
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "skipping a stored job that does not decode")
+                }
+            }
+        }
+        Ok(timings)
+    }
+
+    pub(super) async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Arc<Job>>, StoreError> {
+        let mut jobs = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut q = QueryBuilder::<Sqlite>::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id IN ("));
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(id.to_string());
+            }
+            q.push(")");
+            for row in q.build().fetch_all(&self.read).await? {
+                match rows::shared_job(&row) {
+                    Ok(job) => jobs.push(job),
+                    Err(e) => tracing::error!(error = %e, "skipping a stored job that does not decode"),
+                }
             }
         }
         Ok(jobs)
