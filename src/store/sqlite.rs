@@ -132,6 +132,10 @@ impl SqliteStore {
         let read = SqlitePoolOptions::new()
             .max_connections(options.read_connections.max(1))
             .min_connections(1)
+            // A local file does not go stale like a network connection;
+            // sqlx's default ping before every acquire costs a round trip
+            // to the connection's thread per read.
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(connect.read_only(true))
             .await?;
