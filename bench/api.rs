@@ -1,11 +1,17 @@
-//! API throughput: `GET /v1/jobs/{id}` and `POST /v1/jobs` per second,
-//! with a closed-loop load generator in this process (C connections, each
-//! sending its next request when the previous answered).
+//! API throughput: `GET /v1/jobs/{id}` and `POST /v1/jobs` per second.
+//!
+//! The load generator is `wrk` (Debian's package `wrk`: one thread of C,
+//! so the service gets most of the two cores) when it is installed, else a
+//! closed-loop generator in this process (reqwest; it takes about as much
+//! CPU as the service, so it under-reports). Both keep C connections busy,
+//! each sending its next request when the previous answered. GETs walk the
+//! registered jobs by name; every POST creates a new job.
 //!
 //! The release binary runs on a fresh database holding `--jobs` jobs
 //! (hourly cron, none due during the measurement).
 //!
-//! Run: `cargo bench --bench api -- [--jobs 10000] [--connections 64] [--seconds 10]`.
+//! Run: `cargo bench --bench api -- [--jobs 10000] [--connections 64]
+//! [--seconds 10] [--generator wrk|builtin]`.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -61,6 +67,56 @@ fn main() {
     runtime.block_on(bench());
 }
 
+/// wrk script: GETs cycle through `job-0 … job-{jobs-1}`, POSTs create
+/// `new-{thread}-{n}`; `done` prints the figures this bench parses.
+const WRK_SCRIPT: &str = r#"
+local mode, jobs, n = "get", 1, 0
+function init(args)
+  mode = args[1]
+  jobs = tonumber(args[2])
+end
+function request()
+  n = n + 1
+  if mode == "get" then
+    return wrk.format("GET", "/v1/jobs/job-" .. (n % jobs))
+  end
+  local body = '{"name":"new-' .. n .. '","schedule":{"kind":"cron","expr":"0 0 1 1 *"},'
+    .. '"action":{"kind":"http","url":"http://127.0.0.1:9/hook"}}'
+  return wrk.format("POST", "/v1/jobs", {["Content-Type"] = "application/json"}, body)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK rate=%.0f p50=%.2f p99=%.2f errors=%d\n",
+    summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    e.status + e.connect + e.read + e.write + e.timeout))
+end
+"#;
+
+/// Runs wrk (one thread) against `base`; returns its `WRK …` summary line.
+fn wrk(base: &str, script: &std::path::Path, connections: usize, seconds: u64, args: &[&str]) -> String {
+    let out = std::process::Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "-s"])
+        .arg(script)
+        .arg(base)
+        .arg("--")
+        .args(args)
+        .output()
+        .expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("WRK "))
+        .unwrap_or_else(|| panic!("wrk printed no summary: {text}"))
+        .to_owned()
+}
+
+fn has_wrk() -> bool {
+    std::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_ok()
+}
+
 async fn bench() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args: Vec<String> = std::env::args().collect();
@@ -73,12 +129,30 @@ async fn bench() {
     let jobs = arg("--jobs", 10_000) as usize;
     let connections = arg("--connections", 64) as usize;
     let seconds = arg("--seconds", 10);
-    println!("cronguard API throughput (closed loop, {connections} connections, {seconds}s each)");
+    let generator = args
+        .iter()
+        .position(|a| a == "--generator")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| if has_wrk() { "wrk" } else { "builtin" }.to_owned());
+    println!(
+        "cronguard API throughput ({generator}, closed loop, {connections} connections, {seconds}s each)"
+    );
     println!("{}", machine());
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("api.db");
     seed(&db, jobs).await;
     let service = Service::start(&db, &[]).await;
+    if generator == "wrk" {
+        let script = dir.path().join("api.lua");
+        std::fs::write(&script, WRK_SCRIPT).expect("write wrk script");
+        let jobs_arg = jobs.to_string();
+        let get = wrk(&service.base, &script, connections, seconds, &["get", &jobs_arg]);
+        println!("GET /v1/jobs/{{name}}: {get} (jobs={jobs})");
+        let post = wrk(&service.base, &script, connections, seconds, &["post", &jobs_arg]);
+        println!("POST /v1/jobs: {post}");
+        return;
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
         .build()

@@ -9,6 +9,7 @@
 //! how the engine learns about creates, updates, pauses and deletes without
 //! polling and without races between concurrent API calls.
 
+mod point;
 mod rows;
 mod sqlite;
 mod writer;

@@ -7,7 +7,7 @@
 //! between our own writers.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -17,6 +17,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection, QueryBuilder, Sqlite};
 use tokio::sync::{mpsc, oneshot};
 
+use super::point::PointReader;
 use super::rows::{self, JOB_COLUMNS, RUN_COLUMNS};
 use super::writer::{Op, Queue, Writer, WriterTask};
 use super::{Ack, JobChange, JobFilter, JobKey, LastOutcomes, OutboxEntry, Page, RunFilter, StoreError};
@@ -112,6 +113,7 @@ impl SqliteOptions {
 /// the schedule, API writes by the HTTP concurrency limit.
 pub struct SqliteStore {
     read: SqlitePool,
+    point: PointReader,
     writer: Queue,
     path: std::path::PathBuf,
     pub(super) outbox_signal: std::sync::Arc<tokio::sync::Notify>,
@@ -149,6 +151,7 @@ impl SqliteStore {
         Ok((
             Self {
                 read,
+                point: PointReader::new(path.clone(), options.busy_timeout),
                 writer: queue,
                 path,
                 outbox_signal,
@@ -175,25 +178,14 @@ impl SqliteStore {
     }
 
     pub(super) async fn get_job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
-        let row = match key {
-            JobKey::Id(id) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
-                )))
-                .bind(id.to_string())
-                .fetch_optional(&self.read)
-                .await?
-            }
-            JobKey::Name(name) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE name = ?"
-                )))
-                .bind(name)
-                .fetch_optional(&self.read)
-                .await?
-            }
-        };
-        row.as_ref().map(rows::job).transpose()
+        static BY_ID: LazyLock<String> =
+            LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"));
+        static BY_NAME: LazyLock<String> =
+            LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE name = ?1"));
+        match key {
+            JobKey::Id(id) => self.point.one(&BY_ID, &id.to_string(), |row| rows::job(row)),
+            JobKey::Name(name) => self.point.one(&BY_NAME, name, |row| rows::job(row)),
+        }
     }
 
     pub(super) async fn list_jobs(
@@ -302,13 +294,9 @@ impl SqliteStore {
     }
 
     pub(super) async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"
-        )))
-        .bind(id.to_string())
-        .fetch_optional(&self.read)
-        .await?;
-        row.as_ref().map(rows::run).transpose()
+        static BY_ID: LazyLock<String> =
+            LazyLock::new(|| format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"));
+        self.point.one(&BY_ID, &id.to_string(), |row| rows::run(row))
     }
 
     pub(super) async fn list_runs(
