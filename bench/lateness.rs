@@ -11,7 +11,7 @@
 //! and how many runs of the window the database holds as succeeded.
 //!
 //! Workloads: `aligned` (N jobs `* * * * * *`: N fires at each whole
-//! second) and `spread` (N jobs `S/10 * * * * *` with S = i mod 10: N/10
+//! second) and `spread` (N jobs `S-59/10 * * * * *` with S = i mod 10: N/10
 //! fires every second, each job every 10 s).
 //!
 //! Run: `cargo bench --bench lateness -- [--workload aligned|spread]
@@ -53,7 +53,7 @@ impl Workload {
     fn expr(self, i: usize) -> String {
         match self {
             Self::Aligned => "* * * * * *".into(),
-            Self::Spread => format!("{}/10 * * * * *", i % 10),
+            Self::Spread => format!("{}-59/10 * * * * *", i % 10),
         }
     }
 }
