@@ -392,10 +392,11 @@ impl Config {
                 message: "must name a file (an in-memory database would lose every job on restart)".into(),
             });
         }
-        if database.contains("://") && !database.starts_with("sqlite://") {
+        let postgres = database.starts_with("postgres://") || database.starts_with("postgresql://");
+        if database.contains("://") && !database.starts_with("sqlite://") && !postgres {
             return Err(ConfigError {
                 setting: "database",
-                message: format!("`{database}`: only sqlite:// URLs (or plain paths) are supported"),
+                message: format!("`{database}`: use a sqlite:// URL (or a plain path) or a postgres:// URL"),
             });
         }
         Ok(Config {

@@ -284,7 +284,8 @@ impl From<StoreError> for ApiError {
             | StoreError::Corrupt(_)
             | StoreError::Database(_)
             | StoreError::Sqlite(_)
-            | StoreError::Migrate(_)) => Self::Internal(e.to_string()),
+            | StoreError::Migrate(_)
+            | StoreError::InUse) => Self::Internal(e.to_string()),
         }
     }
 }

@@ -179,7 +179,9 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
     responses((status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(ctx): State<Arc<ApiContext>>) -> Result<Response, ApiError> {
     ctx.metrics.observe_loops(&ctx.health);
-    ctx.metrics.set_database_size(ctx.store.size_bytes());
+    if let Some(size) = ctx.store.size_bytes().await {
+        ctx.metrics.set_database_size(size);
+    }
     let text = ctx
         .metrics
         .render()
@@ -334,7 +336,7 @@ pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, 
             recent: orphans.recent.len(),
         },
         store: StoreStatus {
-            size_bytes: ctx.store.size_bytes(),
+            size_bytes: ctx.store.size_bytes().await.unwrap_or(0),
         },
         backend,
     }))

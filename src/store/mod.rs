@@ -1,16 +1,21 @@
 //! Persistence: the narrow interface every other module uses.
 //!
-//! [`Store`] is the source of truth for jobs and runs. Writes go through a
-//! single writer task that commits whatever is queued in one transaction
-//! (group commit), so fires at thousands per second cost one fsync per batch
-//! and never meet `SQLITE_BUSY`; reads use a separate pool of read-only
-//! connections (WAL lets them run beside the writer). After a job write
+//! [`Store`] is the source of truth for jobs and runs, on SQLite (default)
+//! or PostgreSQL, chosen by the database URL. Writes go through a single
+//! writer thread that commits whatever is queued in one transaction (group
+//! commit), so fires at thousands per second cost one fsync per batch and
+//! never meet `SQLITE_BUSY`; reads use a separate pool (read-only SQLite
+//! connections: WAL lets them run beside the writer). Statements are
+//! written once, in SQL both databases accept ([`sql`], [`reads`]). After a job write
 //! commits, the writer publishes a [`JobChange`] in commit order, which is
 //! how the engine learns about creates, updates, pauses and deletes without
 //! polling and without races between concurrent API calls.
 
 mod point;
+mod postgres;
+mod reads;
 mod rows;
+mod sql;
 mod sqlite;
 mod writer;
 
@@ -53,6 +58,12 @@ pub enum StoreError {
     /// The run is already in a final state.
     #[error("the run already ended")]
     AlreadyFinal,
+    /// Another cronguard instance runs on this database (PostgreSQL).
+    #[error(
+        "another cronguard instance is running on this database; several replicas on one PostgreSQL \
+         database are not supported yet"
+    )]
+    InUse,
     /// The writer task is gone (shutting down).
     #[error("the store is shut down")]
     Closed,
@@ -210,7 +221,49 @@ impl<T> Future for Ack<T> {
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<sqlite::SqliteStore>,
+    inner: Arc<Inner>,
+}
+
+/// What every backend provides: the async read pool, the writer's queue
+/// and the outbox signal; and what differs, in [`Backend`].
+struct Inner {
+    reads: reads::Pool,
+    /// The writer's queue. Unbounded so that a write is enqueued
+    /// synchronously when it is submitted, which is what makes the commit
+    /// order equal the submission order (see [`Ack`]). Its producers are
+    /// bounded upstream: fires by the schedule, API writes by the HTTP
+    /// concurrency limit.
+    writer: writer::Queue,
+    outbox_signal: Arc<tokio::sync::Notify>,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(sqlite::Local),
+    Postgres(postgres::Remote),
+}
+
+impl Inner {
+    /// Enqueues a write now; the returned [`Ack`] resolves after its commit.
+    fn write<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> writer::Op) -> Ack<T> {
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(op(tx)) {
+            Ack::waiting(rx)
+        } else {
+            Ack::failed(StoreError::Closed)
+        }
+    }
+}
+
+/// Fails unless the newest applied migration is the newest `migrator` has.
+fn expect_schema(applied: Option<i64>, migrator: &sqlx::migrate::Migrator) -> Result<(), StoreError> {
+    let expected = migrator.iter().map(|m| m.version).max();
+    if applied != expected {
+        return Err(StoreError::Corrupt(format!(
+            "schema version {applied:?}, this binary needs {expected:?}"
+        )));
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Store {
@@ -226,7 +279,11 @@ impl Store {
         options: &SqliteOptions,
         changes: mpsc::UnboundedSender<JobChange>,
     ) -> Result<(Self, writer::WriterTask), StoreError> {
-        let (inner, task) = sqlite::SqliteStore::open(options, changes).await?;
+        let (inner, task) = if postgres::is_postgres(&options.url) {
+            postgres::open(options, changes).await?
+        } else {
+            sqlite::open(options, changes).await?
+        };
         Ok((
             Self {
                 inner: Arc::new(inner),
@@ -237,7 +294,11 @@ impl Store {
 
     /// Applies pending migrations and returns (used by `cronguard migrate`).
     pub async fn migrate_only(options: &SqliteOptions) -> Result<(), StoreError> {
-        sqlite::SqliteStore::migrate_only(options).await
+        if postgres::is_postgres(&options.url) {
+            postgres::migrate_only(options).await
+        } else {
+            sqlite::migrate_only(options).await
+        }
     }
 
     // ---- jobs -----------------------------------------------------------
@@ -280,7 +341,13 @@ impl Store {
 
     /// One job by id or name.
     pub async fn get_job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
-        self.inner.get_job(key).await
+        match (&self.inner.backend, key) {
+            (Backend::Sqlite(local), _) => local.get_job(key),
+            (Backend::Postgres(_), JobKey::Id(id)) => self.inner.reads.get_job_by("id", id.to_string()).await,
+            (Backend::Postgres(_), JobKey::Name(name)) => {
+                self.inner.reads.get_job_by("name", name.clone()).await
+            }
+        }
     }
 
     /// Jobs in id order after `cursor`, filtered.
@@ -290,27 +357,27 @@ impl Store {
         cursor: Option<JobId>,
         limit: u32,
     ) -> Result<Page<Job>, StoreError> {
-        self.inner.list_jobs(filter, cursor, limit).await
+        self.inner.reads.list_jobs(filter, cursor, limit).await
     }
 
     /// Every job, for the engine to schedule.
     pub async fn load_jobs(&self) -> Result<Vec<Arc<Job>>, StoreError> {
-        self.inner.load_jobs().await
+        self.inner.reads.load_jobs().await
     }
 
     /// What the engine keeps of every job (see [`crate::job::Timing`]).
     pub async fn load_timings(&self) -> Result<Vec<crate::job::Timing>, StoreError> {
-        self.inner.load_timings().await
+        self.inner.reads.load_timings().await
     }
 
     /// The jobs with these ids (missing ones are left out).
     pub async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Arc<Job>>, StoreError> {
-        self.inner.get_jobs(ids).await
+        self.inner.reads.get_jobs(ids).await
     }
 
     /// Counts of jobs: (active, paused).
     pub async fn count_jobs(&self) -> Result<(u64, u64), StoreError> {
-        self.inner.count_jobs().await
+        self.inner.reads.count_jobs().await
     }
 
     // ---- runs -----------------------------------------------------------
@@ -375,7 +442,7 @@ impl Store {
 
     /// Runs this incarnation has recorded as `queued` or `running`.
     pub async fn live_runs(&self, incarnation: Incarnation) -> Result<Vec<(RunId, JobId)>, StoreError> {
-        self.inner.live_runs(incarnation).await
+        self.inner.reads.live_runs(incarnation).await
     }
 
     /// The statuses of `ids` (missing ids are absent from the map).
@@ -383,7 +450,7 @@ impl Store {
         &self,
         ids: &[RunId],
     ) -> Result<std::collections::HashMap<RunId, RunStatus>, StoreError> {
-        self.inner.run_statuses(ids).await
+        self.inner.reads.run_statuses(ids).await
     }
 
     /// For each job: the end of its last successful run and of its last
@@ -392,7 +459,7 @@ impl Store {
         &self,
         jobs: &[JobId],
     ) -> Result<std::collections::HashMap<JobId, LastOutcomes>, StoreError> {
-        self.inner.last_outcomes(jobs).await
+        self.inner.reads.last_outcomes(jobs).await
     }
 
     /// Jobs with runs newer than `after`, and the newest run id seen.
@@ -400,7 +467,7 @@ impl Store {
         &self,
         after: Option<RunId>,
     ) -> Result<(Vec<JobId>, Option<RunId>), StoreError> {
-        self.inner.jobs_with_runs_since(after).await
+        self.inner.reads.jobs_with_runs_since(after).await
     }
 
     /// Jobs whose policy overrides the history defaults: keep-last and
@@ -408,7 +475,7 @@ impl Store {
     pub async fn history_overrides(
         &self,
     ) -> Result<std::collections::HashMap<JobId, (Option<u32>, Option<i64>)>, StoreError> {
-        self.inner.history_overrides().await
+        self.inner.reads.history_overrides().await
     }
 
     /// Deletes up to `limit` finished runs of `job` that are beyond its
@@ -441,7 +508,10 @@ impl Store {
 
     /// One run.
     pub async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
-        self.inner.get_run(id).await
+        match &self.inner.backend {
+            Backend::Sqlite(local) => local.get_run(id),
+            Backend::Postgres(_) => self.inner.reads.get_run(id).await,
+        }
     }
 
     /// Runs newest first, before `cursor`, filtered.
@@ -451,7 +521,7 @@ impl Store {
         cursor: Option<RunId>,
         limit: u32,
     ) -> Result<Page<Run>, StoreError> {
-        self.inner.list_runs(filter, cursor, limit).await
+        self.inner.reads.list_runs(filter, cursor, limit).await
     }
 
     // ---- outbox (control backend) -----------------------------------------
@@ -480,12 +550,12 @@ impl Store {
 
     /// The oldest `limit` outbox entries, in commit order.
     pub async fn outbox_peek(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
-        self.inner.outbox_peek(limit).await
+        self.inner.reads.outbox_peek(limit).await
     }
 
     /// Entries waiting, and when the oldest was written.
     pub async fn outbox_stats(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
-        self.inner.outbox_stats().await
+        self.inner.reads.outbox_stats().await
     }
 
     // ---- incarnations ---------------------------------------------------
@@ -510,16 +580,29 @@ impl Store {
 
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
+        self.inner.reads.ping().await
     }
 
     /// Readiness: the database file opens afresh and is fully migrated.
     pub async fn check_ready(&self) -> Result<(), StoreError> {
-        self.inner.check_ready().await
+        match &self.inner.backend {
+            Backend::Sqlite(local) => local.check_ready().await,
+            Backend::Postgres(remote) => remote.check_ready().await,
+        }
     }
 
-    /// Bytes the database occupies on disk (file plus write-ahead log).
-    pub fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
+    /// Bytes the database occupies on disk (SQLite: file plus write-ahead
+    /// log); `None` when the database cannot tell right now.
+    pub async fn size_bytes(&self) -> Option<u64> {
+        match &self.inner.backend {
+            Backend::Sqlite(local) => Some(local.size_bytes()),
+            Backend::Postgres(remote) => match remote.size_bytes().await {
+                Ok(size) => Some(size),
+                Err(e) => {
+                    tracing::debug!(error = %e, "database size unavailable");
+                    None
+                }
+            },
+        }
     }
 }

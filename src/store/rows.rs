@@ -101,7 +101,7 @@ pub fn spec_json(spec: &JobSpec) -> Result<String, StoreError> {
 /// here (schedules must be compiled anyway). Whether command actions may
 /// *run* is decided by the executor at run time, so a job stored while
 /// commands were enabled still loads, and its runs fail with a clear error.
-pub fn job(row: &impl Columns) -> Result<Job, StoreError> {
+pub fn job(row: &(impl Columns + ?Sized)) -> Result<Job, StoreError> {
     let id = row.text(0)?;
     let spec_text = row.text(1)?;
     let spec: JobSpec =
@@ -128,12 +128,12 @@ pub fn job(row: &impl Columns) -> Result<Job, StoreError> {
 }
 
 /// Decodes a job row into a shared job.
-pub fn shared_job(row: &impl Columns) -> Result<Arc<Job>, StoreError> {
+pub fn shared_job(row: &(impl Columns + ?Sized)) -> Result<Arc<Job>, StoreError> {
     job(row).map(Arc::new)
 }
 
 /// Decodes a run row selected with [`RUN_COLUMNS`].
-pub fn run(row: &impl Columns) -> Result<Run, StoreError> {
+pub fn run(row: &(impl Columns + ?Sized)) -> Result<Run, StoreError> {
     let id = row.text(0)?;
     let job_id = row.text(1)?;
     let status = row.text(6)?;

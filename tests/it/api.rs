@@ -22,7 +22,7 @@ async fn job_count(app: &TestApp) -> usize {
 }
 
 #[tokio::test]
-async fn bad_input_is_a_precise_problem_and_writes_nothing() {
+pub(crate) async fn bad_input_is_a_precise_problem_and_writes_nothing() {
     let app = TestApp::spawn().await;
     let url = "http://127.0.0.1:9/hook";
     let cases: Vec<(&str, Value, u16, &str)> = vec![
@@ -185,7 +185,7 @@ async fn bad_input_is_a_precise_problem_and_writes_nothing() {
 }
 
 #[tokio::test]
-async fn crud_with_optimistic_concurrency_and_pagination() {
+pub(crate) async fn crud_with_optimistic_concurrency_and_pagination() {
     let app = TestApp::spawn().await;
     let url = "http://127.0.0.1:9/hook";
     let mut spec = http_job(
@@ -278,7 +278,7 @@ async fn crud_with_optimistic_concurrency_and_pagination() {
 }
 
 #[tokio::test]
-async fn previews_follow_the_documented_dst_rules() {
+pub(crate) async fn previews_follow_the_documented_dst_rules() {
     let app = TestApp::spawn().await;
     let preview = |schedule: Value, after: &str, count: u32| {
         let app = &app;

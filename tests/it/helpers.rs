@@ -70,9 +70,92 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub shutdown: Shutdown,
     pub dir: Arc<tempfile::TempDir>,
+    /// The SQLite file (unused when the suite runs on PostgreSQL).
     pub db: PathBuf,
+    /// The database URL the app runs on.
+    pub database: String,
     pub faults: Arc<cronguard::fault::Faults>,
     task: Option<JoinHandle<Result<(), cronguard::app::AppError>>>,
+}
+
+thread_local! {
+    /// Set by the `postgres` suite: apps started on this thread use a fresh
+    /// database on this PostgreSQL server instead of a SQLite file. (A
+    /// `#[tokio::test]` runs its body on the test's own thread.)
+    pub static ON_POSTGRES: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The PostgreSQL server for tests, if one answers: `CRONGUARD_TEST_POSTGRES`
+/// or the machine's default. Checked once; databases left by earlier runs
+/// (`cronguard_test_*`) are dropped then.
+pub fn postgres_server() -> Option<String> {
+    static SERVER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            let url = std::env::var("CRONGUARD_TEST_POSTGRES")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                use sqlx::Connection;
+                let connect = sqlx::PgConnection::connect(&url);
+                let mut conn = tokio::time::timeout(Duration::from_secs(5), connect)
+                    .await
+                    .ok()?
+                    .ok()?;
+                let stale: Vec<String> = sqlx::query_scalar(
+                    "SELECT datname FROM pg_database WHERE datname LIKE 'cronguard\\_test\\_%'",
+                )
+                .fetch_all(&mut conn)
+                .await
+                .ok()?;
+                for name in stale {
+                    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut conn).await;
+                }
+                Some(url)
+            })
+        })
+        .clone()
+}
+
+/// The database URL for an app whose state lives in `dir`: the SQLite file
+/// there, or on PostgreSQL a fresh database whose URL is remembered in
+/// `dir` (so that a restart on the same `dir` finds the same data).
+pub async fn database_for(dir: &Path) -> String {
+    let Some(server) = ON_POSTGRES.with(|on| on.borrow().clone()) else {
+        return format!("sqlite://{}", dir.join("cronguard.db").display());
+    };
+    let remembered = dir.join("postgres-url");
+    if let Ok(url) = std::fs::read_to_string(&remembered) {
+        return url;
+    }
+    use sqlx::Connection;
+    let name = format!("cronguard_test_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(&server)
+        .await
+        .expect("connect to CRONGUARD_TEST_POSTGRES");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create a test database");
+    let (base, _) = server.rsplit_once('/').expect("a URL with a database name");
+    let url = format!("{base}/{name}");
+    std::fs::write(&remembered, &url).expect("remember the database");
+    url
+}
+
+/// A pool on the app's database, whichever backend (statements must use
+/// portable SQL: `$1` placeholders).
+pub async fn any_pool(database: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::AnyPool::connect(database)
+        .await
+        .expect("connect to the app's database")
 }
 
 /// Options for [`TestApp::start`].
@@ -120,33 +203,40 @@ impl TestApp {
     }
 
     pub async fn start(options: Options) -> Self {
+        Self::try_start(options).await.expect("build")
+    }
+
+    /// Like [`TestApp::start`], returning the error if the app does not build.
+    pub async fn try_start(options: Options) -> Result<Self, cronguard::app::AppError> {
         let dir = options
             .dir
             .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("tempdir")));
         let db = dir.path().join("cronguard.db");
+        let database = database_for(dir.path()).await;
         let mut settings = options.settings;
         settings.listen.get_or_insert_with(|| "127.0.0.1:0".into());
-        settings.database = Some(format!("sqlite://{}", db.display()));
+        settings.database = Some(database.clone());
         settings.shutdown_grace.get_or_insert_with(|| "5s".into());
         let mut config = Config::from_settings(settings).expect("config");
         config.command_shim = Some(PathBuf::from(env!("CARGO_BIN_EXE_cronguard")));
-        let app = App::build(config, options.clock).await.expect("build");
+        let app = App::build(config, options.clock).await?;
         let addr = app.local_addr();
         let health = app.health();
         let faults = app.faults();
         let shutdown = Shutdown::new();
         let task = tokio::spawn(app.run(shutdown.clone()));
         within("the schedule to load", health.wait_schedule_loaded()).await;
-        Self {
+        Ok(Self {
             base: format!("http://{addr}"),
             addr,
             client: client(),
             shutdown,
             dir,
             db,
+            database,
             faults,
             task: Some(task),
-        }
+        })
     }
 
     /// The metrics text.

@@ -9,6 +9,7 @@ mod commands;
 mod observability;
 mod openapi;
 mod policies;
+mod postgres;
 mod restart;
 mod scheduling;
 mod security;

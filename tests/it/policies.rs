@@ -133,7 +133,7 @@ async fn overlap_case(overlap: &str, max_concurrency: u32, tables: Vec<Vec<Expec
 }
 
 #[tokio::test]
-async fn overlap_skip_against_runs_of_two_and_a_half_seconds() {
+pub(crate) async fn overlap_skip_against_runs_of_two_and_a_half_seconds() {
     let table = vec![
         run(1, 1.0, 3.5, "succeeded", None),
         skip(2, "overlap"),
@@ -150,7 +150,7 @@ async fn overlap_skip_against_runs_of_two_and_a_half_seconds() {
 }
 
 #[tokio::test]
-async fn overlap_allow_up_to_max_concurrency() {
+pub(crate) async fn overlap_allow_up_to_max_concurrency() {
     let table = vec![
         run(1, 1.0, 3.5, "succeeded", None),
         run(2, 2.0, 4.5, "succeeded", None),
@@ -167,7 +167,7 @@ async fn overlap_allow_up_to_max_concurrency() {
 }
 
 #[tokio::test]
-async fn overlap_cancel_running_replaces_every_run() {
+pub(crate) async fn overlap_cancel_running_replaces_every_run() {
     let mut table: Vec<Expect> = (1..10)
         .map(|f| run(f, f64::from(f), f64::from(f) + 1.0, "cancelled", Some("replaced")))
         .collect();
@@ -176,7 +176,7 @@ async fn overlap_cancel_running_replaces_every_run() {
 }
 
 #[tokio::test]
-async fn overlap_queue_one_keeps_one_waiting() {
+pub(crate) async fn overlap_queue_one_keeps_one_waiting() {
     // At t=6 the queued run 2 ends exactly when fire 6 comes: the fire may
     // be admitted before the end (6 skipped, 7 queued) or after it (6
     // queued, 7 skipped). Everything else is fixed.
@@ -275,7 +275,7 @@ fn describe(runs: &[Value]) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn ten_minutes_down_under_each_catch_up_policy() {
+pub(crate) async fn ten_minutes_down_under_each_catch_up_policy() {
     // Default grace (60 s): 12:11 is 30 s late and simply runs; the older
     // fires are summarised in one missed row.
     assert_eq!(
@@ -316,7 +316,7 @@ async fn ten_minutes_down_under_each_catch_up_policy() {
 }
 
 #[tokio::test]
-async fn retries_back_off_within_bounds_inside_one_run() {
+pub(crate) async fn retries_back_off_within_bounds_inside_one_run() {
     let clock = ManualClock::new(t0());
     let app = TestApp::start(Options::manual_clock(&clock)).await;
     app.create(json!({
@@ -364,7 +364,7 @@ async fn retries_back_off_within_bounds_inside_one_run() {
 }
 
 #[tokio::test]
-async fn auto_pause_after_consecutive_failures_and_resume_resets() {
+pub(crate) async fn auto_pause_after_consecutive_failures_and_resume_resets() {
     let app = TestApp::spawn().await;
     app.create(json!({
         "name": "broken",
@@ -399,7 +399,7 @@ async fn auto_pause_after_consecutive_failures_and_resume_resets() {
 }
 
 #[tokio::test]
-async fn a_job_stops_after_max_runs() {
+pub(crate) async fn a_job_stops_after_max_runs() {
     let clock = ManualClock::new(t0());
     let app = TestApp::start(Options::manual_clock(&clock)).await;
     app.create(json!({
@@ -424,7 +424,7 @@ async fn a_job_stops_after_max_runs() {
 }
 
 #[tokio::test]
-async fn retention_keeps_exactly_the_configured_history() {
+pub(crate) async fn retention_keeps_exactly_the_configured_history() {
     let mut options = Options::default();
     options.settings.retention_interval = Some("200ms".into());
     let app = TestApp::start(options).await;
@@ -445,9 +445,7 @@ async fn retention_keeps_exactly_the_configured_history() {
             json!({"name": "quiet", "schedule": {"kind": "cron", "expr": "0 0 1 1 *"}, "action": {"kind": "test"}}),
         )
         .await;
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.db.display()))
-        .await
-        .unwrap();
+    let pool = any_pool(&app.database).await;
     let mut tx = pool.begin().await.unwrap();
     let base = Utc::now() - TimeDelta::days(10);
     let mut ids = Vec::new();
@@ -465,7 +463,7 @@ async fn retention_keeps_exactly_the_configured_history() {
             }
             sqlx::query(
                 "INSERT INTO runs (id, job_id, job_name, scheduled_at, status, trigger, created_at, ended_at, \
-                 attempts, incarnation) VALUES (?, ?, ?, ?, 'succeeded', 'manual', ?, ?, 1, 'x')",
+                 attempts, incarnation) VALUES ($1, $2, $3, $4, 'succeeded', 'manual', $5, $6, 1, 'x')",
             )
             .bind(&id)
             .bind(job["id"].as_str().unwrap())
@@ -482,7 +480,7 @@ async fn retention_keeps_exactly_the_configured_history() {
     let count = |name: &'static str| {
         let pool = pool.clone();
         async move {
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM runs WHERE job_name = ?")
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM runs WHERE job_name = $1")
                 .bind(name)
                 .fetch_one(&pool)
                 .await

@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::helpers::*;
 
 #[tokio::test]
-async fn an_every_second_job_fires_at_each_whole_second_with_its_identity() {
+pub(crate) async fn an_every_second_job_fires_at_each_whole_second_with_its_identity() {
     let mut receiver = Receiver::start().await;
     let app = TestApp::spawn().await;
     let job = app
@@ -58,7 +58,7 @@ async fn an_every_second_job_fires_at_each_whole_second_with_its_identity() {
 }
 
 #[tokio::test]
-async fn http_failures_and_timeouts_are_recorded() {
+pub(crate) async fn http_failures_and_timeouts_are_recorded() {
     let mut receiver = Receiver::start().await;
     let app = TestApp::spawn().await;
     let yearly = json!({"kind": "cron", "expr": "0 0 1 1 *"});
@@ -91,7 +91,7 @@ async fn http_failures_and_timeouts_are_recorded() {
 }
 
 #[tokio::test]
-async fn pause_stops_fires_and_resume_restarts_from_now() {
+pub(crate) async fn pause_stops_fires_and_resume_restarts_from_now() {
     let clock = ManualClock::new(t0());
     let mut receiver = Receiver::start().await;
     let app = TestApp::start(Options::manual_clock(&clock)).await;
@@ -147,7 +147,7 @@ async fn pause_stops_fires_and_resume_restarts_from_now() {
 }
 
 #[tokio::test]
-async fn trigger_runs_now_and_cancel_ends_a_live_run() {
+pub(crate) async fn trigger_runs_now_and_cancel_ends_a_live_run() {
     let mut receiver = Receiver::start().await;
     let app = TestApp::spawn().await;
     let mut slow = http_job(

@@ -2,13 +2,12 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
-use rusqlite::{Connection, params};
-
-use super::{is_unique_violation, load_job};
+use super::load_job;
 use crate::job::{Job, JobDefinition, JobId};
 use crate::store::rows::{ms, spec_json};
+use crate::store::sql::{Tx, all, is_unique_violation, values};
 use crate::store::{NewJob, Replacement, StoreError};
+use chrono::{DateTime, Utc};
 
 /// The policy values the store acts on itself, copied into columns:
 /// `max_runs`, `auto_pause_after`, history `keep_last` and `max_age` (ms).
@@ -29,39 +28,40 @@ fn limits(def: &JobDefinition) -> Limits {
     }
 }
 
-fn write_labels(c: &Connection, id: JobId, def: &JobDefinition) -> Result<(), StoreError> {
-    c.prepare_cached("DELETE FROM job_labels WHERE job_id = ?")?
-        .execute(params![id.to_string()])?;
-    let mut insert = c.prepare_cached("INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)")?;
+fn write_labels(c: &mut dyn Tx, id: JobId, def: &JobDefinition) -> Result<(), StoreError> {
+    c.execute(
+        "DELETE FROM job_labels WHERE job_id = $1",
+        &values![id.to_string()],
+    )?;
     for (key, value) in &def.spec.labels {
-        insert.execute(params![id.to_string(), key, value])?;
+        c.execute(
+            "INSERT INTO job_labels (job_id, key, value) VALUES ($1, $2, $3)",
+            &values![id.to_string(), key, value],
+        )?;
     }
     Ok(())
 }
 
-pub(super) fn create(c: &Connection, job: NewJob) -> Result<Arc<Job>, StoreError> {
+pub(super) fn create(c: &mut dyn Tx, job: NewJob) -> Result<Arc<Job>, StoreError> {
     let name = job.def.spec.name.clone();
     let limits = limits(&job.def);
-    let result = c
-        .prepare_cached(
-            "INSERT INTO jobs (id, name, spec, paused, pause_note, source, version, created_at, updated_at, cursor_at, \
-             max_runs, auto_pause_after, history_keep_last, history_max_age_ms) \
-             VALUES (?, ?, ?, ?, NULL, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
-        )?
-        .execute(params![
+    let result = c.execute(
+        "INSERT INTO jobs (id, name, spec, paused, pause_note, source, version, created_at, updated_at, cursor_at, \
+         max_runs, auto_pause_after, history_keep_last, history_max_age_ms) \
+         VALUES ($1, $2, $3, $4, NULL, $5, 1, $6, $6, $6, $7, $8, $9, $10)",
+        &values![
             job.id.to_string(),
-            name,
+            &name,
             spec_json(&job.def.spec)?,
             job.paused,
             job.source.as_str(),
-            ms(job.now),
-            ms(job.now),
             ms(job.now),
             limits.max_runs,
             limits.auto_pause_after,
             limits.keep_last,
             limits.max_age_ms,
-        ]);
+        ],
+    );
     match result {
         Err(e) if is_unique_violation(&e) => return Err(StoreError::NameTaken(name)),
         r => r?,
@@ -85,7 +85,7 @@ pub(super) fn create(c: &Connection, job: NewJob) -> Result<Arc<Job>, StoreError
     }))
 }
 
-pub(super) fn replace(c: &Connection, r: Replacement) -> Result<Arc<Job>, StoreError> {
+pub(super) fn replace(c: &mut dyn Tx, r: Replacement) -> Result<Arc<Job>, StoreError> {
     let current = load_job(c, r.id)?;
     if let Some(expected) = r.expected_version
         && expected != current.version
@@ -104,15 +104,13 @@ pub(super) fn replace(c: &Connection, r: Replacement) -> Result<Arc<Job>, StoreE
     let pause_note = if paused { current.pause_note.clone() } else { None };
     let name = r.def.spec.name.clone();
     let limits = limits(&r.def);
-    let result = c
-        .prepare_cached(
-            "UPDATE jobs SET name = ?, spec = ?, paused = ?, pause_note = ?, version = version + 1, \
-             updated_at = ?, cursor_at = ?, max_runs = ?, auto_pause_after = ?, history_keep_last = ?, \
-             history_max_age_ms = ?, consecutive_failures = CASE WHEN ? THEN 0 ELSE consecutive_failures END \
-             WHERE id = ?",
-        )?
-        .execute(params![
-            name,
+    let result = c.execute(
+        "UPDATE jobs SET name = $1, spec = $2, paused = $3, pause_note = $4, version = version + 1, \
+         updated_at = $5, cursor_at = $6, max_runs = $7, auto_pause_after = $8, history_keep_last = $9, \
+         history_max_age_ms = $10, consecutive_failures = CASE WHEN $11 = 1 THEN 0 ELSE consecutive_failures END \
+         WHERE id = $12",
+        &values![
+            &name,
             spec_json(&r.def.spec)?,
             paused,
             pause_note,
@@ -124,7 +122,8 @@ pub(super) fn replace(c: &Connection, r: Replacement) -> Result<Arc<Job>, StoreE
             limits.max_age_ms,
             resumed,
             r.id.to_string(),
-        ]);
+        ],
+    );
     match result {
         Err(e) if is_unique_violation(&e) => return Err(StoreError::NameTaken(name)),
         r => r?,
@@ -136,7 +135,7 @@ pub(super) fn replace(c: &Connection, r: Replacement) -> Result<Arc<Job>, StoreE
 /// Pauses (keeping or setting a note) or resumes. Resuming moves the
 /// cursor to `now` and clears the consecutive-failure count.
 pub(super) fn set_paused(
-    c: &Connection,
+    c: &mut dyn Tx,
     id: JobId,
     paused: bool,
     note: Option<String>,
@@ -153,31 +152,24 @@ pub(super) fn set_paused(
     }
     let resumed = current.paused && !paused;
     let cursor_at = if resumed { now } else { current.cursor_at };
-    c.prepare_cached(
-        "UPDATE jobs SET paused = ?, pause_note = ?, version = version + 1, updated_at = ?, cursor_at = ?, \
-         consecutive_failures = CASE WHEN ? THEN 0 ELSE consecutive_failures END WHERE id = ?",
-    )?
-    .execute(params![
-        paused,
-        note,
-        ms(now),
-        ms(cursor_at),
-        resumed,
-        id.to_string()
-    ])?;
+    c.execute(
+        "UPDATE jobs SET paused = $1, pause_note = $2, version = version + 1, updated_at = $3, cursor_at = $4, \
+         consecutive_failures = CASE WHEN $5 = 1 THEN 0 ELSE consecutive_failures END WHERE id = $6",
+        &values![paused, note, ms(now), ms(cursor_at), resumed, id.to_string()],
+    )?;
     load_job(c, id).map(Arc::new)
 }
 
-pub(super) fn delete(c: &Connection, id: JobId, at: DateTime<Utc>, outbox: bool) -> Result<(), StoreError> {
+pub(super) fn delete(c: &mut dyn Tx, id: JobId, at: DateTime<Utc>, outbox: bool) -> Result<(), StoreError> {
     if outbox {
         // The rows go with the job: report its live runs first.
-        let live: Vec<String> = c
-            .prepare_cached(
-                "UPDATE runs SET status = 'cancelled', reason = 'job_deleted', ended_at = ?, \
-                 error = 'the job was deleted' WHERE job_id = ? AND status IN ('queued', 'running') RETURNING id",
-            )?
-            .query_map(params![ms(at), id.to_string()], |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
+        let live = all(
+            c,
+            "UPDATE runs SET status = 'cancelled', reason = 'job_deleted', ended_at = $1, \
+             error = 'the job was deleted' WHERE job_id = $2 AND status IN ('queued', 'running') RETURNING id",
+            &values![ms(at), id.to_string()],
+            |row| row.text(0),
+        )?;
         for run in live {
             let run = run
                 .parse()
@@ -185,9 +177,7 @@ pub(super) fn delete(c: &Connection, id: JobId, at: DateTime<Utc>, outbox: bool)
             super::outbox::record_run(c, run, at)?;
         }
     }
-    let deleted = c
-        .prepare_cached("DELETE FROM jobs WHERE id = ?")?
-        .execute(params![id.to_string()])?;
+    let deleted = c.execute("DELETE FROM jobs WHERE id = $1", &values![id.to_string()])?;
     if deleted == 0 {
         Err(StoreError::NotFound)
     } else {

@@ -1,10 +1,11 @@
 //! The single writer: group commit of every write in the service.
 //!
-//! A dedicated thread owns the only write connection (rusqlite: each
-//! statement runs on the calling thread, with no hand-off per statement —
-//! see `docs/decisions.md`). It takes everything queued, picks a batch
-//! (run starts first, see [`Lanes`]; up to [`MAX_BATCH`]), applies it in
-//! one `BEGIN IMMEDIATE` transaction and commits once. Callers get their
+//! A dedicated thread owns the only write connection (for SQLite a
+//! rusqlite connection: each statement runs on the calling thread, with no
+//! hand-off per statement — see `docs/decisions.md`). It takes everything
+//! queued, picks a batch (run starts first, see [`Lanes`]; up to
+//! [`MAX_BATCH`]), applies it in one transaction and commits once. The
+//! operations are written once against [`Tx`] in portable SQL. Callers get their
 //! result only after the commit, so an acknowledged write is durable.
 //! Operations that can fail on a constraint (job writes) run inside a
 //! savepoint, so one rejected request never takes its neighbours in the
@@ -20,10 +21,11 @@ use std::sync::mpsc as queue;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, Transaction, TransactionBehavior, params};
+use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::rows::ms;
+use super::sql::{Tx, first, savepoint, values};
 use super::{JobChange, NewJob, Replacement, StoreError};
 use crate::job::{Job, JobId};
 use crate::run::{Attempt, Incarnation, Outcome, Run, RunId};
@@ -187,11 +189,41 @@ impl Queue {
     }
 }
 
+/// The write connection of a backend: a [`Tx`] that can also open and
+/// end transactions.
+pub trait WriteConn: Tx + Send {
+    /// Opens a transaction that holds the write lock from its start.
+    fn begin(&mut self) -> Result<(), StoreError>;
+    /// Commits the open transaction.
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.execute("COMMIT", &[]).map(|_| ())
+    }
+    /// Rolls the open transaction back, if any.
+    fn rollback(&mut self) {
+        let _ = self.execute("ROLLBACK", &[]);
+    }
+    /// Closes the connection.
+    fn close(self: Box<Self>);
+}
+
+impl WriteConn for Connection {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        Tx::execute(self, "BEGIN IMMEDIATE", &[]).map(|_| ())
+    }
+
+    fn close(self: Box<Self>) {
+        if let Err((_, e)) = Connection::close(*self) {
+            tracing::warn!(error = %e, "closing the database connection failed");
+        }
+    }
+}
+
 /// The writer: owns the only write connection.
 pub struct Writer {
-    conn: Connection,
-    /// A second connection for WAL checkpoints on their own thread, so a
-    /// checkpoint (which syncs the database file) never delays a commit.
+    conn: Box<dyn WriteConn>,
+    /// SQLite: a second connection for WAL checkpoints on their own
+    /// thread, so a checkpoint (which syncs the database file) never delays
+    /// a commit.
     checkpointer: Option<Connection>,
     rx: queue::Receiver<Op>,
     depth: Arc<AtomicUsize>,
@@ -234,8 +266,8 @@ impl WriterTask {
 
 impl Writer {
     pub(super) fn new(
-        conn: Connection,
-        checkpointer: Connection,
+        conn: Box<dyn WriteConn>,
+        checkpointer: Option<Connection>,
         changes: mpsc::UnboundedSender<JobChange>,
         outbox: Option<Arc<tokio::sync::Notify>>,
     ) -> (Self, Queue) {
@@ -248,7 +280,7 @@ impl Writer {
         (
             Self {
                 conn,
-                checkpointer: Some(checkpointer),
+                checkpointer,
                 rx,
                 depth,
                 changes,
@@ -269,20 +301,21 @@ impl Writer {
     }
 
     fn run(mut self, heartbeat: &crate::health::Heartbeat, metrics: &crate::metrics::Metrics) {
-        // Commits never checkpoint; the checkpointer thread does, until
-        // `_stop` is dropped with this function's end.
-        if let Err(e) = self.conn.pragma_update(None, "wal_autocheckpoint", 0) {
-            tracing::warn!(error = %e, "could not hand WAL checkpoints to the checkpointer");
-        }
+        // SQLite: commits never checkpoint; the checkpointer thread does,
+        // until `_stop` is dropped with this function's end.
         let (_stop, stopped) = queue::channel::<()>();
-        let spawned = self.checkpointer.take().map(|conn| {
-            std::thread::Builder::new()
+        if let Some(conn) = self.checkpointer.take() {
+            let ignore = &mut |_: &dyn super::rows::Columns| Ok(());
+            if let Err(e) = self.conn.query("PRAGMA wal_autocheckpoint = 0", &[], ignore) {
+                tracing::warn!(error = %e, "could not hand WAL checkpoints to the checkpointer");
+            }
+            let spawned = std::thread::Builder::new()
                 .name("cronguard-checkpoint".into())
-                .spawn(move || checkpoint(conn, stopped))
-        });
-        if let Some(Err(e)) = spawned {
-            tracing::error!(error = %e, "could not start the checkpointer; commits checkpoint themselves");
-            let _ = self.conn.pragma_update(None, "wal_autocheckpoint", 1000);
+                .spawn(move || checkpoint(conn, stopped));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "could not start the checkpointer; commits checkpoint themselves");
+                let _ = self.conn.query("PRAGMA wal_autocheckpoint = 1000", &[], ignore);
+            }
         }
         let mut lanes = Lanes::default();
         let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -311,9 +344,7 @@ impl Writer {
                 break;
             }
         }
-        if let Err((_, e)) = self.conn.close() {
-            tracing::warn!(error = %e, "closing the database connection failed");
-        }
+        self.conn.close();
     }
 
     /// Applies and commits `batch`; `false` if the commit failed.
@@ -321,16 +352,15 @@ impl Writer {
         let mut done: Vec<Pending> = Vec::with_capacity(batch.len());
         let outbox = self.outbox.is_some();
         let outcome = (|| {
-            let mut tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            self.conn.begin()?;
             for op in batch.drain(..) {
-                done.push(apply(&mut tx, op, outbox));
+                done.push(apply(&mut *self.conn, op, outbox));
             }
-            tx.commit()
+            self.conn.commit()
         })();
         let error = outcome.err().map(|e| {
             tracing::error!(error = %e, ops = done.len(), "group commit failed");
+            self.conn.rollback();
             e.to_string()
         });
         // Ops never reached (BEGIN failed) are dropped: their callers see
@@ -426,7 +456,7 @@ fn plain<T>(result: Result<T, StoreError>) -> Applied<T> {
     result.map(|v| (v, None))
 }
 
-fn apply(tx: &mut Transaction<'_>, op: Op, outbox: bool) -> Pending {
+fn apply(tx: &mut dyn Tx, op: Op, outbox: bool) -> Pending {
     match op {
         Op::CreateJob { job, reply } => {
             let result = savepoint(tx, |c| jobs::create(c, job));
@@ -478,30 +508,23 @@ fn apply(tx: &mut Transaction<'_>, op: Op, outbox: bool) -> Pending {
             pending(reply, plain(runs::orphan_if_live(tx, id, at, &error, outbox)))
         }
         Op::RegisterIncarnation { id, at, reply } => {
-            let result = tx
-                .prepare_cached(
-                    "INSERT INTO incarnations (id, pid, version, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        id.to_string(),
-                        i64::from(std::process::id()),
-                        env!("CARGO_PKG_VERSION"),
-                        ms(at),
-                        ms(at)
-                    ])
-                })
-                .map(|_| ())
-                .map_err(StoreError::from);
-            pending(reply, plain(result))
+            let result = tx.execute(
+                "INSERT INTO incarnations (id, pid, version, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4)",
+                &values![
+                    id.to_string(),
+                    i64::from(std::process::id()),
+                    env!("CARGO_PKG_VERSION"),
+                    ms(at),
+                ],
+            );
+            pending(reply, plain(result.map(|_| ())))
         }
         Op::StopIncarnation { id, at, reply } => {
-            let result = tx
-                .prepare_cached("UPDATE incarnations SET stopped_at = ? WHERE id = ?")
-                .and_then(|mut s| s.execute(params![ms(at), id.to_string()]))
-                .map(|_| ())
-                .map_err(StoreError::from);
-            pending(reply, plain(result))
+            let result = tx.execute(
+                "UPDATE incarnations SET stopped_at = $1 WHERE id = $2",
+                &values![ms(at), id.to_string()],
+            );
+            pending(reply, plain(result.map(|_| ())))
         }
         Op::PruneJob {
             job,
@@ -527,39 +550,9 @@ fn apply(tx: &mut Transaction<'_>, op: Op, outbox: bool) -> Pending {
     }
 }
 
-/// Runs `f` inside a savepoint: all of its writes or none.
-fn savepoint<T>(
-    tx: &mut Transaction<'_>,
-    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    let sp = tx.savepoint()?;
-    match f(&sp) {
-        Ok(v) => {
-            sp.commit()?;
-            Ok(v)
-        }
-        // Dropping the savepoint rolls it back.
-        Err(e) => Err(e),
-    }
-}
-
 /// Reads a job as the change feed publishes it.
-fn load_job(c: &Connection, id: JobId) -> Result<Job, StoreError> {
-    let mut statement = c.prepare_cached(&format!(
-        "SELECT {} FROM jobs WHERE id = ?",
-        super::rows::JOB_COLUMNS
-    ))?;
-    let mut rows = statement.query(params![id.to_string()])?;
-    let row = rows.next()?.ok_or(StoreError::NotFound)?;
-    super::rows::job(row)
-}
-
-/// Whether `e` is a violation of a UNIQUE constraint.
-fn is_unique_violation(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
-}
-
-/// Whether `e` is a violation of a foreign key.
-fn is_foreign_key_violation(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY)
+fn load_job(c: &mut dyn Tx, id: JobId) -> Result<Job, StoreError> {
+    static SQL: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("SELECT {} FROM jobs WHERE id = $1", super::rows::JOB_COLUMNS));
+    first(c, &SQL, &values![id.to_string()], |row| super::rows::job(row))?.ok_or(StoreError::NotFound)
 }

@@ -4,14 +4,13 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, params};
-
-use super::{Applied, is_foreign_key_violation, load_job};
+use super::{Applied, load_job};
 use crate::job::JobId;
 use crate::run::{Attempt, Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::rows::{self, RUN_COLUMNS, attempt_log_json, ms};
+use crate::store::sql::{Tx, all, first, is_foreign_key_violation, values};
 use crate::store::{JobChange, StoreError};
+use chrono::{DateTime, Utc};
 
 /// Whether runs of this trigger count toward `max_runs` (manual runs do not).
 fn counts_toward_limit(trigger: Trigger) -> bool {
@@ -25,14 +24,14 @@ fn job_id(text: &str) -> Result<JobId, StoreError> {
 
 /// Claims one start under the job's `max_runs`. `Ok(Some(change))` when
 /// this start used up the limit (the engine must stop firing the job).
-fn claim_start(c: &Connection, job: JobId) -> Result<Option<JobChange>, StoreError> {
-    let claimed: Option<(i64, Option<i64>)> = c
-        .prepare_cached(
-            "UPDATE jobs SET runs_started = runs_started + 1 \
-             WHERE id = ? AND (max_runs IS NULL OR runs_started < max_runs) RETURNING runs_started, max_runs",
-        )?
-        .query_row(params![job.to_string()], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()?;
+fn claim_start(c: &mut dyn Tx, job: JobId) -> Result<Option<JobChange>, StoreError> {
+    let claimed = first(
+        c,
+        "UPDATE jobs SET runs_started = runs_started + 1 \
+         WHERE id = $1 AND (max_runs IS NULL OR runs_started < max_runs) RETURNING runs_started, max_runs",
+        &values![job.to_string()],
+        |row| Ok((row.int(0)?, row.opt_int(1)?)),
+    )?;
     let Some((started, max)) = claimed else {
         return Err(StoreError::LimitReached);
     };
@@ -44,12 +43,12 @@ fn claim_start(c: &Connection, job: JobId) -> Result<Option<JobChange>, StoreErr
 }
 
 /// Turns a run that may not start (limit reached) into a `skipped` row.
-fn skip_for_limit(c: &Connection, id: RunId, at: DateTime<Utc>, outbox: bool) -> Result<(), StoreError> {
-    c.prepare_cached(
-        "UPDATE runs SET status = 'skipped', reason = ?, started_at = NULL, ended_at = ?, \
-         error = 'the job reached its max_runs' WHERE id = ?",
-    )?
-    .execute(params![Reason::LimitReached.as_str(), ms(at), id.to_string()])?;
+fn skip_for_limit(c: &mut dyn Tx, id: RunId, at: DateTime<Utc>, outbox: bool) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE runs SET status = 'skipped', reason = $1, started_at = NULL, ended_at = $2, \
+         error = 'the job reached its max_runs' WHERE id = $3",
+        &values![Reason::LimitReached.as_str(), ms(at), id.to_string()],
+    )?;
     if outbox {
         super::outbox::record_run(c, id, at)?;
     }
@@ -59,18 +58,17 @@ fn skip_for_limit(c: &Connection, id: RunId, at: DateTime<Utc>, outbox: bool) ->
 /// Inserts a run; a scheduled fire also moves the job's cursor. A starting
 /// scheduled run over the job's `max_runs` is stored as skipped and
 /// reported as [`StoreError::LimitReached`].
-pub(super) fn insert(c: &Connection, run: &Run, outbox: bool) -> Applied<()> {
-    let result = c
-        .prepare_cached(
-            "INSERT INTO runs (id, job_id, job_name, scheduled_at, scheduled_until, fires, status, trigger, reason, \
-             created_at, started_at, ended_at, attempts, exit_code, http_status, error, output, pid, pgid, \
-             process_start_ticks, incarnation) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?) ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![
+pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
+    let result = c.execute(
+        "INSERT INTO runs (id, job_id, job_name, scheduled_at, scheduled_until, fires, status, trigger, reason, \
+         created_at, started_at, ended_at, attempts, exit_code, http_status, error, output, pid, pgid, \
+         process_start_ticks, incarnation) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, NULL, NULL, NULL, $18) \
+         ON CONFLICT DO NOTHING",
+        &values![
             run.id.to_string(),
             run.job_id.to_string(),
-            run.job_name,
+            &run.job_name,
             ms(run.scheduled_at),
             run.scheduled_until.map(ms),
             i64::from(run.fires),
@@ -83,16 +81,17 @@ pub(super) fn insert(c: &Connection, run: &Run, outbox: bool) -> Applied<()> {
             i64::from(run.attempts),
             run.exit_code,
             run.http_status.map(i64::from),
-            run.error,
-            run.output,
+            run.error.clone(),
+            run.output.clone(),
             run.incarnation.to_string(),
-        ]);
+        ],
+    );
     match result {
         Ok(0) => return Err(StoreError::DuplicateFire),
         Ok(_) => {}
         // The job was deleted between the fire and this insert.
         Err(e) if is_foreign_key_violation(&e) => return Err(StoreError::NotFound),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     }
     if outbox && run.status.is_final() {
         super::outbox::record_run(c, run.id, run.created_at)?;
@@ -104,23 +103,22 @@ pub(super) fn insert(c: &Connection, run: &Run, outbox: bool) -> Applied<()> {
     // start under `max_runs` (the common case of every scheduled fire).
     let starting = run.status == RunStatus::Running;
     let handled_until = run.scheduled_until.unwrap_or(run.scheduled_at);
-    let counted: Option<(i64, Option<i64>)> = c
-        .prepare_cached(
-            "UPDATE jobs SET cursor_at = MAX(cursor_at, ?1), runs_started = runs_started + ?2 WHERE id = ?3 \
-             RETURNING runs_started, max_runs",
-        )?
-        .query_row(
-            params![ms(handled_until), i64::from(starting), run.job_id.to_string()],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .optional()?;
+    let counted = first(
+        c,
+        "UPDATE jobs SET cursor_at = CASE WHEN cursor_at > $1 THEN cursor_at ELSE $1 END, \
+         runs_started = runs_started + $2 WHERE id = $3 RETURNING runs_started, max_runs",
+        &values![ms(handled_until), i64::from(starting), run.job_id.to_string()],
+        |row| Ok((row.int(0)?, row.opt_int(1)?)),
+    )?;
     let Some((started, max)) = counted.filter(|_| starting) else {
         return Ok(((), None));
     };
     match max {
         Some(max) if started > max => {
-            c.prepare_cached("UPDATE jobs SET runs_started = runs_started - 1 WHERE id = ?")?
-                .execute(params![run.job_id.to_string()])?;
+            c.execute(
+                "UPDATE jobs SET runs_started = runs_started - 1 WHERE id = $1",
+                &values![run.job_id.to_string()],
+            )?;
             skip_for_limit(c, run.id, run.created_at, outbox)?;
             Err(StoreError::LimitReached)
         }
@@ -133,16 +131,14 @@ pub(super) fn insert(c: &Connection, run: &Run, outbox: bool) -> Applied<()> {
 }
 
 /// Moves a queued run to running (same limit rule as [`insert`]).
-pub(super) fn start(c: &Connection, id: RunId, at: DateTime<Utc>, outbox: bool) -> Applied<()> {
-    let row: Option<(String, String)> = c
-        .prepare_cached(
-            "UPDATE runs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued' \
-             RETURNING job_id, trigger",
-        )?
-        .query_row(params![ms(at), id.to_string()], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })
-        .optional()?;
+pub(super) fn start(c: &mut dyn Tx, id: RunId, at: DateTime<Utc>, outbox: bool) -> Applied<()> {
+    let row = first(
+        c,
+        "UPDATE runs SET status = 'running', started_at = $1 WHERE id = $2 AND status = 'queued' \
+         RETURNING job_id, trigger",
+        &values![ms(at), id.to_string()],
+        |row| Ok((row.text(0)?, row.text(1)?)),
+    )?;
     let Some((job, trigger)) = row else {
         return Err(final_or_missing(c, id));
     };
@@ -163,75 +159,75 @@ pub(super) fn start(c: &Connection, id: RunId, at: DateTime<Utc>, outbox: bool) 
 
 /// Records attempts so far while a run with retries goes on.
 pub(super) fn record_attempt(
-    c: &Connection,
+    c: &mut dyn Tx,
     id: RunId,
     attempts: u32,
     log: &[Attempt],
 ) -> Result<(), StoreError> {
-    c.prepare_cached("UPDATE runs SET attempts = ?, attempt_log = ? WHERE id = ? AND status = 'running'")?
-        .execute(params![
-            i64::from(attempts),
-            attempt_log_json(log),
-            id.to_string()
-        ])?;
+    c.execute(
+        "UPDATE runs SET attempts = $1, attempt_log = $2 WHERE id = $3 AND status = 'running'",
+        &values![i64::from(attempts), attempt_log_json(log), id.to_string()],
+    )?;
     Ok(())
 }
 
 /// Records the process a command run started.
 pub(super) fn record_process(
-    c: &Connection,
+    c: &mut dyn Tx,
     id: RunId,
     pid: i32,
     pgid: i32,
     start_ticks: Option<u64>,
 ) -> Result<(), StoreError> {
-    c.prepare_cached("UPDATE runs SET pid = ?, pgid = ?, process_start_ticks = ? WHERE id = ?")?
-        .execute(params![
+    c.execute(
+        "UPDATE runs SET pid = $1, pgid = $2, process_start_ticks = $3 WHERE id = $4",
+        &values![
             pid,
             pgid,
             start_ticks.and_then(|t| i64::try_from(t).ok()),
             id.to_string()
-        ])?;
+        ],
+    )?;
     Ok(())
 }
 
-pub(super) fn final_or_missing(c: &Connection, id: RunId) -> StoreError {
-    let found = c
-        .prepare_cached("SELECT 1 FROM runs WHERE id = ?")
-        .and_then(|mut s| s.query_row(params![id.to_string()], |_| Ok(())).optional());
+pub(super) fn final_or_missing(c: &mut dyn Tx, id: RunId) -> StoreError {
+    let found = first(
+        c,
+        "SELECT 1 FROM runs WHERE id = $1",
+        &values![id.to_string()],
+        |_| Ok(()),
+    );
     match found {
         Ok(Some(())) => StoreError::AlreadyFinal,
         Ok(None) => StoreError::NotFound,
-        Err(e) => e.into(),
+        Err(e) => e,
     }
 }
 
 /// Records a run's final state and moves the job's consecutive-failure
 /// count; reaching `auto_pause_after` pauses the job in the same commit.
-pub(super) fn finish(c: &Connection, id: RunId, o: Outcome, at: DateTime<Utc>, outbox: bool) -> Applied<()> {
+pub(super) fn finish(c: &mut dyn Tx, id: RunId, o: Outcome, at: DateTime<Utc>, outbox: bool) -> Applied<()> {
     debug_assert!(o.status.is_final());
-    let job: Option<String> = c
-        .prepare_cached(
-            "UPDATE runs SET status = ?, reason = ?, ended_at = ?, attempts = ?, exit_code = ?, http_status = ?, \
-             error = ?, output = ?, attempt_log = COALESCE(?, attempt_log) \
-             WHERE id = ? AND status IN ('queued', 'running') RETURNING job_id",
-        )?
-        .query_row(
-            params![
-                o.status.as_str(),
-                o.reason.map(|r| r.as_str()),
-                ms(at),
-                i64::from(o.attempts),
-                o.exit_code,
-                o.http_status.map(i64::from),
-                o.error,
-                o.output,
-                attempt_log_json(&o.attempt_log),
-                id.to_string(),
-            ],
-            |row| row.get(0),
-        )
-        .optional()?;
+    let job = first(
+        c,
+        "UPDATE runs SET status = $1, reason = $2, ended_at = $3, attempts = $4, exit_code = $5, \
+         http_status = $6, error = $7, output = $8, attempt_log = COALESCE($9, attempt_log) \
+         WHERE id = $10 AND status IN ('queued', 'running') RETURNING job_id",
+        &values![
+            o.status.as_str(),
+            o.reason.map(|r| r.as_str()),
+            ms(at),
+            i64::from(o.attempts),
+            o.exit_code,
+            o.http_status.map(i64::from),
+            o.error,
+            o.output,
+            attempt_log_json(&o.attempt_log),
+            id.to_string(),
+        ],
+        |row| row.text(0),
+    )?;
     let Some(job) = job else {
         return Err(final_or_missing(c, id));
     };
@@ -240,10 +236,10 @@ pub(super) fn finish(c: &Connection, id: RunId, o: Outcome, at: DateTime<Utc>, o
     }
     let change = match o.status {
         RunStatus::Succeeded => {
-            c.prepare_cached(
-                "UPDATE jobs SET consecutive_failures = 0 WHERE id = ? AND consecutive_failures > 0",
-            )?
-            .execute(params![job])?;
+            c.execute(
+                "UPDATE jobs SET consecutive_failures = 0 WHERE id = $1 AND consecutive_failures > 0",
+                &values![&job],
+            )?;
             None
         }
         RunStatus::Failed | RunStatus::TimedOut => auto_pause(c, &job, at)?,
@@ -252,24 +248,24 @@ pub(super) fn finish(c: &Connection, id: RunId, o: Outcome, at: DateTime<Utc>, o
     Ok(((), change))
 }
 
-fn auto_pause(c: &Connection, job: &str, at: DateTime<Utc>) -> Result<Option<JobChange>, StoreError> {
-    let counted: Option<(i64, Option<i64>, bool)> = c
-        .prepare_cached(
-            "UPDATE jobs SET consecutive_failures = consecutive_failures + 1 WHERE id = ? \
-             RETURNING consecutive_failures, auto_pause_after, paused",
-        )?
-        .query_row(params![job], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-        .optional()?;
+fn auto_pause(c: &mut dyn Tx, job: &str, at: DateTime<Utc>) -> Result<Option<JobChange>, StoreError> {
+    let counted = first(
+        c,
+        "UPDATE jobs SET consecutive_failures = consecutive_failures + 1 WHERE id = $1 \
+         RETURNING consecutive_failures, auto_pause_after, paused",
+        &values![job],
+        |row| Ok((row.int(0)?, row.opt_int(1)?, row.int(2)? != 0)),
+    )?;
     let Some((failures, limit, paused)) = counted else {
         return Ok(None);
     };
     match limit {
         Some(limit) if failures >= limit && !paused => {
             let note = format!("auto-paused after {failures} consecutive failed runs");
-            c.prepare_cached(
-                "UPDATE jobs SET paused = 1, pause_note = ?, version = version + 1, updated_at = ? WHERE id = ?",
-            )?
-            .execute(params![note, ms(at), job])?;
+            c.execute(
+                "UPDATE jobs SET paused = 1, pause_note = $1, version = version + 1, updated_at = $2 WHERE id = $3",
+                &values![note, ms(at), job],
+            )?;
             tracing::warn!(job, failures, "job auto-paused");
             Ok(Some(JobChange::Upserted(Arc::new(load_job(c, job_id(job)?)?))))
         }
@@ -280,22 +276,19 @@ fn auto_pause(c: &Connection, job: &str, at: DateTime<Utc>) -> Result<Option<Job
 /// Marks every live run not owned by `current` as orphaned; returns them
 /// as they were.
 pub(super) fn orphan_foreign(
-    c: &Connection,
+    c: &mut dyn Tx,
     current: Incarnation,
     at: DateTime<Utc>,
     outbox: bool,
 ) -> Result<Vec<Run>, StoreError> {
-    let runs = {
-        let mut statement = c.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') AND incarnation != ?"
-        ))?;
-        let mut found = statement.query(params![current.to_string()])?;
-        let mut runs = Vec::new();
-        while let Some(row) = found.next()? {
-            runs.push(rows::run(row)?);
-        }
-        runs
-    };
+    let runs = all(
+        c,
+        &format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') AND incarnation != $1"
+        ),
+        &values![current.to_string()],
+        |row| rows::run(row),
+    )?;
     for run in &runs {
         let error = format!(
             "the service incarnation {} that owned this {} run ended without recording its outcome",
@@ -308,17 +301,17 @@ pub(super) fn orphan_foreign(
 
 /// Marks one run `orphaned` if it is still live; whether it was.
 pub(super) fn orphan_if_live(
-    c: &Connection,
+    c: &mut dyn Tx,
     id: RunId,
     at: DateTime<Utc>,
     error: &str,
     outbox: bool,
 ) -> Result<bool, StoreError> {
-    let changed = c
-        .prepare_cached(
-            "UPDATE runs SET status = 'orphaned', ended_at = ?, error = ? WHERE id = ? AND status IN ('queued', 'running')",
-        )?
-        .execute(params![ms(at), error, id.to_string()])?;
+    let changed = c.execute(
+        "UPDATE runs SET status = 'orphaned', ended_at = $1, error = $2 \
+         WHERE id = $3 AND status IN ('queued', 'running')",
+        &values![ms(at), error, id.to_string()],
+    )?;
     let orphaned = changed == 1;
     if orphaned && outbox {
         super::outbox::record_run(c, id, at)?;
@@ -329,39 +322,35 @@ pub(super) fn orphan_if_live(
 /// Deletes up to `limit` finished runs of `job` beyond its `keep_last`
 /// newest runs, or created before `older_than`.
 pub(super) fn prune_job(
-    c: &Connection,
+    c: &mut dyn Tx,
     job: JobId,
     keep_last: Option<u32>,
     older_than: Option<DateTime<Utc>>,
     limit: u32,
 ) -> Result<u64, StoreError> {
-    let deleted = c
-        .prepare_cached(
-            "DELETE FROM runs WHERE id IN (\
-               SELECT id FROM runs WHERE job_id = ?1 AND status NOT IN ('queued', 'running') \
-               AND (id < (SELECT id FROM runs WHERE job_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2) OR id < ?3) \
-               ORDER BY id LIMIT ?4)",
-        )?
-        .execute(params![
+    c.execute(
+        "DELETE FROM runs WHERE id IN (\
+           SELECT id FROM runs WHERE job_id = $1 AND status NOT IN ('queued', 'running') \
+           AND (id < (SELECT id FROM runs WHERE job_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2) OR id < $3) \
+           ORDER BY id LIMIT $4)",
+        &values![
             job.to_string(),
             // No keep-last: an offset past any history keeps everything.
             keep_last.map_or(i64::MAX, |k| i64::from(k.max(1)) - 1),
             older_than.map(|t| RunId::boundary(t).to_string()),
             i64::from(limit),
-        ])?;
-    Ok(deleted as u64)
+        ],
+    )
 }
 
 /// Deletes up to `limit` finished runs created before `older_than`, of jobs
 /// without their own history age.
-pub(super) fn prune_old(c: &Connection, older_than: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
-    let deleted = c
-        .prepare_cached(
-            "DELETE FROM runs WHERE id IN (\
-               SELECT id FROM runs WHERE id < ? AND status NOT IN ('queued', 'running') \
-               AND job_id NOT IN (SELECT id FROM jobs WHERE history_max_age_ms IS NOT NULL) \
-               ORDER BY id LIMIT ?)",
-        )?
-        .execute(params![RunId::boundary(older_than).to_string(), i64::from(limit)])?;
-    Ok(deleted as u64)
+pub(super) fn prune_old(c: &mut dyn Tx, older_than: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+    c.execute(
+        "DELETE FROM runs WHERE id IN (\
+           SELECT id FROM runs WHERE id < $1 AND status NOT IN ('queued', 'running') \
+           AND job_id NOT IN (SELECT id FROM jobs WHERE history_max_age_ms IS NOT NULL) \
+           ORDER BY id LIMIT $2)",
+        &values![RunId::boundary(older_than).to_string(), i64::from(limit)],
+    )
 }

@@ -1,0 +1,201 @@
+//! The PostgreSQL backend (`postgres://…` database URLs).
+//!
+//! The same statements as SQLite (see [`super::sql`]) on the same schema
+//! (`migrations/postgres`). Reads go through an async sqlx pool. Writes go
+//! through the same single-writer group commit as SQLite: the writer
+//! thread owns one connection and a current-thread runtime that drives it,
+//! so the operations stay synchronous code shared by both databases.
+
+use std::time::Duration;
+
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use tokio::sync::mpsc;
+
+use super::reads::{self, Row};
+use super::rows::Columns;
+use super::sql::{Tx, Value};
+use super::writer::{WriteConn, Writer, WriterTask};
+use super::{Backend, Inner, JobChange, SqliteOptions, StoreError};
+
+/// Migrations for the PostgreSQL backend, embedded in the binary.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// What only the PostgreSQL backend has.
+pub struct Remote {
+    pool: sqlx::PgPool,
+}
+
+fn connect_options(options: &SqliteOptions) -> Result<PgConnectOptions, StoreError> {
+    Ok(options
+        .url
+        .parse::<PgConnectOptions>()?
+        .application_name("cronguard"))
+}
+
+/// Connects, migrates (sqlx holds an advisory lock while migrating, so
+/// replicas starting together apply each migration once) and builds the
+/// writer.
+pub(super) async fn open(
+    options: &SqliteOptions,
+    changes: mpsc::UnboundedSender<JobChange>,
+) -> Result<(Inner, WriterTask), StoreError> {
+    let connect = connect_options(options)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(options.read_connections.max(2))
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(connect.clone())
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    let write = PgWrite::connect(connect).await?;
+    let outbox_signal = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (writer, queue) = Writer::new(
+        Box::new(write),
+        None,
+        changes,
+        options.outbox.then(|| outbox_signal.clone()),
+    );
+    Ok((
+        Inner {
+            reads: reads::Pool::Postgres(pool.clone()),
+            writer: queue,
+            outbox_signal,
+            backend: Backend::Postgres(Remote { pool }),
+        },
+        writer.into_task(),
+    ))
+}
+
+pub(super) async fn migrate_only(options: &SqliteOptions) -> Result<(), StoreError> {
+    let mut conn = PgConnection::connect_with(&connect_options(options)?).await?;
+    MIGRATOR.run(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
+}
+
+impl Remote {
+    /// Readiness: a fresh connection (not a pooled one that may hide a
+    /// server that stopped accepting) finds the schema at this binary's
+    /// version.
+    pub(super) async fn check_ready(&self) -> Result<(), StoreError> {
+        let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = true")
+                .fetch_one(&mut conn)
+                .await?;
+        conn.close().await?;
+        super::expect_schema(applied, &MIGRATOR)
+    }
+
+    /// The database's size on disk.
+    pub(super) async fn size_bytes(&self) -> Result<u64, StoreError> {
+        let size: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(size.max(0) as u64)
+    }
+}
+
+/// The writer's connection with the runtime that drives it on the writer
+/// thread.
+struct PgWrite {
+    runtime: tokio::runtime::Runtime,
+    conn: PgConnection,
+}
+
+impl PgWrite {
+    /// One instance per database until replicas coordinate through it
+    /// (claims, leases, fencing): the lock lives as long as the writer's
+    /// connection, so a second instance is refused instead of taking the
+    /// first one's live runs for orphans at its startup.
+    fn lock_database(&mut self) -> Result<(), StoreError> {
+        let locked = super::sql::first(
+            self,
+            "SELECT CASE WHEN pg_try_advisory_lock(7262617, 1) THEN 1::bigint ELSE 0::bigint END",
+            &[],
+            |row| row.int(0),
+        )?;
+        if locked == Some(1) {
+            Ok(())
+        } else {
+            Err(StoreError::InUse)
+        }
+    }
+
+    /// Builds the runtime and connects on a helper thread: a runtime can
+    /// neither be entered from, nor be dropped in, an async context.
+    async fn connect(options: PgConnectOptions) -> Result<Self, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("cronguard-pg-connect".into())
+            .spawn(move || {
+                let made = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StoreError::Corrupt(format!("writer runtime: {e}")))
+                    .and_then(|runtime| {
+                        let conn = runtime.block_on(PgConnection::connect_with(&options))?;
+                        let mut write = Self { runtime, conn };
+                        write.lock_database()?;
+                        Ok(write)
+                    });
+                let _ = tx.send(made);
+            })
+            .map_err(|e| StoreError::Corrupt(format!("writer thread: {e}")))?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+fn bound(
+    sql: &str,
+    params: &[Value],
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()));
+    for p in params {
+        q = match p {
+            Value::Int(v) => q.bind(*v),
+            Value::Text(v) => q.bind(v.clone()),
+        };
+    }
+    q
+}
+
+impl Tx for PgWrite {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+        let q = bound(sql, params);
+        Ok(self.runtime.block_on(q.execute(&mut self.conn))?.rows_affected())
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[Value],
+        each: &mut dyn FnMut(&dyn Columns) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let q = bound(sql, params);
+        let rows = self.runtime.block_on(q.fetch_all(&mut self.conn))?;
+        for row in rows {
+            each(&Row::Postgres(row))?;
+        }
+        Ok(())
+    }
+}
+
+impl WriteConn for PgWrite {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.execute("BEGIN", &[]).map(|_| ())
+    }
+
+    fn close(self: Box<Self>) {
+        let Self { runtime, conn } = *self;
+        if let Err(e) = runtime.block_on(conn.close()) {
+            tracing::warn!(error = %e, "closing the database connection failed");
+        }
+    }
+}
