@@ -37,8 +37,10 @@ use crate::store::{JobChange, Store, StoreError};
 use crate::supervisor::{Fire, SupervisorHandle};
 
 /// How long before its fire a job is loaded whole; a job firing again
-/// within twice this stays loaded.
-pub const PREFETCH: Duration = Duration::from_secs(2);
+/// within twice this stays loaded. Not a whole number of seconds: cron
+/// fires fall on whole seconds, and the loads for second T + 2.5 then run
+/// between the fires of T and T + 1 instead of beside them.
+pub const PREFETCH: Duration = Duration::from_millis(2500);
 
 struct Entry {
     timing: Timing,
@@ -119,8 +121,9 @@ impl Engine {
         loop {
             faults.checkpoint(self.heartbeat.name()).await;
             let now = self.ctx.clock.now();
-            self.fetch_upcoming(now).await?;
+            // Fires first: loading jobs for later fires must not delay them.
             self.fire_due(now).await?;
+            self.fetch_upcoming(now).await?;
             self.heartbeat.beat();
             let next = self.next_due();
             self.ctx.metrics.set_next_fire(next);
