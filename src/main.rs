@@ -12,6 +12,11 @@ use cronguard::config::{Config, DEFAULT_LISTEN, LogFormat, Settings};
 use cronguard::shutdown::Shutdown;
 use cronguard::store::{SqliteOptions, Store};
 
+/// mimalloc instead of glibc's malloc: allocation and free were a quarter
+/// of the service's CPU during a burst of fires (`docs/performance.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A persistent, supervised job scheduler service.
 #[derive(Debug, Parser)]
 #[command(name = "cronguard", version, about)]
