@@ -12,7 +12,7 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use tokio::sync::mpsc;
 
-use super::reads::{self, Row};
+use super::reads::{self, Row, bound};
 use super::rows::Columns;
 use super::sql::{Tx, Value};
 use super::writer::{WriteConn, Writer, WriterTask};
@@ -152,23 +152,9 @@ impl PgWrite {
     }
 }
 
-fn bound(
-    sql: &str,
-    params: &[Value],
-) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()));
-    for p in params {
-        q = match p {
-            Value::Int(v) => q.bind(*v),
-            Value::Text(v) => q.bind(v.clone()),
-        };
-    }
-    q
-}
-
 impl Tx for PgWrite {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
-        let q = bound(sql, params);
+        let q = bound!(sql.to_owned(), params.iter().cloned());
         Ok(self.runtime.block_on(q.execute(&mut self.conn))?.rows_affected())
     }
 
@@ -178,7 +164,7 @@ impl Tx for PgWrite {
         params: &[Value],
         each: &mut dyn FnMut(&dyn Columns) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let q = bound(sql, params);
+        let q = bound!(sql.to_owned(), params.iter().cloned());
         let rows = self.runtime.block_on(q.fetch_all(&mut self.conn))?;
         for row in rows {
             each(&Row::Postgres(row))?;

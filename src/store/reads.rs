@@ -91,18 +91,21 @@ impl Query {
     }
 }
 
+/// A sqlx query for `$sql` with owned [`Value`]s bound, for either
+/// database (a macro: the query type differs per database).
 macro_rules! bound {
     ($sql:expr, $params:expr) => {{
         let mut q = sqlx::query(sqlx::AssertSqlSafe($sql));
         for p in $params {
             q = match p {
-                Value::Int(v) => q.bind(v),
-                Value::Text(v) => q.bind(v),
+                $crate::store::sql::Value::Int(v) => q.bind(v),
+                $crate::store::sql::Value::Text(v) => q.bind(v),
             };
         }
         q
     }};
 }
+pub(super) use bound;
 
 impl Pool {
     /// Every row of `query`.
