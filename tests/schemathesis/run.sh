@@ -23,12 +23,15 @@ base="http://127.0.0.1:$port"
 for _ in $(seq 1 60); do curl -sf "$base/readyz" >/dev/null && break; sleep 0.5; done
 
 status=0
+# One worker: with two threads, Hypothesis's lambda introspection (ast.parse)
+# can hit CPython 3.11's "AST constructor recursion depth mismatch" race
+# (python/cpython#106905), an error of the tool, not of the API.
 schemathesis --config-file "$here/schemathesis.toml" run "$base/openapi.json" \
   -H "Authorization: Bearer $token" \
   --checks all \
   --phases examples,coverage,fuzzing,stateful \
   --max-examples "$examples" \
-  --workers 2 \
+  --workers 1 \
   --seed 20261125 \
   >"$work/output" 2>&1 || status=$?
 cat "$work/output"
