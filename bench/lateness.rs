@@ -14,8 +14,14 @@
 //! second) and `spread` (N jobs `S-59/10 * * * * *` with S = i mod 10: N/10
 //! fires every second, each job every 10 s).
 //!
+//! Replicas: `--postgres URL --replicas 1,2,3` runs cronguard on a fresh
+//! database of that PostgreSQL server with 1, then 2, then 3 replicas (all
+//! on this machine), the jobs created on one and spread over all; the
+//! fires per second they sustain is the jobs' rate when nothing is missed.
+//!
 //! Run: `cargo bench --bench lateness -- [--workload aligned|spread]
-//! [--jobs 100,1000] [--seconds 60]`. Not a test: it asserts nothing.
+//! [--jobs 100,1000] [--seconds 60] [--postgres URL --replicas 1,2,3]`.
+//! Not a test: it asserts nothing.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -100,7 +106,54 @@ async fn sleep_past(end: DateTime<Utc>, extra: i64) {
     tokio::time::sleep(wait.to_std().unwrap_or_default()).await;
 }
 
-async fn run(workload: Workload, n: usize, seconds: i64) -> String {
+/// Where cronguard keeps its state in a run.
+#[derive(Clone)]
+enum Target {
+    Sqlite,
+    /// A fresh database on this server, with this many replicas.
+    Postgres(String, usize),
+}
+
+/// A fresh database on the PostgreSQL server `server`; its URL.
+async fn fresh_database(server: &str) -> String {
+    let name = format!("cronguard_bench_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(server)
+        .await
+        .expect("connect to --postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create the bench database");
+    let (base, _) = server.rsplit_once('/').expect("a URL with a database name");
+    format!("{base}/{name}")
+}
+
+/// Waits until the replicas agree on the set and own all `n` jobs.
+async fn converged(services: &[Service], n: usize) {
+    let client = reqwest::Client::new();
+    loop {
+        let mut owned = 0;
+        let mut agreed = true;
+        for s in services {
+            let status: serde_json::Value = client
+                .get(format!("{}/v1/status", s.base))
+                .send()
+                .await
+                .expect("status")
+                .json()
+                .await
+                .expect("status json");
+            agreed &= status["replicas"]["replicas"].as_array().map(Vec::len) == Some(services.len());
+            owned += status["replicas"]["owned_jobs"].as_u64().unwrap_or(0);
+        }
+        if agreed && owned == n as u64 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn run(workload: Workload, n: usize, seconds: i64, target: Target) -> String {
     let receiver = ReceiverProcess::start().await;
     let expected = n as i64 * seconds / workload.period();
 
@@ -120,10 +173,16 @@ async fn run(workload: Workload, n: usize, seconds: i64) -> String {
 
     // cronguard.
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("bench.db");
-    let mut service = Service::start(&db, &[]).await;
+    let (database, replicas) = match &target {
+        Target::Sqlite => (dir.path().join("bench.db").display().to_string(), 1),
+        Target::Postgres(server, replicas) => (fresh_database(server).await, *replicas),
+    };
+    let mut services = Vec::new();
+    for _ in 0..replicas {
+        services.push(Service::start(std::path::Path::new(&database), &[]).await);
+    }
     let client = reqwest::Client::new();
-    let base = service.base.clone();
+    let base = services[0].base.clone();
     futures_util::stream::iter(0..n)
         .map(|i| {
             let (client, base, url) = (client.clone(), base.clone(), receiver.url.clone());
@@ -145,30 +204,55 @@ async fn run(workload: Workload, n: usize, seconds: i64) -> String {
         .buffer_unordered(16)
         .collect::<Vec<()>>()
         .await;
+    if let Target::Postgres(..) = target {
+        converged(&services, n).await;
+    }
     let (start, end) = window(4, seconds);
     sleep_past(end, 3).await;
     let ours = stats(&receiver.take().await, start, end);
     // Stop gracefully (every run committed), then count the window's runs.
-    if let Some(pid) = service.child.id() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+    for service in &services {
+        if let Some(pid) = service.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(60), service.child.wait()).await;
-    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .expect("open");
-    let (recorded,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM runs WHERE status = 'succeeded' AND scheduled_at >= ? AND scheduled_at < ?",
-    )
-    .bind(start.timestamp_millis())
-    .bind(end.timestamp_millis())
-    .fetch_one(&mut conn)
-    .await
-    .expect("count");
+    for service in &mut services {
+        let _ = tokio::time::timeout(Duration::from_secs(60), service.child.wait()).await;
+    }
+    let count =
+        "SELECT COUNT(*) FROM runs WHERE status = 'succeeded' AND scheduled_at >= $1 AND scheduled_at < $2";
+    let (recorded,): (i64,) = match &target {
+        Target::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{database}"))
+                .await
+                .expect("open");
+            sqlx::query_as(count)
+                .bind(start.timestamp_millis())
+                .bind(end.timestamp_millis())
+                .fetch_one(&mut conn)
+                .await
+                .expect("count")
+        }
+        Target::Postgres(..) => {
+            let mut conn = sqlx::PgConnection::connect(&database).await.expect("connect");
+            sqlx::query_as(count)
+                .bind(start.timestamp_millis())
+                .bind(end.timestamp_millis())
+                .fetch_one(&mut conn)
+                .await
+                .expect("count")
+        }
+    };
+    let on = match &target {
+        Target::Sqlite => "SQLite".to_owned(),
+        Target::Postgres(_, r) => format!("PostgreSQL, {r} replica(s)"),
+    };
+    let rate = expected as f64 / seconds as f64;
     format!(
-        "N={n:<6} window={seconds}s fires={expected:<7}\n  \
+        "N={n:<6} window={seconds}s fires={expected:<7} ({rate:.0} fires/s) on {on}\n  \
          floor:     p50={:>8.2}ms p99={:>8.2}ms max={:>8.2}ms received={} missed={} duplicates={}\n  \
          cronguard: p50={:>8.2}ms p99={:>8.2}ms max={:>8.2}ms received={} missed={} duplicates={} early={} recorded_succeeded={recorded}\n  \
          p99 ratio cronguard/floor = {:.2}",
@@ -220,6 +304,14 @@ async fn bench() {
         .map(|n| n.parse().expect("--jobs N[,N...]"))
         .collect();
     let seconds: i64 = arg("--seconds").map_or(60, |s| s.parse().expect("--seconds N"));
+    let targets: Vec<Target> = match arg("--postgres") {
+        None => vec![Target::Sqlite],
+        Some(server) => arg("--replicas")
+            .unwrap_or_else(|| "1".into())
+            .split(',')
+            .map(|r| Target::Postgres(server.clone(), r.parse().expect("--replicas R[,R...]")))
+            .collect(),
+    };
     let name = if workload == Workload::Aligned {
         "aligned"
     } else {
@@ -228,6 +320,8 @@ async fn bench() {
     println!("cronguard fire lateness vs the floor ({name}: HTTP to a loopback receiver process)");
     println!("{}", machine());
     for n in jobs {
-        println!("{}", run(workload, n, seconds).await);
+        for target in &targets {
+            println!("{}", run(workload, n, seconds, target.clone()).await);
+        }
     }
 }

@@ -23,6 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::action::ActionPolicy;
 use crate::api::{self, ApiContext, HttpLimits};
 use crate::clock::SharedClock;
+use crate::cluster::Membership;
+use crate::cluster::lease::Lease;
+use crate::cluster::listen::Listener;
 use crate::config::Config;
 use crate::engine::{Engine, EngineContext};
 use crate::executor::{Executor, ExecutorConfig};
@@ -67,6 +70,10 @@ pub enum AppError {
     /// The control backend client could not be set up.
     #[error("control backend: {0}")]
     Backend(String),
+    /// Another replica declared this one stopped (its lease expired): it
+    /// stopped; a restart joins again as a new incarnation.
+    #[error("this replica was declared stopped by another replica (its lease expired); restart it")]
+    Fenced,
 }
 
 /// A built application, ready to run.
@@ -77,6 +84,9 @@ pub struct App {
     store: Store,
     writer: WriterTask,
     changes: mpsc::UnboundedReceiver<JobChange>,
+    /// For changes heard from other replicas (and re-plan requests).
+    notices: mpsc::UnboundedSender<JobChange>,
+    membership: Arc<Membership>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     incarnation: Incarnation,
@@ -88,10 +98,17 @@ impl App {
     /// Opens (creating and migrating) the database and binds the listener.
     pub async fn build(config: Config, clock: SharedClock) -> Result<Self, AppError> {
         let (tx, changes) = mpsc::unbounded_channel();
+        let notices = tx.clone();
         let mut options = SqliteOptions::new(config.database.clone());
         options.synchronous = config.sqlite_synchronous;
         options.outbox = config.backend.is_some();
         let (store, writer) = Store::open(&options, tx).await?;
+        let incarnation = Incarnation::new();
+        let membership = Arc::new(if store.shared() {
+            Membership::clustered(incarnation, config.replica_lease)
+        } else {
+            Membership::solo(incarnation)
+        });
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| AppError::Bind {
@@ -106,10 +123,12 @@ impl App {
             store,
             writer,
             changes,
+            notices,
+            membership,
             health: Arc::new(Health::new()),
             orphans: Arc::new(Orphans::new(metrics.clone())),
             metrics,
-            incarnation: Incarnation::new(),
+            incarnation,
             faults: Arc::new(Faults::new()),
         })
     }
@@ -143,6 +162,8 @@ impl App {
             store,
             writer,
             changes,
+            notices,
+            membership,
             health,
             metrics,
             incarnation,
@@ -152,15 +173,39 @@ impl App {
         let stale = config.loop_stale_after;
         let writer = tokio::spawn(writer.run(health.heartbeat("store_writer", stale), metrics.clone()));
 
-        store.register_incarnation(incarnation, clock.now()).await?;
+        store
+            .register_incarnation(incarnation, membership.host().to_owned(), clock.now())
+            .await?;
+        // Alone, every earlier incarnation is gone; among replicas, only
+        // those whose lease expired.
+        let now = clock.now();
+        let expired_before = membership
+            .lease()
+            .map(|lease| now - chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX));
         crate::orphans::reconcile_previous_incarnations(
             &store,
             &orphans,
             incarnation,
-            clock.now(),
+            now,
+            expired_before,
             config.orphan_policy,
         )
         .await?;
+        let lease = Arc::new(Lease {
+            membership: membership.clone(),
+            store: store.clone(),
+            clock: clock.clone(),
+            changes: notices.clone(),
+            orphans: orphans.clone(),
+            policy: config.orphan_policy,
+            metrics: metrics.clone(),
+        });
+        if store.shared() {
+            // Join before the engine loads: it schedules the jobs this
+            // replica owns in the live set just read.
+            let mut renewed = clock.now();
+            lease.round(&mut renewed).await?;
+        }
         health.set_recovered();
         tracing::info!(%incarnation, addr = %listener.local_addr().map_err(AppError::Serve)?, "cronguard started");
 
@@ -219,6 +264,7 @@ impl App {
             faults: faults.clone(),
             actions: actions.clone(),
             incarnation,
+            membership: membership.clone(),
             started_at: clock.now(),
             tokens: config.tokens.clone(),
             max_jobs: config.max_jobs,
@@ -245,6 +291,24 @@ impl App {
             stop.cancelled().await;
             health.set_shutting_down();
             tracing::info!("shutting down: readiness is failing, draining runs");
+            // Replicas: hand the jobs over now, not when the lease expires.
+            membership.leave();
+            if store.shared()
+                && let Err(e) = store.leave(incarnation, clock.now()).await
+            {
+                tracing::warn!(error = %e, "could not record that this replica leaves");
+            }
+        };
+        // A fenced replica stops as if told to (its runs were taken over).
+        let fencing = async {
+            tokio::select! {
+                () = membership.fenced().cancelled() => {
+                    tracing::error!("fenced: stopping this replica");
+                    stop.cancel();
+                    true
+                }
+                () = stop.cancelled() => false,
+            }
         };
 
         // The engine: rebuilt from the store on every (re)start; the change
@@ -258,6 +322,7 @@ impl App {
             health: health.clone(),
             metrics: metrics.clone(),
             interval: config.engine_tick,
+            membership: membership.clone(),
         };
         let engine = supervise(engine_beat.clone(), metrics.clone(), budget, stop.clone(), || {
             let (ctx, beat, changes) = (engine_ctx.clone(), engine_beat.clone(), changes.clone());
@@ -372,13 +437,47 @@ impl App {
             tokio::join!(pulling, uploading);
         };
 
+        // Replicas: the lease and the change listener.
+        let replicating = async {
+            if !store.shared() {
+                return;
+            }
+            let lease_beat = health.heartbeat("replica_lease", stale);
+            let leasing = supervise(lease_beat.clone(), metrics.clone(), budget, stop.clone(), || {
+                lease
+                    .clone()
+                    .run(stop.clone(), lease_beat.clone(), faults.clone())
+            });
+            let listener = Arc::new(Listener {
+                store: store.clone(),
+                changes: notices.clone(),
+            });
+            let listen_beat = health.heartbeat("replica_listener", stale);
+            let listening = supervise(listen_beat.clone(), metrics.clone(), budget, stop.clone(), || {
+                listener
+                    .clone()
+                    .run(stop.clone(), listen_beat.clone(), faults.clone())
+            });
+            tokio::join!(leasing, listening);
+        };
+
         let stopping = async {
-            tokio::join!(readiness, engine, supervising, reaping, retaining, syncing);
+            let (fenced, ..) = tokio::join!(
+                fencing,
+                readiness,
+                engine,
+                supervising,
+                reaping,
+                retaining,
+                syncing,
+                replicating
+            );
             supervisor.lock().await.drain(shutdown.kill.clone()).await;
             http_stop.cancel();
+            fenced
         };
-        let (served, ()) = tokio::join!(async { server.await.map_err(AppError::Serve) }, stopping);
-        drop((handle, reaper));
+        let (served, fenced) = tokio::join!(async { server.await.map_err(AppError::Serve) }, stopping);
+        drop((handle, reaper, notices));
 
         if let Err(e) = store.stop_incarnation(incarnation, clock.now()).await {
             tracing::warn!(error = %e, "could not record the stop of this incarnation");
@@ -391,6 +490,9 @@ impl App {
             Err(_) => tracing::error!("the database writer did not finish within 10s"),
         }
         tracing::info!("cronguard stopped");
+        if fenced {
+            return Err(AppError::Fenced);
+        }
         served
     }
 }

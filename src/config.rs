@@ -67,6 +67,10 @@ pub struct Settings {
     #[arg(long, env = "CRONGUARD_REAPER_INTERVAL", value_name = "DURATION")]
     pub reaper_interval: Option<String>,
 
+    /// Replicas on PostgreSQL: a replica that has not renewed its lease for this long is declared stopped and its jobs are taken over; renewed every third of it [default: 3s]
+    #[arg(long, env = "CRONGUARD_REPLICA_LEASE", value_name = "DURATION")]
+    pub replica_lease: Option<String>,
+
     /// What to do with live processes of runs a previous incarnation left: `kill` or `report` [default: kill]
     #[arg(long, env = "CRONGUARD_ORPHAN_POLICY", value_name = "POLICY")]
     pub orphan_policy: Option<crate::orphans::OrphanPolicy>,
@@ -205,6 +209,7 @@ impl Settings {
             max_concurrent_requests,
             loop_stale_after,
             reaper_interval,
+            replica_lease,
             orphan_policy,
             history_keep_last,
             history_max_age,
@@ -286,6 +291,8 @@ pub struct Config {
     pub loop_stale_after: Duration,
     /// Orphan reaper period.
     pub reaper_interval: Duration,
+    /// Replicas: the lease (renewed every third of it).
+    pub replica_lease: Duration,
     /// Policy for a previous incarnation's surviving processes.
     pub orphan_policy: crate::orphans::OrphanPolicy,
     /// Service-wide run history bounds.
@@ -328,6 +335,19 @@ pub(crate) fn duration(
             message: format!("`{text}` is not a duration like `30s`: {e}"),
         }),
     }
+}
+
+/// The replica lease: long enough for three renewals a few hundred
+/// milliseconds apart, short enough for a takeover within a minute.
+fn lease(value: Option<String>) -> Result<Duration, ConfigError> {
+    let lease = duration("replica_lease", value, crate::cluster::DEFAULT_LEASE)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&lease) {
+        return Err(ConfigError {
+            setting: "replica_lease",
+            message: format!("{lease:?} is outside 1s..=60s"),
+        });
+    }
+    Ok(lease)
 }
 
 pub(crate) fn bounded(
@@ -433,6 +453,7 @@ impl Config {
             engine_tick: Duration::from_secs(1),
             loop_stale_after: duration("loop_stale_after", s.loop_stale_after, Duration::from_secs(10))?,
             reaper_interval: duration("reaper_interval", s.reaper_interval, Duration::from_secs(10))?,
+            replica_lease: lease(s.replica_lease)?,
             orphan_policy: s.orphan_policy.unwrap_or_default(),
             history: crate::retention::HistoryDefaults {
                 keep_last: Some(s.history_keep_last.unwrap_or(1000)).filter(|k| *k > 0),

@@ -19,6 +19,7 @@ pub mod action;
 pub mod api;
 pub mod app;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod executor;

@@ -48,6 +48,8 @@ pub struct Metrics {
     commit_errors: IntCounter,
     writer_queue: IntGauge,
     database_size: IntGauge,
+    replicas: IntGauge,
+    lease_renewed: Gauge,
     // HTTP server.
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
@@ -299,6 +301,20 @@ impl Metrics {
                     "Size of the database file and its write-ahead log.",
                 )),
             ),
+            replicas: reg(
+                r,
+                IntGauge::with_opts(opts(
+                    "replicas",
+                    "Live replicas on the database as this one last saw them (0 on SQLite: one instance).",
+                )),
+            ),
+            lease_renewed: reg(
+                r,
+                Gauge::with_opts(opts(
+                    "replica_lease_renewed_timestamp_seconds",
+                    "Unix time this replica last renewed its lease (0: not a replica, or never).",
+                )),
+            ),
             http_requests: reg(
                 r,
                 IntCounterVec::new(
@@ -493,6 +509,16 @@ impl Metrics {
             self.commit_errors.inc();
         }
         self.writer_queue.set(i64::try_from(queued).unwrap_or(i64::MAX));
+    }
+
+    /// Live replicas seen.
+    pub fn set_replicas(&self, live: usize) {
+        self.replicas.set(i64::try_from(live).unwrap_or(i64::MAX));
+    }
+
+    /// This replica renewed its lease.
+    pub fn lease_renewed(&self, at: DateTime<Utc>) {
+        self.lease_renewed.set(unix_seconds(at));
     }
 
     /// The database's size on disk.

@@ -75,8 +75,9 @@ impl FromStr for RunId {
     }
 }
 
-/// Identifies one process lifetime of the service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+/// Identifies one process lifetime of the service (ordered: replicas
+/// agree on a leader by it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 #[schema(value_type = String, format = Uuid)]
 pub struct Incarnation(pub Uuid);

@@ -278,14 +278,14 @@ impl From<StoreError> for ApiError {
                 Self::PreconditionFailed { expected, current }
             }
             StoreError::AlreadyFinal => Self::RunAlreadyFinal,
-            StoreError::Closed => Self::ShuttingDown,
+            StoreError::Closed | StoreError::Fenced => Self::ShuttingDown,
             e @ (StoreError::DuplicateFire
             | StoreError::LimitReached
             | StoreError::Corrupt(_)
             | StoreError::Database(_)
             | StoreError::Sqlite(_)
             | StoreError::Migrate(_)
-            | StoreError::InUse) => Self::Internal(e.to_string()),
+            | StoreError::Overlap) => Self::Internal(e.to_string()),
         }
     }
 }

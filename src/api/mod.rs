@@ -60,6 +60,8 @@ pub struct ApiContext {
     pub actions: ActionPolicy,
     /// This process's incarnation.
     pub incarnation: crate::run::Incarnation,
+    /// Its place among replicas.
+    pub membership: Arc<crate::cluster::Membership>,
     /// When this process started.
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// API tokens.

@@ -251,6 +251,8 @@ pub struct Status {
     /// The control backend, when one is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendStatus>,
+    /// The replicas on the database and who runs what.
+    pub replicas: crate::cluster::ReplicaSet,
 }
 
 /// Contact with the control backend and the results waiting for it.
@@ -317,6 +319,7 @@ pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, 
         }
         None => None,
     };
+    let replicas = replica_set(&ctx).await?;
     Ok(Json(Status {
         version: env!("CARGO_PKG_VERSION"),
         revision: env!("CRONGUARD_GIT_REVISION"),
@@ -339,5 +342,36 @@ pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, 
             size_bytes: ctx.store.size_bytes().await.unwrap_or(0),
         },
         backend,
+        replicas,
     }))
+}
+
+/// The live replicas as this one last saw them, with what each runs now.
+async fn replica_set(ctx: &ApiContext) -> Result<crate::cluster::ReplicaSet, ApiError> {
+    let m = &ctx.membership;
+    let replicas = if ctx.store.shared() {
+        let running = ctx.store.running_by_incarnation().await?;
+        m.replicas()
+            .into_iter()
+            .map(|r| crate::cluster::ReplicaView {
+                running: running.get(&r.id).copied().unwrap_or(0),
+                this: r.id == m.me(),
+                incarnation: r.id,
+                host: r.host,
+                pid: r.pid,
+                started_at: r.started_at,
+                heartbeat_at: r.heartbeat_at,
+                leaving: r.leaving,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(crate::cluster::ReplicaSet {
+        clustered: m.lease().is_some(),
+        lease_seconds: m.lease().map(|l| l.as_secs_f64()),
+        active: m.may_fire(),
+        owned_jobs: m.owned_jobs(),
+        replicas,
+    })
 }

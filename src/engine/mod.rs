@@ -14,11 +14,15 @@
 //! The engine also wakes at least every heartbeat interval to stamp its
 //! heartbeat and to re-read the wall clock, which bounds the error when the
 //! system clock is stepped while it sleeps.
+//!
+//! With replicas ([`crate::cluster`]) it schedules only the jobs its
+//! replica owns, re-reads jobs changed elsewhere, and re-plans on every
+//! change of ownership; jobs it gains are planned from their stored cursor.
 
 mod plan;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::plan::{Due, MAX_SCAN, Plan, due_at, plan};
 use crate::clock::SharedClock;
+use crate::cluster::{Membership, Ownership};
 use crate::fault::Faults;
 use crate::health::{Health, Heartbeat};
 use crate::job::{Job, JobId, Timing};
@@ -72,6 +77,8 @@ pub struct EngineContext {
     pub metrics: Arc<Metrics>,
     /// Longest sleep: the heartbeat period and wall-clock re-read.
     pub interval: Duration,
+    /// Which jobs are this replica's (all of them on SQLite).
+    pub membership: Arc<Membership>,
 }
 
 /// The engine and its state.
@@ -87,6 +94,8 @@ pub struct Engine {
     /// Instants at which a job not in memory must be loaded.
     prefetch: Heap,
     generation: u64,
+    /// Which jobs are scheduled here, as of the last (re)load.
+    ownership: Ownership,
 }
 
 fn delta(d: Duration) -> TimeDelta {
@@ -96,7 +105,9 @@ fn delta(d: Duration) -> TimeDelta {
 impl Engine {
     /// An engine with nothing loaded.
     pub fn new(ctx: EngineContext, heartbeat: Arc<Heartbeat>) -> Self {
+        let ownership = ctx.membership.ownership();
         Self {
+            ownership,
             ctx,
             heartbeat,
             jobs: HashMap::new(),
@@ -137,10 +148,11 @@ impl Engine {
                 () = shutdown.cancelled() => return Ok(()),
                 change = changes.recv() => match change {
                     Some(change) => {
-                        self.apply(change);
+                        let mut batch = vec![change];
                         while let Ok(change) = changes.try_recv() {
-                            self.apply(change);
+                            batch.push(change);
                         }
+                        self.apply_all(batch).await?;
                         self.publish_counts();
                     }
                     None => return Ok(()),
@@ -156,6 +168,7 @@ impl Engine {
         self.ctx.health.set_schedule_loaded(false);
         // Changes committed before the load are in it; drop their notices.
         while changes.try_recv().is_ok() {}
+        self.ownership = self.ctx.membership.ownership();
         let timings = self.ctx.store.load_timings().await?;
         self.jobs.clear();
         self.paused.clear();
@@ -202,6 +215,9 @@ impl Engine {
 
     fn publish_counts(&self) {
         self.ctx.metrics.set_jobs(self.jobs.len(), self.paused.len());
+        self.ctx
+            .membership
+            .set_owned_jobs(self.jobs.len() + self.paused.len());
     }
 
     /// Forgets a job's per-job series if its name (or monitoring) changes.
@@ -231,6 +247,9 @@ impl Engine {
         due: &mut Vec<(JobId, Due)>,
     ) {
         let id = timing.id;
+        if !self.ownership.owns(id) {
+            return self.disown(id);
+        }
         self.forget_series(self.monitored(id).as_ref(), timing.monitor.as_ref());
         if timing.paused {
             self.jobs.remove(&id);
@@ -311,6 +330,91 @@ impl Engine {
         }
     }
 
+    /// Applies a batch of changes. With replicas a changed job is read
+    /// again rather than taken from the change: reads made in order never
+    /// go back in time, whereas a local change and a remote one may arrive
+    /// in either order.
+    async fn apply_all(&mut self, batch: Vec<JobChange>) -> Result<(), StoreError> {
+        let shared = self.ctx.store.shared();
+        let mut stale = Vec::new();
+        let mut resync = false;
+        for change in batch {
+            match change {
+                JobChange::Resync => resync = true,
+                JobChange::Stale(ids) => stale.extend(ids),
+                JobChange::Upserted(job) if shared => stale.push(job.id),
+                change => self.apply(change),
+            }
+        }
+        if resync {
+            self.resync().await
+        } else if stale.is_empty() {
+            Ok(())
+        } else {
+            self.refresh(stale).await
+        }
+    }
+
+    /// Re-reads the given jobs and schedules them (or drops the deleted).
+    async fn refresh(&mut self, mut ids: Vec<JobId>) -> Result<(), StoreError> {
+        ids.sort_unstable();
+        ids.dedup();
+        let jobs = self.ctx.store.get_jobs(&ids).await?;
+        let found: HashSet<JobId> = jobs.iter().map(|j| j.id).collect();
+        for job in jobs {
+            self.apply(JobChange::Upserted(job));
+        }
+        for id in ids.into_iter().filter(|id| !found.contains(id)) {
+            self.apply(JobChange::Removed(id));
+        }
+        Ok(())
+    }
+
+    /// Re-reads every job under the current ownership: schedules the jobs
+    /// owned now (a job gained is planned from its stored cursor, so fires
+    /// missed while its owner was gone follow its catch-up policy), lets go
+    /// of the others, and drops jobs deleted unheard.
+    async fn resync(&mut self) -> Result<(), StoreError> {
+        self.ownership = self.ctx.membership.ownership();
+        let timings = self.ctx.store.load_timings().await?;
+        let now = self.ctx.clock.now();
+        let mut due = Vec::new();
+        let mut present = HashSet::with_capacity(timings.len());
+        let before = self.jobs.len() + self.paused.len();
+        for timing in timings {
+            present.insert(timing.id);
+            self.schedule(timing, None, now, Reason::Downtime, &mut due);
+        }
+        let gone: Vec<JobId> = self
+            .jobs
+            .keys()
+            .chain(self.paused.keys())
+            .filter(|id| !present.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.apply(JobChange::Removed(id));
+        }
+        let fires = self.with_jobs(due).await?;
+        tracing::info!(
+            owned = self.jobs.len() + self.paused.len(),
+            before,
+            due = fires.len(),
+            "owned jobs re-planned"
+        );
+        self.ctx.supervisor.fire(fires);
+        Ok(())
+    }
+
+    /// Stops scheduling a job another replica owns now. Its runs here go
+    /// on (the owner's claims see them: the overlap policy holds).
+    fn disown(&mut self, id: JobId) {
+        let previous = self.monitored(id);
+        self.jobs.remove(&id);
+        self.paused.remove(&id);
+        self.forget_series(previous.as_ref(), None);
+    }
+
     fn apply(&mut self, change: JobChange) {
         match change {
             JobChange::Upserted(job) => {
@@ -332,6 +436,9 @@ impl Engine {
                 self.paused.remove(&id);
                 self.forget_series(previous.as_ref(), None);
                 self.ctx.supervisor.job_removed(id);
+            }
+            JobChange::Stale(_) | JobChange::Resync => {
+                tracing::error!("a re-read request reached the synchronous path; ignored");
             }
         }
     }
@@ -423,6 +530,15 @@ impl Engine {
             self.advance(id, first, now, Reason::Misfire, &mut due);
         }
         if !due.is_empty() {
+            if !self.ctx.membership.may_fire() {
+                // The lease ran out: these jobs are the others' to fire
+                // now (the re-plan that follows drops them here).
+                tracing::warn!(
+                    fires = due.len(),
+                    "lease not current; leaving due fires to the other replicas"
+                );
+                return Ok(());
+            }
             let fires = self.with_jobs(due).await?;
             self.ctx.supervisor.fire(fires);
         }

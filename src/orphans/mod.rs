@@ -208,20 +208,35 @@ impl Orphans {
 }
 
 /// Kind 1, at startup: marks the previous incarnations' live runs orphaned
-/// and deals with their surviving processes per `policy`.
+/// and deals with their surviving processes per `policy`. With replicas
+/// (`expired_before`), only the runs of incarnations whose lease expired:
+/// the others belong to live replicas.
 pub async fn reconcile_previous_incarnations(
     store: &Store,
     orphans: &Orphans,
     current: Incarnation,
     now: DateTime<Utc>,
+    expired_before: Option<DateTime<Utc>>,
     policy: OrphanPolicy,
 ) -> Result<Vec<Run>, StoreError> {
-    let runs = store.orphan_foreign_runs(current, now).await?;
+    let runs = store.orphan_foreign_runs(current, now, expired_before).await?;
+    handle_previous_incarnation_runs(&runs, orphans, now, policy);
+    Ok(runs)
+}
+
+/// Reports runs just marked orphaned (kind 1) and deals with their
+/// processes still alive on this machine per `policy`.
+pub fn handle_previous_incarnation_runs(
+    runs: &[Run],
+    orphans: &Orphans,
+    now: DateTime<Utc>,
+    policy: OrphanPolicy,
+) {
     if runs.is_empty() {
-        return Ok(runs);
+        return;
     }
     let by_run = procfs::by_run();
-    for run in &runs {
+    for run in runs {
         // The recorded leader, if it is still the same process, plus every
         // live process that inherited this run's identity.
         let mut survivors: Vec<procfs::Proc> = by_run.get(&run.id).cloned().unwrap_or_default();
@@ -273,5 +288,4 @@ pub async fn reconcile_previous_incarnations(
             orphans.record(finding, policy == OrphanPolicy::Report);
         }
     }
-    Ok(runs)
 }

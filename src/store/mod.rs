@@ -14,6 +14,7 @@
 mod point;
 mod postgres;
 mod reads;
+mod replicas;
 mod rows;
 mod sql;
 mod sqlite;
@@ -29,7 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::job::{Job, JobDefinition, JobId, Source};
 use crate::run::{Incarnation, Outcome, Run, RunId, RunStatus};
 
+pub use self::replicas::Replica;
 pub use self::sqlite::{SqliteOptions, Synchronous};
+pub use self::writer::JOB_CHANNEL;
 pub use self::writer::WriterTask;
 
 /// Everything that can go wrong in the store, by what the caller can do.
@@ -58,12 +61,14 @@ pub enum StoreError {
     /// The run is already in a final state.
     #[error("the run already ended")]
     AlreadyFinal,
-    /// Another cronguard instance runs on this database (PostgreSQL).
-    #[error(
-        "another cronguard instance is running on this database; several replicas on one PostgreSQL \
-         database are not supported yet"
-    )]
-    InUse,
+    /// Replicas: this incarnation's lease expired and another replica took
+    /// its runs over; it may claim nothing more.
+    #[error("this replica's lease expired: it was declared stopped by another replica")]
+    Fenced,
+    /// Replicas: another replica runs the job, and its overlap policy
+    /// refused this fire (recorded as `skipped`).
+    #[error("a run of this job is live on another replica")]
+    Overlap,
     /// The writer task is gone (shutting down).
     #[error("the store is shut down")]
     Closed,
@@ -88,6 +93,11 @@ pub enum JobChange {
     Upserted(Arc<Job>),
     /// Deleted.
     Removed(JobId),
+    /// Replicas: these jobs changed on another replica; read them again.
+    Stale(Vec<JobId>),
+    /// Replicas: ownership changed or notifications may have been lost;
+    /// re-read every job.
+    Resync,
 }
 
 /// Addresses a job by id or by name.
@@ -387,7 +397,22 @@ impl Store {
     /// restart resumes exactly after the last recorded fire. Fails with
     /// [`StoreError::DuplicateFire`] if the fire was already recorded.
     pub fn insert_run(&self, run: Run) -> Ack<()> {
-        self.inner.write(|reply| writer::Op::InsertRun { run, reply })
+        self.inner.write(|reply| writer::Op::InsertRun {
+            run,
+            guard: None,
+            reply,
+        })
+    }
+
+    /// Inserts a starting run like [`Store::insert_run`]; with replicas,
+    /// only while fewer than `guard` runs of its job are live on other
+    /// replicas (else it is recorded as skipped: [`StoreError::Overlap`]).
+    pub fn claim_run(&self, run: Run, guard: u32) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::InsertRun {
+            run,
+            guard: Some(guard),
+            reply,
+        })
     }
 
     /// Moves a queued run to running.
@@ -427,10 +452,21 @@ impl Store {
     }
 
     /// Marks every live run not owned by `current` as orphaned and returns
-    /// them as they were (with their recorded process).
-    pub fn orphan_foreign_runs(&self, current: Incarnation, at: DateTime<Utc>) -> Ack<Vec<Run>> {
-        self.inner
-            .write(|reply| writer::Op::OrphanForeignRuns { current, at, reply })
+    /// them as they were (with their recorded process). With replicas
+    /// (`expired_before`), only runs of incarnations that stopped or whose
+    /// lease expired (last heartbeat not later than `expired_before`).
+    pub fn orphan_foreign_runs(
+        &self,
+        current: Incarnation,
+        at: DateTime<Utc>,
+        expired_before: Option<DateTime<Utc>>,
+    ) -> Ack<Vec<Run>> {
+        self.inner.write(|reply| writer::Op::OrphanForeignRuns {
+            current,
+            at,
+            expired_before,
+            reply,
+        })
     }
 
     /// Marks one run `orphaned` if it is still `queued` or `running`;
@@ -560,10 +596,45 @@ impl Store {
 
     // ---- incarnations ---------------------------------------------------
 
-    /// Records this process's start.
-    pub fn register_incarnation(&self, id: Incarnation, at: DateTime<Utc>) -> Ack<()> {
+    /// Records this process's start on `host`.
+    pub fn register_incarnation(&self, id: Incarnation, host: String, at: DateTime<Utc>) -> Ack<()> {
         self.inner
-            .write(|reply| writer::Op::RegisterIncarnation { id, at, reply })
+            .write(|reply| writer::Op::RegisterIncarnation { id, host, at, reply })
+    }
+
+    /// Whether other instances may share this database (PostgreSQL).
+    pub fn shared(&self) -> bool {
+        matches!(self.inner.backend, Backend::Postgres(_))
+    }
+
+    /// Renews this replica's lease; `false` once it was declared stopped.
+    pub async fn heartbeat(&self, id: Incarnation, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        self.inner.reads.heartbeat(id, at).await
+    }
+
+    /// Records that this replica began to leave.
+    pub async fn leave(&self, id: Incarnation, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner.reads.leave(id, at).await
+    }
+
+    /// Runs executing now, by incarnation.
+    pub async fn running_by_incarnation(
+        &self,
+    ) -> Result<std::collections::HashMap<Incarnation, u64>, StoreError> {
+        self.inner.reads.running_by_incarnation().await
+    }
+
+    /// Replicas not stopped whose last heartbeat is later than `cutoff`.
+    pub async fn replicas(&self, cutoff: DateTime<Utc>) -> Result<Vec<Replica>, StoreError> {
+        self.inner.reads.replicas(cutoff).await
+    }
+
+    /// Listens for job changes announced by replicas (PostgreSQL only).
+    pub async fn listen(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+        match &self.inner.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(remote) => remote.listen().await.map(Some),
+        }
     }
 
     /// Records this process's clean stop.

@@ -93,6 +93,13 @@ impl Remote {
         super::expect_schema(applied, &MIGRATOR)
     }
 
+    /// A listener on the channel where replicas announce job changes.
+    pub(super) async fn listen(&self) -> Result<sqlx::postgres::PgListener, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(super::JOB_CHANNEL).await?;
+        Ok(listener)
+    }
+
     /// The database's size on disk.
     pub(super) async fn size_bytes(&self) -> Result<u64, StoreError> {
         let size: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
@@ -110,24 +117,6 @@ struct PgWrite {
 }
 
 impl PgWrite {
-    /// One instance per database until replicas coordinate through it
-    /// (claims, leases, fencing): the lock lives as long as the writer's
-    /// connection, so a second instance is refused instead of taking the
-    /// first one's live runs for orphans at its startup.
-    fn lock_database(&mut self) -> Result<(), StoreError> {
-        let locked = super::sql::first(
-            self,
-            "SELECT CASE WHEN pg_try_advisory_lock(7262617, 1) THEN 1::bigint ELSE 0::bigint END",
-            &[],
-            |row| row.int(0),
-        )?;
-        if locked == Some(1) {
-            Ok(())
-        } else {
-            Err(StoreError::InUse)
-        }
-    }
-
     /// Builds the runtime and connects on a helper thread: a runtime can
     /// neither be entered from, nor be dropped in, an async context.
     async fn connect(options: PgConnectOptions) -> Result<Self, StoreError> {
@@ -141,9 +130,7 @@ impl PgWrite {
                     .map_err(|e| StoreError::Corrupt(format!("writer runtime: {e}")))
                     .and_then(|runtime| {
                         let conn = runtime.block_on(PgConnection::connect_with(&options))?;
-                        let mut write = Self { runtime, conn };
-                        write.lock_database()?;
-                        Ok(write)
+                        Ok(Self { runtime, conn })
                     });
                 let _ = tx.send(made);
             })
@@ -176,6 +163,10 @@ impl Tx for PgWrite {
 impl WriteConn for PgWrite {
     fn begin(&mut self) -> Result<(), StoreError> {
         self.execute("BEGIN", &[]).map(|_| ())
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     fn close(self: Box<Self>) {

@@ -310,7 +310,7 @@ impl Supervisor {
                 };
                 if force {
                     // Explicitly past the overlap policy (global limit holds).
-                    self.start_or_backlog(RunId::at(now), fire, Some(reply));
+                    self.start_or_backlog(RunId::at(now), fire, None, Some(reply));
                 } else {
                     self.admit(fire, Some(reply));
                 }
@@ -438,9 +438,11 @@ impl Supervisor {
         }
         let limit = admission::limit(policy);
         let slots = self.jobs.entry(fire.job.id).or_default();
+        // What other replicas may run of this job beside what runs here.
+        let guard = u32::try_from(limit.saturating_sub(slots.running.len()).max(1)).unwrap_or(u32::MAX);
         if fire.trigger == Trigger::CatchUp {
             if slots.running.len() < limit && slots.catch_up.is_empty() {
-                return self.start_or_backlog(run_id, fire, reply);
+                return self.start_or_backlog(run_id, fire, Some(guard), reply);
             }
             let row = self.new_row(run_id, &fire, RunStatus::Queued, None);
             self.record(row, reply);
@@ -454,7 +456,7 @@ impl Supervisor {
             return;
         }
         match admit(policy, slots.running.len(), slots.queued.is_some()) {
-            Admission::Start => self.start_or_backlog(run_id, fire, reply),
+            Admission::Start => self.start_or_backlog(run_id, fire, Some(guard), reply),
             Admission::Skip(reason) => {
                 let row = self.new_row(run_id, &fire, RunStatus::Skipped, Some(reason));
                 self.record(row, reply);
@@ -492,16 +494,23 @@ impl Supervisor {
         }
     }
 
-    /// Starts now, or queues behind the global limit.
+    /// Starts now, or queues behind the global limit. `guard` (all but
+    /// forced runs): how many runs of the job other replicas may have live
+    /// for this one to start (see [`crate::store::Store::claim_run`]).
     fn start_or_backlog(
         &mut self,
         run_id: RunId,
         fire: Fire,
+        guard: Option<u32>,
         reply: Option<oneshot::Sender<Result<Run, TriggerError>>>,
     ) {
         if self.live.len() < self.config.max_running {
             let row = self.new_row(run_id, &fire, RunStatus::Running, None);
-            let begin = Begin::Submitted(self.ctx.store.insert_run(row.clone()));
+            let ack = match guard {
+                Some(guard) => self.ctx.store.claim_run(row.clone(), guard),
+                None => self.ctx.store.insert_run(row.clone()),
+            };
+            let begin = Begin::Submitted(ack);
             let reply = reply.map(|r| (r, row));
             self.spawn(run_id, fire, begin, RunCancel::default(), reply);
         } else {
@@ -641,6 +650,15 @@ impl Supervisor {
                     self.ctx
                         .metrics
                         .fire_not_run(RunStatus::Skipped, Reason::LimitReached, 1);
+                }
+                StoreError::Overlap => {
+                    tracing::info!(run = %run_id, "a run of the job is live on another replica; fire recorded as skipped");
+                    self.ctx
+                        .metrics
+                        .fire_not_run(RunStatus::Skipped, Reason::Overlap, 1);
+                }
+                StoreError::Fenced => {
+                    tracing::warn!(run = %run_id, "this replica was fenced; the fire is left to the others")
                 }
                 e => {
                     tracing::error!(run = %run_id, error = %e, "a run could not be recorded and did not start")

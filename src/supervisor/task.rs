@@ -109,8 +109,20 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
     } = planned;
     let Begin::Submitted(ack) = begin;
     if let Err(e) = ack.await {
-        if let Some((reply, _)) = reply {
-            let _ = reply.send(Err(TriggerError::Store(StoreError::Corrupt(e.to_string()))));
+        if let Some((reply, mut run)) = reply {
+            let answer = match e {
+                // Recorded as skipped, as a local overlap would be.
+                StoreError::Overlap => {
+                    run.status = RunStatus::Skipped;
+                    run.reason = Some(Reason::Overlap);
+                    run.started_at = None;
+                    run.ended_at = Some(run.created_at);
+                    Ok(run)
+                }
+                StoreError::Fenced => Err(TriggerError::Store(StoreError::Fenced)),
+                _ => Err(TriggerError::Store(StoreError::Corrupt(e.to_string()))),
+            };
+            let _ = reply.send(answer);
         }
         return TaskEnd::NotStarted(e);
     }

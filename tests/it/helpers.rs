@@ -490,8 +490,11 @@ impl Binary {
             } else {
                 &["--log", "info"][..]
             })
-            .arg("--database")
-            .arg(format!("sqlite://{}", db.display()))
+            .args(if extra.contains(&"--database") {
+                Vec::new()
+            } else {
+                vec!["--database".to_owned(), format!("sqlite://{}", db.display())]
+            })
             .args(extra)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

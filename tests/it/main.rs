@@ -10,6 +10,7 @@ mod observability;
 mod openapi;
 mod policies;
 mod postgres;
+mod replicas;
 mod restart;
 mod scheduling;
 mod security;

@@ -7,9 +7,7 @@
 //! test says so on stderr and passes without running. A new test in those
 //! suites is added here too.
 
-use std::sync::Arc;
-
-use crate::helpers::{ON_POSTGRES, Options, TestApp, postgres_server};
+use crate::helpers::{ON_POSTGRES, postgres_server};
 
 macro_rules! on_postgres {
     ($($suite:ident :: $test:ident),* $(,)?) => {
@@ -51,49 +49,4 @@ on_postgres! {
     policies::auto_pause_after_consecutive_failures_and_resume_resets,
     policies::a_job_stops_after_max_runs,
     policies::retention_keeps_exactly_the_configured_history,
-}
-
-/// Until replicas coordinate through the database, a second instance on
-/// the same PostgreSQL database is refused at startup (it would otherwise
-/// take the first one's live runs for orphans), and the first keeps going.
-#[test]
-fn a_second_instance_on_the_same_database_is_refused() {
-    let Some(server) = postgres_server() else {
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            b"\nSKIPPED postgres::a_second_instance_on_the_same_database_is_refused: no PostgreSQL reachable\n",
-        );
-        return;
-    };
-    ON_POSTGRES.with(|on| *on.borrow_mut() = Some(server));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let first = TestApp::spawn().await;
-        let dir = Arc::clone(&first.dir);
-        let second = TestApp::try_start(Options {
-            dir: Some(Arc::clone(&dir)),
-            ..Options::default()
-        })
-        .await;
-        let Err(error) = second else {
-            panic!("a second instance started on the same database");
-        };
-        assert!(
-            error.to_string().contains("another cronguard instance"),
-            "{error}"
-        );
-        let (status, _) = first.get("/v1/jobs").await;
-        assert_eq!(status, 200, "the first instance still serves");
-        first.stop().await;
-        // The lock goes with the first instance: the database is usable again.
-        let third = TestApp::start(Options {
-            dir: Some(dir),
-            ..Options::default()
-        })
-        .await;
-        third.stop().await;
-    });
 }

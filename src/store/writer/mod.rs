@@ -64,6 +64,9 @@ pub enum Op {
     },
     InsertRun {
         run: Run,
+        /// Replicas: start only while fewer runs of the job than this are
+        /// live on other replicas (the overlap policy across replicas).
+        guard: Option<u32>,
         reply: Reply<()>,
     },
     StartRun {
@@ -99,10 +102,14 @@ pub enum Op {
     OrphanForeignRuns {
         current: Incarnation,
         at: DateTime<Utc>,
+        /// Replicas: only runs of incarnations whose last heartbeat is not
+        /// later than this (their lease expired), which are marked stopped.
+        expired_before: Option<DateTime<Utc>>,
         reply: Reply<Vec<Run>>,
     },
     RegisterIncarnation {
         id: Incarnation,
+        host: String,
         at: DateTime<Utc>,
         reply: Reply<()>,
     },
@@ -141,8 +148,18 @@ pub enum Op {
     },
 }
 
+/// Replies and publishes once the commit is known (its error, if any).
+type Finish = Box<dyn FnOnce(Option<&str>, &mpsc::UnboundedSender<JobChange>) + Send>;
+
 /// What to do once the batch's commit is known: reply, publish changes.
-type Pending = Box<dyn FnOnce(Option<&str>, &mpsc::UnboundedSender<JobChange>) + Send>;
+pub struct Pending {
+    finish: Finish,
+    /// The job whose change will be published (other replicas are told).
+    changed: Option<JobId>,
+    /// The operation failed in the database: on PostgreSQL the transaction
+    /// must go back to before it.
+    database_error: bool,
+}
 
 /// What an operation produced: the caller's value and, once committed, the
 /// job change to publish.
@@ -153,21 +170,34 @@ fn pending<T: Send + 'static>(reply: Reply<T>, applied: Applied<T>) -> Pending {
         Ok((value, change)) => (Ok(value), change),
         Err(e) => (Err(e), None),
     };
-    Box::new(move |commit_error, changes| match commit_error {
-        Some(e) => {
-            let _ = reply.send(Err(StoreError::Corrupt(format!("commit failed: {e}"))));
-        }
-        None => {
-            if result.is_ok()
-                && let Some(change) = change
-            {
-                // The engine may be restarting; the change is then
-                // covered by its reload from the store.
-                let _ = changes.send(change);
+    let changed = change.as_ref().and_then(|c| match c {
+        JobChange::Upserted(job) => Some(job.id),
+        JobChange::Removed(id) => Some(*id),
+        JobChange::Stale(_) | JobChange::Resync => None,
+    });
+    let database_error = matches!(result, Err(StoreError::Database(_) | StoreError::Sqlite(_)));
+    let finish = Box::new(
+        move |commit_error: Option<&str>, changes: &mpsc::UnboundedSender<JobChange>| match commit_error {
+            Some(e) => {
+                let _ = reply.send(Err(StoreError::Corrupt(format!("commit failed: {e}"))));
             }
-            let _ = reply.send(result);
-        }
-    })
+            None => {
+                if result.is_ok()
+                    && let Some(change) = change
+                {
+                    // The engine may be restarting; the change is then
+                    // covered by its reload from the store.
+                    let _ = changes.send(change);
+                }
+                let _ = reply.send(result);
+            }
+        },
+    );
+    Pending {
+        finish,
+        changed,
+        database_error,
+    }
 }
 
 /// The sending side of the writer's queue.
@@ -194,6 +224,12 @@ impl Queue {
 pub trait WriteConn: Tx + Send {
     /// Opens a transaction that holds the write lock from its start.
     fn begin(&mut self) -> Result<(), StoreError>;
+    /// Other writers share the database (PostgreSQL replicas): each
+    /// operation runs in a savepoint, job changes are announced with
+    /// NOTIFY, and run inserts lock their job first (see `runs::insert`).
+    fn shared(&self) -> bool {
+        false
+    }
     /// Commits the open transaction.
     fn commit(&mut self) -> Result<(), StoreError> {
         self.execute("COMMIT", &[]).map(|_| ())
@@ -351,10 +387,41 @@ impl Writer {
     fn commit(&mut self, batch: &mut Vec<Op>) -> bool {
         let mut done: Vec<Pending> = Vec::with_capacity(batch.len());
         let outbox = self.outbox.is_some();
+        let shared = self.conn.shared();
+        if shared {
+            // Replicas lock job rows in job order: no deadlock between
+            // two writers claiming fires of the same jobs. A start of a
+            // queued run stays after every insert (its row may be one).
+            batch.sort_by_key(|op| {
+                match op {
+                    Op::InsertRun { run, .. } => Some(run.job_id),
+                    _ => None,
+                }
+                .map_or((1, None), |id| (0, Some(id)))
+            });
+        }
         let outcome = (|| {
             self.conn.begin()?;
             for op in batch.drain(..) {
-                done.push(apply(&mut *self.conn, op, outbox));
+                let pending = if shared {
+                    // One failed statement aborts a PostgreSQL transaction:
+                    // contain it to its own operation.
+                    self.conn.execute("SAVEPOINT batch_op", &[])?;
+                    let pending = apply(&mut *self.conn, op, outbox, true);
+                    let end = if pending.database_error {
+                        "ROLLBACK TO SAVEPOINT batch_op"
+                    } else {
+                        "RELEASE SAVEPOINT batch_op"
+                    };
+                    self.conn.execute(end, &[])?;
+                    pending
+                } else {
+                    apply(&mut *self.conn, op, outbox, false)
+                };
+                done.push(pending);
+            }
+            if shared {
+                notify(&mut *self.conn, done.iter().filter_map(|p| p.changed))?;
             }
             self.conn.commit()
         })();
@@ -372,7 +439,7 @@ impl Writer {
             signal.notify_one();
         }
         for d in done {
-            d(error.as_deref(), &self.changes);
+            (d.finish)(error.as_deref(), &self.changes);
         }
         error.is_none()
     }
@@ -456,7 +523,33 @@ fn plain<T>(result: Result<T, StoreError>) -> Applied<T> {
     result.map(|v| (v, None))
 }
 
-fn apply(tx: &mut dyn Tx, op: Op, outbox: bool) -> Pending {
+/// The channel on which replicas announce job changes (`docs/scaling.md`).
+pub const JOB_CHANNEL: &str = "cronguard_jobs";
+
+/// Announces changed jobs to the other replicas, delivered at commit: ids
+/// separated by commas, several per notification (a payload holds at most
+/// 8000 bytes).
+fn notify(tx: &mut dyn Tx, changed: impl Iterator<Item = JobId>) -> Result<(), StoreError> {
+    let mut payload = String::new();
+    for id in changed {
+        if !payload.is_empty() {
+            payload.push(',');
+        }
+        payload.push_str(&id.to_string());
+        if payload.len() > 7000 {
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &values![JOB_CHANNEL, std::mem::take(&mut payload)],
+            )?;
+        }
+    }
+    if !payload.is_empty() {
+        tx.execute("SELECT pg_notify($1, $2)", &values![JOB_CHANNEL, payload])?;
+    }
+    Ok(())
+}
+
+fn apply(tx: &mut dyn Tx, op: Op, outbox: bool, shared: bool) -> Pending {
     match op {
         Op::CreateJob { job, reply } => {
             let result = savepoint(tx, |c| jobs::create(c, job));
@@ -480,7 +573,10 @@ fn apply(tx: &mut dyn Tx, op: Op, outbox: bool) -> Pending {
             let result = jobs::delete(tx, id, at, outbox);
             pending(reply, result.map(|()| ((), Some(JobChange::Removed(id)))))
         }
-        Op::InsertRun { run, reply } => pending(reply, runs::insert(tx, &run, outbox)),
+        Op::InsertRun { run, guard, reply } => pending(
+            reply,
+            runs::insert(tx, &run, outbox, shared.then_some(runs::Shared { guard })),
+        ),
         Op::StartRun { id, at, reply } => pending(reply, runs::start(tx, id, at, outbox)),
         Op::RecordAttempt {
             id,
@@ -501,20 +597,28 @@ fn apply(tx: &mut dyn Tx, op: Op, outbox: bool) -> Pending {
             at,
             reply,
         } => pending(reply, runs::finish(tx, id, outcome, at, outbox)),
-        Op::OrphanForeignRuns { current, at, reply } => {
-            pending(reply, plain(runs::orphan_foreign(tx, current, at, outbox)))
-        }
+        Op::OrphanForeignRuns {
+            current,
+            at,
+            expired_before,
+            reply,
+        } => pending(
+            reply,
+            plain(runs::orphan_foreign(tx, current, at, expired_before, outbox)),
+        ),
         Op::OrphanRunIfLive { id, at, error, reply } => {
             pending(reply, plain(runs::orphan_if_live(tx, id, at, &error, outbox)))
         }
-        Op::RegisterIncarnation { id, at, reply } => {
+        Op::RegisterIncarnation { id, host, at, reply } => {
             let result = tx.execute(
-                "INSERT INTO incarnations (id, pid, version, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4)",
+                "INSERT INTO incarnations (id, pid, version, started_at, heartbeat_at, host) \
+                 VALUES ($1, $2, $3, $4, $4, $5)",
                 &values![
                     id.to_string(),
                     i64::from(std::process::id()),
                     env!("CARGO_PKG_VERSION"),
                     ms(at),
+                    host,
                 ],
             );
             pending(reply, plain(result.map(|_| ())))

@@ -8,7 +8,7 @@ use super::{Applied, load_job};
 use crate::job::JobId;
 use crate::run::{Attempt, Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::rows::{self, RUN_COLUMNS, attempt_log_json, ms};
-use crate::store::sql::{Tx, all, first, is_foreign_key_violation, values};
+use crate::store::sql::{Tx, Value, all, first, is_foreign_key_violation, values};
 use crate::store::{JobChange, StoreError};
 use chrono::{DateTime, Utc};
 
@@ -55,44 +55,135 @@ fn skip_for_limit(c: &mut dyn Tx, id: RunId, at: DateTime<Utc>, outbox: bool) ->
     Ok(())
 }
 
+/// How a run insert meets other writers on a shared database (replicas).
+pub struct Shared {
+    /// Start only while fewer runs of the job than this are live on other
+    /// replicas (the overlap policy across replicas).
+    pub guard: Option<u32>,
+}
+
+const INSERT_RUN: &str = "INSERT INTO runs (id, job_id, job_name, scheduled_at, scheduled_until, fires, status, \
+     trigger, reason, created_at, started_at, ended_at, attempts, exit_code, http_status, error, output, pid, \
+     pgid, process_start_ticks, incarnation) ";
+const RUN_VALUES: &str =
+    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, NULL, NULL, NULL, $18";
+
 /// Inserts a run; a scheduled fire also moves the job's cursor. A starting
 /// scheduled run over the job's `max_runs` is stored as skipped and
 /// reported as [`StoreError::LimitReached`].
-pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
-    let result = c.execute(
-        "INSERT INTO runs (id, job_id, job_name, scheduled_at, scheduled_until, fires, status, trigger, reason, \
-         created_at, started_at, ended_at, attempts, exit_code, http_status, error, output, pid, pgid, \
-         process_start_ticks, incarnation) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, NULL, NULL, NULL, $18) \
-         ON CONFLICT DO NOTHING",
-        &values![
-            run.id.to_string(),
-            run.job_id.to_string(),
-            &run.job_name,
-            ms(run.scheduled_at),
-            run.scheduled_until.map(ms),
-            i64::from(run.fires),
-            run.status.as_str(),
-            run.trigger.as_str(),
-            run.reason.map(|r| r.as_str()),
-            ms(run.created_at),
-            run.started_at.map(ms),
-            run.ended_at.map(ms),
-            i64::from(run.attempts),
-            run.exit_code,
-            run.http_status.map(i64::from),
-            run.error.clone(),
-            run.output.clone(),
-            run.incarnation.to_string(),
-        ],
-    );
+///
+/// On a shared database (`shared`), the job's row is locked first, so a
+/// concurrent delete on another replica makes this [`StoreError::NotFound`]
+/// rather than a failed foreign key, and claims of the same job by two
+/// replicas are serialised. The insert then also requires that this
+/// incarnation was not declared stopped ([`StoreError::Fenced`]) and, with
+/// a guard, that the job has fewer live runs on other replicas than the
+/// guard: otherwise the fire is recorded as `skipped` (`overlap`) and
+/// reported as [`StoreError::Overlap`].
+pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool, shared: Option<Shared>) -> Applied<()> {
+    let values = run_values(run);
+    let result = match &shared {
+        None => c.execute(
+            &format!("{INSERT_RUN} VALUES ({RUN_VALUES}) ON CONFLICT DO NOTHING"),
+            &values,
+        ),
+        Some(shared) => claim(c, run, values, shared.guard),
+    };
     match result {
+        Ok(0) if shared.is_some() => return contested(c, run, outbox),
         Ok(0) => return Err(StoreError::DuplicateFire),
         Ok(_) => {}
         // The job was deleted between the fire and this insert.
         Err(e) if is_foreign_key_violation(&e) => return Err(StoreError::NotFound),
         Err(e) => return Err(e),
     }
+    counters(c, run, outbox)
+}
+
+/// Inserts `run` on a shared database (see [`insert`]); how many rows.
+fn claim(c: &mut dyn Tx, run: &Run, mut values: Vec<Value>, guard: Option<u32>) -> Result<u64, StoreError> {
+    let locked = c.execute(
+        "UPDATE jobs SET cursor_at = cursor_at WHERE id = $1",
+        &values![run.job_id.to_string()],
+    )?;
+    if locked == 0 {
+        return Err(StoreError::NotFound);
+    }
+    let mut sql = format!(
+        "{INSERT_RUN} SELECT {RUN_VALUES} WHERE EXISTS \
+         (SELECT 1 FROM incarnations WHERE id = $18 AND stopped_at IS NULL)"
+    );
+    if let Some(guard) = guard {
+        sql.push_str(
+            " AND (SELECT COUNT(*) FROM runs WHERE job_id = $2 AND status IN ('queued', 'running') \
+             AND incarnation != $18) < $19",
+        );
+        values.push(Value::from(i64::from(guard)));
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING");
+    c.execute(&sql, &values)
+}
+
+/// Why a claim inserted nothing: the fire was claimed already, this
+/// incarnation was fenced, or (guarded) another replica runs the job, in
+/// which case the fire is recorded as skipped.
+fn contested(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
+    let (claimed, alive) = first(
+        c,
+        "SELECT (SELECT COUNT(*) FROM runs WHERE job_id = $1 AND scheduled_at = $2 \
+           AND trigger IN ('schedule', 'catch_up') AND $3 IN ('schedule', 'catch_up')), \
+         (SELECT COUNT(*) FROM incarnations WHERE id = $4 AND stopped_at IS NULL)",
+        &values![
+            run.job_id.to_string(),
+            ms(run.scheduled_at),
+            run.trigger.as_str(),
+            run.incarnation.to_string()
+        ],
+        |row| Ok((row.int(0)?, row.int(1)?)),
+    )?
+    .unwrap_or((0, 0));
+    if claimed > 0 {
+        return Err(StoreError::DuplicateFire);
+    }
+    if alive == 0 {
+        return Err(StoreError::Fenced);
+    }
+    let mut skipped = run.clone();
+    skipped.status = RunStatus::Skipped;
+    skipped.reason = Some(Reason::Overlap);
+    skipped.started_at = None;
+    skipped.ended_at = Some(run.created_at);
+    skipped.error = Some("a run of this job is live on another replica".to_owned());
+    insert(c, &skipped, outbox, Some(Shared { guard: None }))?;
+    Err(StoreError::Overlap)
+}
+
+fn run_values(run: &Run) -> Vec<Value> {
+    Vec::from(values![
+        run.id.to_string(),
+        run.job_id.to_string(),
+        &run.job_name,
+        ms(run.scheduled_at),
+        run.scheduled_until.map(ms),
+        i64::from(run.fires),
+        run.status.as_str(),
+        run.trigger.as_str(),
+        run.reason.map(|r| r.as_str()),
+        ms(run.created_at),
+        run.started_at.map(ms),
+        run.ended_at.map(ms),
+        i64::from(run.attempts),
+        run.exit_code,
+        run.http_status.map(i64::from),
+        run.error.clone(),
+        run.output.clone(),
+        run.incarnation.to_string(),
+    ])
+}
+
+/// What moves with an inserted run: the outbox entry of a final row, the
+/// job's cursor and its started-run count.
+fn counters(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
     if outbox && run.status.is_final() {
         super::outbox::record_run(c, run.id, run.created_at)?;
     }
@@ -274,21 +365,31 @@ fn auto_pause(c: &mut dyn Tx, job: &str, at: DateTime<Utc>) -> Result<Option<Job
 }
 
 /// Marks every live run not owned by `current` as orphaned; returns them
-/// as they were.
+/// as they were. With replicas (`expired_before`), only runs of
+/// incarnations that are stopped or whose last heartbeat is not later than
+/// `expired_before`; those incarnations are marked stopped first, which
+/// fences them (their claims fail from now on).
 pub(super) fn orphan_foreign(
     c: &mut dyn Tx,
     current: Incarnation,
     at: DateTime<Utc>,
+    expired_before: Option<DateTime<Utc>>,
     outbox: bool,
 ) -> Result<Vec<Run>, StoreError> {
-    let runs = all(
-        c,
-        &format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') AND incarnation != $1"
-        ),
-        &values![current.to_string()],
-        |row| rows::run(row),
-    )?;
+    let mut sql =
+        format!("SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') AND incarnation != $1");
+    let mut params = Vec::from(values![current.to_string()]);
+    if let Some(cutoff) = expired_before {
+        c.execute(
+            "UPDATE incarnations SET stopped_at = $1 WHERE stopped_at IS NULL AND heartbeat_at <= $2 AND id != $3",
+            &values![ms(at), ms(cutoff), current.to_string()],
+        )?;
+        sql.push_str(" AND incarnation NOT IN (SELECT id FROM incarnations WHERE stopped_at IS NULL)");
+    }
+    // Run ids in order: replicas orphaning together lock rows in one order.
+    sql.push_str(" ORDER BY id");
+    let runs = all(c, &sql, &params, |row| rows::run(row))?;
+    params.clear();
     for run in &runs {
         let error = format!(
             "the service incarnation {} that owned this {} run ended without recording its outcome",
