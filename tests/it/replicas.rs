@@ -484,3 +484,76 @@ fn a_replica_that_lost_its_lease_is_fenced() {
         b.signal(Signal::SIGTERM);
     });
 }
+
+/// The overlap policy holds across replicas: when the replica running a
+/// long run of a `skip` job leaves, the new owner records the fires that
+/// come while that run drains as skipped, and no two runs of the job ever
+/// overlap.
+#[test]
+fn the_overlap_policy_holds_across_a_hand_over() {
+    on_postgres("the_overlap_policy_holds_across_a_hand_over", || async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let database = database_for(dir.path()).await;
+        let mut receiver = Receiver::start().await;
+        let mut replicas = vec![
+            replica(dir.path(), &database).await,
+            replica(dir.path(), &database).await,
+        ];
+        converged(&[&replicas[0], &replicas[1]], 2, 0).await;
+        let mut spec = http_job("long", every_second(), &receiver.url("/sleep/4000"));
+        spec["action"]["timeout"] = json!("30s");
+        let (code, job) = replicas[0].post("/v1/jobs", spec).await;
+        assert_eq!(code, 201, "{job}");
+        let hit = receiver.next_on("/sleep/4000").await;
+        let run_id = hit.header("x-cronguard-run").to_owned();
+        // The replica running it leaves (SIGTERM: it drains the run).
+        let (_, run) = replicas[0].get(&format!("/v1/runs/{run_id}")).await;
+        let owner = run["incarnation"].as_str().expect("incarnation").to_owned();
+        let mut owner_at = 0;
+        for (i, r) in replicas.iter().enumerate() {
+            if status(r).await["incarnation"] == owner.as_str() {
+                owner_at = i;
+            }
+        }
+        let mut leaving = replicas.remove(owner_at);
+        leaving.signal(Signal::SIGTERM);
+        assert_eq!(leaving.wait().await, Some(0));
+        let other = &replicas[0];
+        // The other replica took the job and skipped while the run drained.
+        let skipped = crate::helpers::eventually("a fire skipped for a run on another replica", || async {
+            let (_, page) = other
+                .get(&format!(
+                    "/v1/runs?job={}&status=skipped",
+                    job["id"].as_str().unwrap_or("")
+                ))
+                .await;
+            page["items"]
+                .as_array()?
+                .iter()
+                .find(|r| r["error"] == "a run of this job is live on another replica")
+                .cloned()
+        })
+        .await;
+        assert_eq!(skipped["reason"], "overlap", "{skipped}");
+        receiver.next_on("/sleep/4000").await;
+        other.signal(Signal::SIGTERM);
+        let pool = any_pool(&database).await;
+        let runs: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT started_at, ended_at FROM runs WHERE status = 'succeeded' ORDER BY started_at",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("runs");
+        assert!(runs.len() >= 2, "{runs:?}");
+        // `started_at` is stamped when the fire is admitted, just before its
+        // claim commits; the claim itself is refused while the other run is
+        // live. So a start may precede the previous end by the claim's
+        // commit time, never by a run.
+        for pair in runs.windows(2) {
+            assert!(
+                pair[1].0 + 250 >= pair[0].1,
+                "two runs of the job overlapped: {runs:?}"
+            );
+        }
+    });
+}

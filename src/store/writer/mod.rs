@@ -35,6 +35,12 @@ use crate::run::{Attempt, Incarnation, Outcome, Run, RunId};
 /// rest are still being written (a commit costs little in WAL mode).
 const MAX_BATCH: usize = 256;
 
+/// Most operations in one transaction on a shared database (PostgreSQL):
+/// each runs in a savepoint, and a transaction with more than 64
+/// subtransactions overflows PostgreSQL's per-backend subtransaction cache,
+/// which slows snapshots on every connection (`docs/performance.md`).
+const MAX_SHARED_BATCH: usize = 64;
+
 /// How often the checkpointer moves the write-ahead log into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
@@ -150,6 +156,26 @@ pub enum Op {
 
 /// Replies and publishes once the commit is known (its error, if any).
 type Finish = Box<dyn FnOnce(Option<&str>, &mpsc::UnboundedSender<JobChange>) + Send>;
+
+impl Op {
+    /// Whether the operation may fail in the database for reasons other
+    /// than a broken connection (constraints, or lock waits across
+    /// replicas). Run writes may not: claims lock their job before
+    /// inserting (no foreign-key failure), every writer locks runs before
+    /// their job and jobs in id order (no deadlock). On PostgreSQL the
+    /// others run in a savepoint; run writes skip its two round trips, the
+    /// bulk of a fire's cost there.
+    fn may_fail(&self) -> bool {
+        !matches!(
+            self,
+            Self::InsertRun { .. }
+                | Self::StartRun { .. }
+                | Self::FinishRun { .. }
+                | Self::RecordProcess { .. }
+                | Self::RecordAttempt { .. }
+        )
+    }
+}
 
 /// What to do once the batch's commit is known: reply, publish changes.
 pub struct Pending {
@@ -353,7 +379,14 @@ impl Writer {
                 let _ = self.conn.query("PRAGMA wal_autocheckpoint = 1000", &[], ignore);
             }
         }
-        let mut lanes = Lanes::default();
+        let mut lanes = Lanes {
+            limit: if self.conn.shared() {
+                MAX_SHARED_BATCH
+            } else {
+                MAX_BATCH
+            },
+            ..Lanes::default()
+        };
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
             heartbeat.beat();
@@ -403,7 +436,7 @@ impl Writer {
         let outcome = (|| {
             self.conn.begin()?;
             for op in batch.drain(..) {
-                let pending = if shared {
+                let pending = if shared && op.may_fail() {
                     // One failed statement aborts a PostgreSQL transaction:
                     // contain it to its own operation.
                     self.conn.execute("SAVEPOINT batch_op", &[])?;
@@ -457,6 +490,8 @@ struct Lanes {
     rest: std::collections::VecDeque<Op>,
     /// Batches of starts in a row while other writes waited.
     passed: u32,
+    /// Most operations per batch.
+    limit: usize,
 }
 
 impl Lanes {
@@ -493,7 +528,7 @@ impl Lanes {
         } else {
             &mut self.rest
         };
-        while batch.len() < MAX_BATCH {
+        while batch.len() < self.limit {
             let Some(op) = lane.pop_front() else { break };
             let close = matches!(op, Op::Close { .. });
             batch.push(op);
