@@ -438,27 +438,43 @@ impl App {
         };
 
         // Replicas: the lease and the change listener.
-        let replicating = async {
+        // Replicas: the change listener stops with the engine; the lease is
+        // renewed until every run here is recorded (a draining replica is
+        // alive: its runs must not be taken for orphans).
+        let lease_stop = CancellationToken::new();
+        let listening = async {
             if !store.shared() {
                 return;
             }
-            let lease_beat = health.heartbeat("replica_lease", stale);
-            let leasing = supervise(lease_beat.clone(), metrics.clone(), budget, stop.clone(), || {
-                lease
-                    .clone()
-                    .run(stop.clone(), lease_beat.clone(), faults.clone())
-            });
             let listener = Arc::new(Listener {
                 store: store.clone(),
                 changes: notices.clone(),
             });
             let listen_beat = health.heartbeat("replica_listener", stale);
-            let listening = supervise(listen_beat.clone(), metrics.clone(), budget, stop.clone(), || {
+            supervise(listen_beat.clone(), metrics.clone(), budget, stop.clone(), || {
                 listener
                     .clone()
                     .run(stop.clone(), listen_beat.clone(), faults.clone())
-            });
-            tokio::join!(leasing, listening);
+            })
+            .await;
+        };
+        let leasing = async {
+            if !store.shared() {
+                return;
+            }
+            let lease_beat = health.heartbeat("replica_lease", stale);
+            supervise(
+                lease_beat.clone(),
+                metrics.clone(),
+                budget,
+                lease_stop.clone(),
+                || {
+                    lease
+                        .clone()
+                        .run(lease_stop.clone(), lease_beat.clone(), faults.clone())
+                },
+            )
+            .await;
         };
 
         let stopping = async {
@@ -470,13 +486,15 @@ impl App {
                 reaping,
                 retaining,
                 syncing,
-                replicating
+                listening
             );
             supervisor.lock().await.drain(shutdown.kill.clone()).await;
+            lease_stop.cancel();
             http_stop.cancel();
             fenced
         };
-        let (served, fenced) = tokio::join!(async { server.await.map_err(AppError::Serve) }, stopping);
+        let (served, fenced, ()) =
+            tokio::join!(async { server.await.map_err(AppError::Serve) }, stopping, leasing);
         drop((handle, reaper, notices));
 
         if let Err(e) = store.stop_incarnation(incarnation, clock.now()).await {

@@ -518,7 +518,7 @@ fn the_overlap_policy_holds_across_a_hand_over() {
         let mut leaving = replicas.remove(owner_at);
         leaving.signal(Signal::SIGTERM);
         assert_eq!(leaving.wait().await, Some(0));
-        let other = &replicas[0];
+        let mut other = replicas.remove(0);
         // The other replica took the job and skipped while the run drained.
         let skipped = crate::helpers::eventually("a fire skipped for a run on another replica", || async {
             let (_, page) = other
@@ -535,8 +535,10 @@ fn the_overlap_policy_holds_across_a_hand_over() {
         })
         .await;
         assert_eq!(skipped["reason"], "overlap", "{skipped}");
+        // Its own run starts once the other replica's run ended; it drains.
         receiver.next_on("/sleep/4000").await;
         other.signal(Signal::SIGTERM);
+        assert_eq!(other.wait().await, Some(0));
         let pool = any_pool(&database).await;
         let runs: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT started_at, ended_at FROM runs WHERE status = 'succeeded' ORDER BY started_at",

@@ -36,9 +36,9 @@ use crate::run::{Attempt, Incarnation, Outcome, Run, RunId};
 const MAX_BATCH: usize = 256;
 
 /// Most operations in one transaction on a shared database (PostgreSQL):
-/// each runs in a savepoint, and a transaction with more than 64
-/// subtransactions overflows PostgreSQL's per-backend subtransaction cache,
-/// which slows snapshots on every connection (`docs/performance.md`).
+/// job and housekeeping writes run in a savepoint there, and a transaction
+/// with more than 64 subtransactions overflows PostgreSQL's per-backend
+/// subtransaction cache, which slows snapshots on every connection.
 const MAX_SHARED_BATCH: usize = 64;
 
 /// How often the checkpointer moves the write-ahead log into the database.
@@ -250,9 +250,10 @@ impl Queue {
 pub trait WriteConn: Tx + Send {
     /// Opens a transaction that holds the write lock from its start.
     fn begin(&mut self) -> Result<(), StoreError>;
-    /// Other writers share the database (PostgreSQL replicas): each
-    /// operation runs in a savepoint, job changes are announced with
-    /// NOTIFY, and run inserts lock their job first (see `runs::insert`).
+    /// Other writers share the database (PostgreSQL replicas): operations
+    /// that may fail run in a savepoint ([`Op::may_fail`]), job changes
+    /// are announced with NOTIFY, and run inserts lock their job first (see
+    /// `runs::insert`).
     fn shared(&self) -> bool {
         false
     }
@@ -449,7 +450,7 @@ impl Writer {
                     self.conn.execute(end, &[])?;
                     pending
                 } else {
-                    apply(&mut *self.conn, op, outbox, false)
+                    apply(&mut *self.conn, op, outbox, shared)
                 };
                 done.push(pending);
             }
