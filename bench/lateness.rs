@@ -224,28 +224,20 @@ async fn run(workload: Workload, n: usize, seconds: i64, target: Target) -> Stri
     }
     let count =
         "SELECT COUNT(*) FROM runs WHERE status = 'succeeded' AND scheduled_at >= $1 AND scheduled_at < $2";
-    let (recorded,): (i64,) = match &target {
-        Target::Sqlite => {
-            let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{database}"))
-                .await
-                .expect("open");
-            sqlx::query_as(count)
-                .bind(start.timestamp_millis())
-                .bind(end.timestamp_millis())
-                .fetch_one(&mut conn)
-                .await
-                .expect("count")
-        }
-        Target::Postgres(..) => {
-            let mut conn = sqlx::PgConnection::connect(&database).await.expect("connect");
-            sqlx::query_as(count)
-                .bind(start.timestamp_millis())
-                .bind(end.timestamp_millis())
-                .fetch_one(&mut conn)
-                .await
-                .expect("count")
-        }
+    let url = match &target {
+        Target::Sqlite => format!("sqlite://{database}"),
+        Target::Postgres(..) => database.clone(),
     };
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&url)
+        .await
+        .expect("open the database");
+    let (recorded,): (i64,) = sqlx::query_as(count)
+        .bind(start.timestamp_millis())
+        .bind(end.timestamp_millis())
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
     let on = match &target {
         Target::Sqlite => "SQLite".to_owned(),
         Target::Postgres(_, r) => format!("PostgreSQL, {r} replica(s)"),

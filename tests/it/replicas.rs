@@ -41,6 +41,18 @@ where
     runtime.block_on(test());
 }
 
+/// A fresh database, a receiver and `n` replicas on the database.
+async fn cluster(n: usize) -> (tempfile::TempDir, String, Receiver, Vec<Binary>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = database_for(dir.path()).await;
+    let receiver = Receiver::start().await;
+    let mut replicas = Vec::new();
+    for _ in 0..n {
+        replicas.push(replica(dir.path(), &database).await);
+    }
+    (dir, database, receiver, replicas)
+}
+
 /// One replica of the cluster under test.
 async fn replica(dir: &Path, database: &str) -> Binary {
     Binary::start(dir, &["--database", database, "--log", "warn,cronguard=info"]).await
@@ -118,12 +130,8 @@ fn three_replicas_fire_each_second_of_each_job_exactly_once() {
         "three_replicas_fire_each_second_of_each_job_exactly_once",
         || async {
             const JOBS: usize = 200;
-            let dir = tempfile::tempdir().expect("tempdir");
-            let database = database_for(dir.path()).await;
-            let mut receiver = Receiver::start().await;
-            let a = replica(dir.path(), &database).await;
-            let b = replica(dir.path(), &database).await;
-            let c = replica(dir.path(), &database).await;
+            let (_dir, database, mut receiver, replicas) = cluster(3).await;
+            let [a, b, c] = <[Binary; 3]>::try_from(replicas).unwrap_or_else(|_| unreachable!());
             create_jobs(&b, JOBS, &receiver.url("/hit")).await;
             converged(&[&a, &b, &c], 3, JOBS as u64).await;
             for r in [&a, &b, &c] {
@@ -200,14 +208,7 @@ fn kill_minus_nine_every_ten_seconds_loses_fires_only_within_the_takeover_bound(
         "kill_minus_nine_every_ten_seconds_loses_fires_only_within_the_takeover_bound",
         || async {
             const JOBS: usize = 100;
-            let dir = tempfile::tempdir().expect("tempdir");
-            let database = database_for(dir.path()).await;
-            let mut receiver = Receiver::start().await;
-            let mut replicas = vec![
-                replica(dir.path(), &database).await,
-                replica(dir.path(), &database).await,
-                replica(dir.path(), &database).await,
-            ];
+            let (dir, database, mut receiver, mut replicas) = cluster(3).await;
             create_jobs(&replicas[0], JOBS, &receiver.url("/hit")).await;
             converged(&[&replicas[0], &replicas[1], &replicas[2]], 3, JOBS as u64).await;
             let from = whole_second_after(Duration::from_secs(1));
@@ -338,14 +339,7 @@ fn pause_update_and_delete_on_one_replica_take_effect_on_all_within_a_second() {
     on_postgres(
         "pause_update_and_delete_on_one_replica_take_effect_on_all_within_a_second",
         || async {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let database = database_for(dir.path()).await;
-            let mut receiver = Receiver::start().await;
-            let replicas = [
-                replica(dir.path(), &database).await,
-                replica(dir.path(), &database).await,
-                replica(dir.path(), &database).await,
-            ];
+            let (_dir, _database, mut receiver, replicas) = cluster(3).await;
             converged(&[&replicas[0], &replicas[1], &replicas[2]], 3, 0).await;
             let mut jobs = Vec::new();
             for i in 0..6 {
@@ -433,10 +427,8 @@ fn pause_update_and_delete_on_one_replica_take_effect_on_all_within_a_second() {
 #[test]
 fn a_replica_that_lost_its_lease_is_fenced() {
     on_postgres("a_replica_that_lost_its_lease_is_fenced", || async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let database = database_for(dir.path()).await;
-        let mut receiver = Receiver::start().await;
-        let mut a = replica(dir.path(), &database).await;
+        let (dir, database, mut receiver, mut replicas) = cluster(1).await;
+        let mut a = replicas.remove(0);
         // A alone: it owns the job and starts a long run.
         let spec = json!({
             "name": "slow",
@@ -492,13 +484,7 @@ fn a_replica_that_lost_its_lease_is_fenced() {
 #[test]
 fn the_overlap_policy_holds_across_a_hand_over() {
     on_postgres("the_overlap_policy_holds_across_a_hand_over", || async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let database = database_for(dir.path()).await;
-        let mut receiver = Receiver::start().await;
-        let mut replicas = vec![
-            replica(dir.path(), &database).await,
-            replica(dir.path(), &database).await,
-        ];
+        let (_dir, database, mut receiver, mut replicas) = cluster(2).await;
         converged(&[&replicas[0], &replicas[1]], 2, 0).await;
         let mut spec = http_job("long", every_second(), &receiver.url("/sleep/4000"));
         spec["action"]["timeout"] = json!("30s");
