@@ -234,8 +234,9 @@ impl Membership {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let mut owners: Vec<Incarnation> = replicas.iter().filter(|r| !r.leaving).map(|r| r.id).collect();
         owners.sort();
-        let was_active = self.active.swap(active && !state.leaving, Ordering::AcqRel);
-        let changed = owners != state.owners || was_active != (active && !state.leaving);
+        let active = active && !state.leaving;
+        let was_active = self.active.swap(active, Ordering::AcqRel);
+        let changed = owners != state.owners || was_active != active;
         state.owners = owners;
         state.replicas = replicas;
         changed

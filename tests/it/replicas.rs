@@ -103,13 +103,42 @@ fn whole_second_after(ahead: Duration) -> DateTime<Utc> {
 }
 
 /// Hits per (job name, scheduled second).
-fn tally(hits: &[Hit]) -> HashMap<(String, DateTime<Utc>), u32> {
+fn tally(hits: &[Hit]) -> HashMap<Fire, u32> {
     let mut out = HashMap::new();
     for hit in hits {
         *out.entry((hit.header("x-cronguard-job-name").to_owned(), hit.scheduled_at()))
             .or_default() += 1;
     }
     out
+}
+
+/// One fire: a job's name and a scheduled second.
+type Fire = (String, DateTime<Utc>);
+
+/// The (job, second) pairs of jobs `job-000`… in `[from, until)` that
+/// reached the receiver never, and those that reached it more than once.
+fn each_second(
+    hits: &[Hit],
+    jobs: usize,
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> (Vec<Fire>, Vec<(Fire, u32)>) {
+    let counts = tally(hits);
+    let mut missed = Vec::new();
+    let mut duplicated = Vec::new();
+    for i in 0..jobs {
+        let name = format!("job-{i:03}");
+        let mut t = from;
+        while t < until {
+            match counts.get(&(name.clone(), t)).copied().unwrap_or(0) {
+                1 => {}
+                0 => missed.push((name.clone(), t)),
+                n => duplicated.push(((name.clone(), t), n)),
+            }
+            t += TimeDelta::seconds(1);
+        }
+    }
+    (missed, duplicated)
 }
 
 /// Collects every hit until `until` has passed (fires of a second arrive
@@ -142,21 +171,7 @@ fn three_replicas_fire_each_second_of_each_job_exactly_once() {
             let until = from + TimeDelta::seconds(60);
             receiver.drain();
             let hits = collect(&mut receiver, until, Duration::from_secs(3)).await;
-            let counts = tally(&hits);
-            let mut missed = Vec::new();
-            let mut duplicated = Vec::new();
-            for i in 0..JOBS {
-                let name = format!("job-{i:03}");
-                let mut t = from;
-                while t < until {
-                    match counts.get(&(name.clone(), t)).copied().unwrap_or(0) {
-                        1 => {}
-                        0 => missed.push((name.clone(), t)),
-                        n => duplicated.push((name.clone(), t, n)),
-                    }
-                    t += TimeDelta::seconds(1);
-                }
-            }
+            let (missed, duplicated) = each_second(&hits, JOBS, from, until);
             assert!(duplicated.is_empty(), "duplicates: {duplicated:?}");
             assert!(
                 missed.is_empty(),
@@ -226,7 +241,6 @@ fn kill_minus_nine_every_ten_seconds_loses_fires_only_within_the_takeover_bound(
             let until = from + TimeDelta::seconds(120);
             // Fires missed during a takeover run late (within the misfire grace).
             let hits = collect(&mut receiver, until, Duration::from_secs(10)).await;
-            let counts = tally(&hits);
             // The documented takeover bound (docs/scaling.md): fires the killed
             // replica had claimed (up to a second before it died) are orphaned;
             // its jobs' fires until the takeover (lease 3 s + a renewal period
@@ -237,22 +251,9 @@ fn kill_minus_nine_every_ten_seconds_loses_fires_only_within_the_takeover_bound(
                     .iter()
                     .any(|k| t >= *k - TimeDelta::seconds(2) && t <= *k + TimeDelta::seconds(5))
             };
-            let mut duplicated = Vec::new();
-            let mut missed = Vec::new();
-            let mut lost_to_kills = 0;
-            for i in 0..JOBS {
-                let name = format!("job-{i:03}");
-                let mut t = from;
-                while t < until {
-                    match counts.get(&(name.clone(), t)).copied().unwrap_or(0) {
-                        1 => {}
-                        0 if near_a_kill(t) => lost_to_kills += 1,
-                        0 => missed.push((name.clone(), t)),
-                        n => duplicated.push((name.clone(), t, n)),
-                    }
-                    t += TimeDelta::seconds(1);
-                }
-            }
+            let (not_run, duplicated) = each_second(&hits, JOBS, from, until);
+            let (near, missed): (Vec<_>, Vec<_>) = not_run.into_iter().partition(|(_, t)| near_a_kill(*t));
+            let lost_to_kills = near.len();
             let total = JOBS * 120;
             eprintln!(
                 "kill -9 x{}: {lost_to_kills} of {total} fires near a kill did not run",
