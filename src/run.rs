@@ -289,6 +289,11 @@ pub struct Attempt {
     /// What went wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When the next attempt is due, for an attempt that is retried: its
+    /// end plus the backoff. Set before the wait starts, so a running run
+    /// shows when it will try again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
 }
 
 /// The end of an execution, as the supervisor records it.

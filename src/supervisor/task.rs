@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -218,6 +218,7 @@ async fn attempts(
                 exit_code: outcome.exit_code,
                 http_status: outcome.http_status,
                 error: outcome.error.clone(),
+                retry_at: None,
             });
         }
         if !retryable || attempt >= retry.max_attempts || cancel.token().is_cancelled() {
@@ -231,17 +232,27 @@ async fn attempts(
             return outcome;
         }
         let delay = retry.delay_before(attempt + 1);
+        // The backoff counts from the attempt's end, not from after the
+        // store write below: a slow commit must not stretch the wait.
+        let ended = log.last().map_or_else(|| ctx.clock.now(), |a| a.ended_at);
+        let retry_at = ended
+            .checked_add_signed(TimeDelta::from_std(delay).unwrap_or(TimeDelta::MAX))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        if let Some(last) = log.last_mut() {
+            last.retry_at = Some(retry_at);
+        }
         tracing::info!(
             status = %outcome.status,
             error = outcome.error.as_deref(),
             retry_in_ms = delay.as_millis() as u64,
+            %retry_at,
             "attempt failed; retrying"
         );
         if let Err(e) = ctx.store.record_attempt(run_id, attempt, log.clone()).await {
             tracing::warn!(error = %e, "could not record an attempt");
         }
         tokio::select! {
-            () = ctx.clock.sleep(delay) => {}
+            () = ctx.clock.sleep_until(retry_at) => {}
             () = cancel.token().cancelled() => {
                 let mut cancelled = Outcome::cancelled(
                     cancel.reason().unwrap_or(Reason::Requested),

@@ -2,7 +2,6 @@
 //! downtime, retries, auto-pause, max runs, retention.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use cronguard::clock::ManualClock;
@@ -328,20 +327,26 @@ pub(crate) async fn retries_back_off_within_bounds_inside_one_run() {
     .await;
     let (_, run) = app.post_empty("/v1/jobs/flaky/trigger").await;
     let id = run["id"].as_str().unwrap().to_owned();
-    // Move time on in small steps until the run ends.
+    // Each failed attempt is recorded with the instant its retry is due
+    // before the wait starts; set the clock exactly there and wait for the
+    // next attempt to be recorded (or the run to end). The clock never
+    // moves while the run is between an attempt and its wait.
+    let attempts_seen = |r: &Value| r["attempt_log"].as_array().map_or(0, Vec::len);
+    let mut seen = 0;
     let run = loop {
-        let (_, r) = app.get(&format!("/v1/runs/{id}")).await;
+        let r = eventually("the next attempt to be recorded", || async {
+            let (_, r) = app.get(&format!("/v1/runs/{id}")).await;
+            (r["status"] != "running" || attempts_seen(&r) > seen).then_some(r)
+        })
+        .await;
         if r["status"] != "running" {
             break r;
         }
-        let attempts = r["attempts"].as_u64().unwrap_or(0);
-        clock.advance(Duration::from_millis(100));
-        // Let the run reach its next wait before moving time again.
-        eventually("the run to progress", || async {
-            let (_, r) = app.get(&format!("/v1/runs/{id}")).await;
-            (r["status"] != "running" || r["attempts"].as_u64().unwrap_or(0) >= attempts).then_some(())
-        })
-        .await;
+        seen = attempts_seen(&r);
+        let due = r["attempt_log"][seen - 1]["retry_at"]
+            .as_str()
+            .expect("retry_at on a retried attempt");
+        clock.set(DateTime::parse_from_rfc3339(due).unwrap().with_timezone(&Utc));
     };
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["attempts"], 3);
@@ -351,13 +356,17 @@ pub(crate) async fn retries_back_off_within_bounds_inside_one_run() {
     assert_eq!(log[0]["status"], "failed");
     assert_eq!(log[1]["status"], "failed");
     assert_eq!(log[2]["status"], "succeeded");
-    let first_wait = (when(1, "started_at") - when(0, "ended_at")).num_milliseconds();
-    let second_wait = (when(2, "started_at") - when(1, "ended_at")).num_milliseconds();
+    assert!(log[2].get("retry_at").is_none(), "{run}");
+    // The next attempt starts exactly when its retry was due.
+    assert_eq!(when(1, "started_at"), when(0, "retry_at"));
+    assert_eq!(when(2, "started_at"), when(1, "retry_at"));
+    let first_wait = (when(0, "retry_at") - when(0, "ended_at")).num_milliseconds();
+    let second_wait = (when(1, "retry_at") - when(1, "ended_at")).num_milliseconds();
     // Equal jitter: the delay before retry n lies in [d/2, d] with
-    // d = backoff * 2^(n-2); the clock moves in 100 ms steps.
-    assert!((500..=1100).contains(&first_wait), "first wait {first_wait} ms");
+    // d = backoff * 2^(n-2).
+    assert!((500..=1000).contains(&first_wait), "first wait {first_wait} ms");
     assert!(
-        (1000..=2100).contains(&second_wait),
+        (1000..=2000).contains(&second_wait),
         "second wait {second_wait} ms"
     );
     app.stop().await;
