@@ -46,13 +46,19 @@ pub(super) async fn open(
     changes: mpsc::UnboundedSender<JobChange>,
 ) -> Result<(Inner, WriterTask), StoreError> {
     let connect = connect_options(options)?;
+    // One plain connection first: a pool retries a refused connection
+    // until its acquire timeout and then reports only "pool timed out",
+    // while the operator needs the cause (refused, unknown database,
+    // authentication) at once.
+    let mut first = PgConnection::connect_with(&connect).await?;
+    MIGRATOR.run(&mut first).await?;
+    first.close().await?;
     let pool = PgPoolOptions::new()
         .max_connections(options.read_connections.max(2))
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(connect.clone())
         .await?;
-    MIGRATOR.run(&pool).await?;
     let write = PgWrite::connect(connect).await?;
     let outbox_signal = std::sync::Arc::new(tokio::sync::Notify::new());
     let (writer, queue) = Writer::new(
