@@ -1,10 +1,12 @@
 //! One integration-test binary (link time on a 2-core machine); one module
-//! per area. Every test talks HTTP to the real service on an ephemeral port.
+//! per area. Every test talks HTTP to the real service on an ephemeral port,
+//! except `claims`, which drives the claim contract on the store itself.
 
 mod helpers;
 
 mod api;
 mod backend;
+mod claims;
 mod commands;
 mod observability;
 mod openapi;

@@ -19,7 +19,7 @@ use crate::helpers::{
 };
 
 /// Runs `test` with the PostgreSQL server, or says SKIPPED.
-fn on_postgres<F, Fut>(name: &str, test: F)
+pub(crate) fn on_postgres<F, Fut>(name: &str, test: F)
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = ()>,
@@ -545,4 +545,91 @@ fn the_overlap_policy_holds_across_a_hand_over() {
             );
         }
     });
+}
+
+/// Needs no server: a closed loopback port. The operator sees the cause
+/// at once, not a pool's "timed out" ten seconds later, and nothing starts.
+#[tokio::test]
+async fn an_unreachable_database_stops_startup_with_its_cause() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let out = within(
+        "cronguard to give up",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_cronguard"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--insecure-no-auth",
+                "--database",
+            ])
+            .arg(format!("postgres://postgres@127.0.0.1:{port}/test"))
+            .output(),
+    )
+    .await
+    .expect("run cronguard");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert!(!stderr.contains("timed out"), "{stderr}");
+}
+
+/// A lost notification connection may have lost changes, so on
+/// reconnecting a replica re-reads every job. A pause written straight
+/// into the database (no `NOTIFY`) stands for the lost notification: the
+/// job keeps firing until the listener's connection is cut, then stops.
+#[test]
+fn a_replica_rereads_every_job_after_losing_its_notification_connection() {
+    on_postgres(
+        "a_replica_rereads_every_job_after_losing_its_notification_connection",
+        || async {
+            let (_dir, database, mut receiver, mut replicas) = cluster(1).await;
+            let (code, job) = replicas[0]
+                .post(
+                    "/v1/jobs",
+                    http_job("quiet", every_second(), &receiver.url("/quiet")),
+                )
+                .await;
+            assert_eq!(code, 201, "{job}");
+            receiver.next_on("/quiet").await;
+            let pool = any_pool(&database).await;
+            sqlx::query("UPDATE jobs SET paused = 1 WHERE name = 'quiet'")
+                .execute(&pool)
+                .await
+                .expect("pause behind the replica's back");
+            let paused_at = Utc::now();
+            // Nobody told the engine: the job keeps firing.
+            within("fires after the silent pause", async {
+                while receiver.next_on("/quiet").await.scheduled_at() <= paused_at + TimeDelta::seconds(1) {}
+            })
+            .await;
+            let cut = sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("terminate the listener's connection");
+            assert_eq!(cut.len(), 1, "one listening connection");
+            replicas[0]
+                .log_line("lost the notification connection; re-reading every job")
+                .await;
+            // Re-read: the job is paused. Fires already due may still land;
+            // then three whole seconds without one.
+            within("the job to stop firing", async {
+                loop {
+                    receiver.drain();
+                    let hits = collect(&mut receiver, Utc::now(), Duration::from_secs(3)).await;
+                    if hits.iter().all(|h| h.path != "/quiet") {
+                        return;
+                    }
+                }
+            })
+            .await;
+            replicas[0].signal(Signal::SIGTERM);
+            assert_eq!(replicas[0].wait().await, Some(0));
+        },
+    );
 }
