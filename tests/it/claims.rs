@@ -13,12 +13,13 @@ use cronguard::run::{Incarnation, Run, RunId, RunStatus, Trigger};
 use cronguard::store::{NewJob, SqliteOptions, Store, StoreError};
 use serde_json::json;
 
-use crate::helpers::{database_for, t0};
+use crate::helpers::{any_pool, database_for, t0};
 use crate::replicas::on_postgres;
 
 /// A fresh shared store with its writer running, and two live replicas.
-async fn shared_store(dir: &std::path::Path) -> (Store, Incarnation, Incarnation) {
+async fn shared_store(dir: &std::path::Path) -> (Store, sqlx::AnyPool, Incarnation, Incarnation) {
     let database = database_for(dir).await;
+    let pool = any_pool(&database).await;
     let (changes, _) = tokio::sync::mpsc::unbounded_channel();
     let (store, writer) = Store::open(&SqliteOptions::new(database), changes)
         .await
@@ -36,7 +37,19 @@ async fn shared_store(dir: &std::path::Path) -> (Store, Incarnation, Incarnation
             .await
             .expect("register");
     }
-    (store, a, b)
+    (store, pool, a, b)
+}
+
+/// The job's schedule cursor (as an instant) and its count of started
+/// runs, as committed.
+async fn counters(pool: &sqlx::AnyPool, job: JobId) -> (DateTime<Utc>, i64) {
+    let (cursor, started): (i64, i64) =
+        sqlx::query_as("SELECT cursor_at, runs_started FROM jobs WHERE id = $1")
+            .bind(job.to_string())
+            .fetch_one(pool)
+            .await
+            .expect("read the job's counters");
+    (DateTime::from_timestamp_millis(cursor).expect("ms"), started)
 }
 
 async fn job(store: &Store, name: &str) -> JobId {
@@ -92,7 +105,7 @@ fn fire(job: JobId, name: &str, at: DateTime<Utc>, by: Incarnation) -> Run {
 fn each_claim_answer_on_a_shared_database() {
     on_postgres("each_claim_answer_on_a_shared_database", || async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, a, b) = shared_store(dir.path()).await;
+        let (store, pool, a, b) = shared_store(dir.path()).await;
         let at = |s: i64| t0() + TimeDelta::seconds(s);
 
         // Claimed once: the second replica's claim of the same fire is a
@@ -106,6 +119,8 @@ fn each_claim_answer_on_a_shared_database() {
             store.claim_run(fire(id, "once", at(1), b), 10).await,
             Err(StoreError::DuplicateFire)
         ));
+        // A refused claim leaves the cursor and the count as they were.
+        assert_eq!(counters(&pool, id).await, (at(1), 1));
 
         // Overlap across replicas: a's run of 1 s is live, so b's claim of
         // the next fire under a guard of 1 is refused and recorded skipped;

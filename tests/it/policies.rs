@@ -372,6 +372,15 @@ pub(crate) async fn retries_back_off_within_bounds_inside_one_run() {
     app.stop().await;
 }
 
+/// Triggers `job` twice, waits for both runs to end; the job after them.
+async fn triggered_twice(app: &TestApp, job: &str) -> Value {
+    for _ in 0..2 {
+        let (_, run) = app.post_empty(&format!("/v1/jobs/{job}/trigger")).await;
+        app.final_run(run["id"].as_str().unwrap()).await;
+    }
+    app.get(&format!("/v1/jobs/{job}")).await.1
+}
+
 #[tokio::test]
 pub(crate) async fn auto_pause_after_consecutive_failures_and_resume_resets() {
     let app = TestApp::spawn().await;
@@ -399,11 +408,22 @@ pub(crate) async fn auto_pause_after_consecutive_failures_and_resume_resets() {
     assert_eq!(job["pause_note"], "auto-paused after 3 consecutive failed runs");
     let (_, job) = app.post_empty("/v1/jobs/broken/resume").await;
     assert_eq!(job["paused"], false);
-    // The count starts over: one more failure does not pause it.
-    let (_, run) = app.post_empty("/v1/jobs/broken/trigger").await;
-    app.final_run(run["id"].as_str().unwrap()).await;
+    // The count starts over: two more failures do not pause it.
+    assert_eq!(triggered_twice(&app, "broken").await["paused"], false);
+    // A success starts it over too: two failures, a success, two more.
     let (_, job) = app.get("/v1/jobs/broken").await;
-    assert_eq!(job["paused"], false);
+    let mut healthy = job["spec"].clone();
+    healthy["action"] = json!({"kind": "test"});
+    let replace = |spec: Value| app.client.put(app.url("/v1/jobs/broken")).json(&spec).send();
+    assert_eq!(replace(healthy).await.unwrap().status(), 200);
+    let (_, run) = app.post_empty("/v1/jobs/broken/trigger").await;
+    assert_eq!(
+        app.final_run(run["id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
+    assert_eq!(replace(job["spec"].clone()).await.unwrap().status(), 200);
+    let job = triggered_twice(&app, "broken").await;
+    assert_eq!(job["paused"], false, "a success did not reset the count: {job}");
     app.stop().await;
 }
 

@@ -632,7 +632,7 @@ fn apply(tx: &mut dyn Tx, op: Op, outbox: bool, shared: bool) -> Pending {
             outcome,
             at,
             reply,
-        } => pending(reply, runs::finish(tx, id, outcome, at, outbox)),
+        } => pending(reply, runs::finish(tx, id, outcome, at, outbox, shared)),
         Op::OrphanForeignRuns {
             current,
             at,

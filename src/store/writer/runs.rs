@@ -72,25 +72,15 @@ const RUN_VALUES: &str =
 /// scheduled run over the job's `max_runs` is stored as skipped and
 /// reported as [`StoreError::LimitReached`].
 ///
-/// On a shared database (`shared`), the job's row is locked first, so a
-/// concurrent delete on another replica makes this [`StoreError::NotFound`]
-/// rather than a failed foreign key, and claims of the same job by two
-/// replicas are serialised. The insert then also requires that this
-/// incarnation was not declared stopped ([`StoreError::Fenced`]) and, with
-/// a guard, that the job has fewer live runs on other replicas than the
-/// guard: otherwise the fire is recorded as `skipped` (`overlap`) and
-/// reported as [`StoreError::Overlap`].
+/// On a shared database (`shared`) this is a claim: see [`claim`].
 pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool, shared: Option<Shared>) -> Applied<()> {
-    let values = run_values(run);
-    let result = match &shared {
-        None => c.execute(
-            &format!("{INSERT_RUN} VALUES ({RUN_VALUES}) ON CONFLICT DO NOTHING"),
-            &values,
-        ),
-        Some(shared) => claim(c, run, values, shared.guard),
-    };
-    match result {
-        Ok(0) if shared.is_some() => return contested(c, run, outbox),
+    if let Some(shared) = shared {
+        return claim(c, run, outbox, shared.guard);
+    }
+    match c.execute(
+        &format!("{INSERT_RUN} VALUES ({RUN_VALUES}) ON CONFLICT DO NOTHING"),
+        &run_values(run),
+    ) {
         Ok(0) => return Err(StoreError::DuplicateFire),
         Ok(_) => {}
         // The job was deleted between the fire and this insert.
@@ -100,15 +90,43 @@ pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool, shared: Option<Sha
     counters(c, run, outbox)
 }
 
-/// Inserts `run` on a shared database (see [`insert`]); how many rows.
-fn claim(c: &mut dyn Tx, run: &Run, mut values: Vec<Value>, guard: Option<u32>) -> Result<u64, StoreError> {
-    let locked = c.execute(
-        "UPDATE jobs SET cursor_at = cursor_at WHERE id = $1",
-        &values![run.job_id.to_string()],
+/// Inserts `run` on a shared database (replicas), in two round trips.
+///
+/// The first statement locks the job's row, so a concurrent delete on
+/// another replica makes this [`StoreError::NotFound`] and claims of one
+/// job by two replicas are serialised; for a scheduled or catch-up fire
+/// it also moves the cursor and counts the start (the common case of
+/// every fire), and returns the cursor it had so that a refused claim can
+/// put it back. The insert is its own statement after it: its snapshot is
+/// then taken after the lock, so the overlap guard sees the runs another
+/// replica committed while this one waited (one statement would check a
+/// snapshot from before the wait). The insert requires that this
+/// incarnation was not declared stopped ([`StoreError::Fenced`]) and, with
+/// a guard, that the job has fewer live runs on other replicas than the
+/// guard: otherwise the fire is recorded as `skipped` (`overlap`) and
+/// reported as [`StoreError::Overlap`].
+fn claim(c: &mut dyn Tx, run: &Run, outbox: bool, guard: Option<u32>) -> Applied<()> {
+    let counted = counts_toward_limit(run.trigger);
+    let starting = counted && run.status == RunStatus::Running;
+    let job = run.job_id.to_string();
+    let locked = first(
+        c,
+        "UPDATE jobs AS j SET cursor_at = CASE WHEN $1 = 0 OR o.cursor_at > $2 THEN o.cursor_at ELSE $2 END, \
+         runs_started = o.runs_started + $3 \
+         FROM (SELECT id, cursor_at, runs_started FROM jobs WHERE id = $4 FOR UPDATE) AS o \
+         WHERE j.id = o.id RETURNING o.cursor_at, j.runs_started, j.max_runs",
+        &values![
+            i64::from(counted),
+            ms(run.scheduled_until.unwrap_or(run.scheduled_at)),
+            i64::from(starting),
+            &job
+        ],
+        |row| Ok((row.opt_int(0)?, row.int(1)?, row.opt_int(2)?)),
     )?;
-    if locked == 0 {
+    let Some((cursor, started, max)) = locked else {
         return Err(StoreError::NotFound);
-    }
+    };
+    let mut values = run_values(run);
     let mut sql = format!(
         "{INSERT_RUN} SELECT {RUN_VALUES} WHERE EXISTS \
          (SELECT 1 FROM incarnations WHERE id = $18 AND stopped_at IS NULL)"
@@ -121,7 +139,25 @@ fn claim(c: &mut dyn Tx, run: &Run, mut values: Vec<Value>, guard: Option<u32>) 
         values.push(Value::from(i64::from(guard)));
     }
     sql.push_str(" ON CONFLICT DO NOTHING");
-    c.execute(&sql, &values)
+    if c.execute(&sql, &values)? == 0 {
+        if counted {
+            // Refused: the cursor and the count go back to what they were
+            // (a fenced replica must not move the cursor of a job another
+            // replica now plans from it).
+            c.execute(
+                "UPDATE jobs SET cursor_at = $1, runs_started = runs_started - $2 WHERE id = $3",
+                &values![cursor, i64::from(starting), &job],
+            )?;
+        }
+        return contested(c, run, outbox);
+    }
+    if outbox && run.status.is_final() {
+        super::outbox::record_run(c, run.id, run.created_at)?;
+    }
+    if !starting {
+        return Ok(((), None));
+    }
+    limit(c, run, started, max, outbox)
 }
 
 /// Why a claim inserted nothing: the fire was claimed already, this
@@ -204,6 +240,14 @@ fn counters(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
     let Some((started, max)) = counted.filter(|_| starting) else {
         return Ok(((), None));
     };
+    limit(c, run, started, max, outbox)
+}
+
+/// After counting a start (`started` of the job's `max`): over the limit,
+/// the count goes back and the run is stored as skipped
+/// ([`StoreError::LimitReached`]); at it, the engine is told the job is
+/// done.
+fn limit(c: &mut dyn Tx, run: &Run, started: i64, max: Option<i64>, outbox: bool) -> Applied<()> {
     match max {
         Some(max) if started > max => {
             c.execute(
@@ -298,13 +342,35 @@ pub(super) fn final_or_missing(c: &mut dyn Tx, id: RunId) -> StoreError {
 
 /// Records a run's final state and moves the job's consecutive-failure
 /// count; reaching `auto_pause_after` pauses the job in the same commit.
-pub(super) fn finish(c: &mut dyn Tx, id: RunId, o: Outcome, at: DateTime<Utc>, outbox: bool) -> Applied<()> {
+///
+/// On a shared database a success is one statement (the reset rides on
+/// the run's update), a round trip less for the bulk of every fire; on
+/// SQLite statements cost no round trip and stay two.
+pub(super) fn finish(
+    c: &mut dyn Tx,
+    id: RunId,
+    o: Outcome,
+    at: DateTime<Utc>,
+    outbox: bool,
+    shared: bool,
+) -> Applied<()> {
     debug_assert!(o.status.is_final());
+    const FINISH: &str = "UPDATE runs SET status = $1, reason = $2, ended_at = $3, attempts = $4, exit_code = $5, \
+         http_status = $6, error = $7, output = $8, attempt_log = COALESCE($9, attempt_log) \
+         WHERE id = $10 AND status IN ('queued', 'running') RETURNING job_id";
+    let reset_with_it = shared && o.status == RunStatus::Succeeded;
+    let sql = if reset_with_it {
+        format!(
+            "WITH r AS ({FINISH}), j AS (UPDATE jobs SET consecutive_failures = 0 FROM r \
+             WHERE jobs.id = r.job_id AND jobs.consecutive_failures > 0) SELECT job_id FROM r"
+        )
+    } else {
+        FINISH.to_owned()
+    };
+    let status = o.status;
     let job = first(
         c,
-        "UPDATE runs SET status = $1, reason = $2, ended_at = $3, attempts = $4, exit_code = $5, \
-         http_status = $6, error = $7, output = $8, attempt_log = COALESCE($9, attempt_log) \
-         WHERE id = $10 AND status IN ('queued', 'running') RETURNING job_id",
+        &sql,
         &values![
             o.status.as_str(),
             o.reason.map(|r| r.as_str()),
@@ -325,8 +391,8 @@ pub(super) fn finish(c: &mut dyn Tx, id: RunId, o: Outcome, at: DateTime<Utc>, o
     if outbox {
         super::outbox::record_run(c, id, at)?;
     }
-    let change = match o.status {
-        RunStatus::Succeeded => {
+    let change = match status {
+        RunStatus::Succeeded if !reset_with_it => {
             c.execute(
                 "UPDATE jobs SET consecutive_failures = 0 WHERE id = $1 AND consecutive_failures > 0",
                 &values![&job],
