@@ -11,6 +11,7 @@
 //! savepoint, so one rejected request never takes its neighbours in the
 //! batch down with it.
 
+mod claims;
 mod jobs;
 mod outbox;
 mod runs;
@@ -611,7 +612,7 @@ fn apply(tx: &mut dyn Tx, op: Op, outbox: bool, shared: bool) -> Pending {
         }
         Op::InsertRun { run, guard, reply } => pending(
             reply,
-            runs::insert(tx, &run, outbox, shared.then_some(runs::Shared { guard })),
+            runs::insert(tx, &run, outbox, shared.then_some(claims::Shared { guard })),
         ),
         Op::StartRun { id, at, reply } => pending(reply, runs::start(tx, id, at, outbox)),
         Op::RecordAttempt {

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::claims::Shared;
 use super::{Applied, load_job};
 use crate::job::JobId;
 use crate::run::{Attempt, Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
@@ -13,7 +14,7 @@ use crate::store::{JobChange, StoreError};
 use chrono::{DateTime, Utc};
 
 /// Whether runs of this trigger count toward `max_runs` (manual runs do not).
-fn counts_toward_limit(trigger: Trigger) -> bool {
+pub(super) fn counts_toward_limit(trigger: Trigger) -> bool {
     matches!(trigger, Trigger::Schedule | Trigger::CatchUp)
 }
 
@@ -55,27 +56,21 @@ fn skip_for_limit(c: &mut dyn Tx, id: RunId, at: DateTime<Utc>, outbox: bool) ->
     Ok(())
 }
 
-/// How a run insert meets other writers on a shared database (replicas).
-pub struct Shared {
-    /// Start only while fewer runs of the job than this are live on other
-    /// replicas (the overlap policy across replicas).
-    pub guard: Option<u32>,
-}
-
-const INSERT_RUN: &str = "INSERT INTO runs (id, job_id, job_name, scheduled_at, scheduled_until, fires, status, \
+pub(super) const INSERT_RUN: &str = "INSERT INTO runs (id, job_id, job_name, scheduled_at, scheduled_until, fires, status, \
      trigger, reason, created_at, started_at, ended_at, attempts, exit_code, http_status, error, output, pid, \
      pgid, process_start_ticks, incarnation) ";
-const RUN_VALUES: &str =
+pub(super) const RUN_VALUES: &str =
     "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, NULL, NULL, NULL, $18";
 
 /// Inserts a run; a scheduled fire also moves the job's cursor. A starting
 /// scheduled run over the job's `max_runs` is stored as skipped and
 /// reported as [`StoreError::LimitReached`].
 ///
-/// On a shared database (`shared`) this is a claim: see [`claim`].
+/// On a shared database (`shared`) this is a claim: see
+/// [`super::claims::claim`].
 pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool, shared: Option<Shared>) -> Applied<()> {
     if let Some(shared) = shared {
-        return claim(c, run, outbox, shared.guard);
+        return super::claims::claim(c, run, outbox, shared.guard);
     }
     match c.execute(
         &format!("{INSERT_RUN} VALUES ({RUN_VALUES}) ON CONFLICT DO NOTHING"),
@@ -90,111 +85,7 @@ pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool, shared: Option<Sha
     counters(c, run, outbox)
 }
 
-/// Inserts `run` on a shared database (replicas), in two round trips.
-///
-/// The first statement locks the job's row, so a concurrent delete on
-/// another replica makes this [`StoreError::NotFound`] and claims of one
-/// job by two replicas are serialised; for a scheduled or catch-up fire
-/// it also moves the cursor and counts the start (the common case of
-/// every fire), and returns the cursor it had so that a refused claim can
-/// put it back. The insert is its own statement after it: its snapshot is
-/// then taken after the lock, so the overlap guard sees the runs another
-/// replica committed while this one waited (one statement would check a
-/// snapshot from before the wait). The insert requires that this
-/// incarnation was not declared stopped ([`StoreError::Fenced`]) and, with
-/// a guard, that the job has fewer live runs on other replicas than the
-/// guard: otherwise the fire is recorded as `skipped` (`overlap`) and
-/// reported as [`StoreError::Overlap`].
-fn claim(c: &mut dyn Tx, run: &Run, outbox: bool, guard: Option<u32>) -> Applied<()> {
-    let counted = counts_toward_limit(run.trigger);
-    let starting = counted && run.status == RunStatus::Running;
-    let job = run.job_id.to_string();
-    let locked = first(
-        c,
-        "UPDATE jobs AS j SET cursor_at = CASE WHEN $1 = 0 OR o.cursor_at > $2 THEN o.cursor_at ELSE $2 END, \
-         runs_started = o.runs_started + $3 \
-         FROM (SELECT id, cursor_at, runs_started FROM jobs WHERE id = $4 FOR UPDATE) AS o \
-         WHERE j.id = o.id RETURNING o.cursor_at, j.runs_started, j.max_runs",
-        &values![
-            i64::from(counted),
-            ms(run.scheduled_until.unwrap_or(run.scheduled_at)),
-            i64::from(starting),
-            &job
-        ],
-        |row| Ok((row.opt_int(0)?, row.int(1)?, row.opt_int(2)?)),
-    )?;
-    let Some((cursor, started, max)) = locked else {
-        return Err(StoreError::NotFound);
-    };
-    let mut values = run_values(run);
-    let mut sql = format!(
-        "{INSERT_RUN} SELECT {RUN_VALUES} WHERE EXISTS \
-         (SELECT 1 FROM incarnations WHERE id = $18 AND stopped_at IS NULL)"
-    );
-    if let Some(guard) = guard {
-        sql.push_str(
-            " AND (SELECT COUNT(*) FROM runs WHERE job_id = $2 AND status IN ('queued', 'running') \
-             AND incarnation != $18) < $19",
-        );
-        values.push(Value::from(i64::from(guard)));
-    }
-    sql.push_str(" ON CONFLICT DO NOTHING");
-    if c.execute(&sql, &values)? == 0 {
-        if counted {
-            // Refused: the cursor and the count go back to what they were
-            // (a fenced replica must not move the cursor of a job another
-            // replica now plans from it).
-            c.execute(
-                "UPDATE jobs SET cursor_at = $1, runs_started = runs_started - $2 WHERE id = $3",
-                &values![cursor, i64::from(starting), &job],
-            )?;
-        }
-        return contested(c, run, outbox);
-    }
-    if outbox && run.status.is_final() {
-        super::outbox::record_run(c, run.id, run.created_at)?;
-    }
-    if !starting {
-        return Ok(((), None));
-    }
-    limit(c, run, started, max, outbox)
-}
-
-/// Why a claim inserted nothing: the fire was claimed already, this
-/// incarnation was fenced, or (guarded) another replica runs the job, in
-/// which case the fire is recorded as skipped.
-fn contested(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
-    let (claimed, alive) = first(
-        c,
-        "SELECT (SELECT COUNT(*) FROM runs WHERE job_id = $1 AND scheduled_at = $2 \
-           AND trigger IN ('schedule', 'catch_up') AND $3 IN ('schedule', 'catch_up')), \
-         (SELECT COUNT(*) FROM incarnations WHERE id = $4 AND stopped_at IS NULL)",
-        &values![
-            run.job_id.to_string(),
-            ms(run.scheduled_at),
-            run.trigger.as_str(),
-            run.incarnation.to_string()
-        ],
-        |row| Ok((row.int(0)?, row.int(1)?)),
-    )?
-    .unwrap_or((0, 0));
-    if claimed > 0 {
-        return Err(StoreError::DuplicateFire);
-    }
-    if alive == 0 {
-        return Err(StoreError::Fenced);
-    }
-    let mut skipped = run.clone();
-    skipped.status = RunStatus::Skipped;
-    skipped.reason = Some(Reason::Overlap);
-    skipped.started_at = None;
-    skipped.ended_at = Some(run.created_at);
-    skipped.error = Some("a run of this job is live on another replica".to_owned());
-    insert(c, &skipped, outbox, Some(Shared { guard: None }))?;
-    Err(StoreError::Overlap)
-}
-
-fn run_values(run: &Run) -> Vec<Value> {
+pub(super) fn run_values(run: &Run) -> Vec<Value> {
     Vec::from(values![
         run.id.to_string(),
         run.job_id.to_string(),
@@ -247,7 +138,7 @@ fn counters(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
 /// the count goes back and the run is stored as skipped
 /// ([`StoreError::LimitReached`]); at it, the engine is told the job is
 /// done.
-fn limit(c: &mut dyn Tx, run: &Run, started: i64, max: Option<i64>, outbox: bool) -> Applied<()> {
+pub(super) fn limit(c: &mut dyn Tx, run: &Run, started: i64, max: Option<i64>, outbox: bool) -> Applied<()> {
     match max {
         Some(max) if started > max => {
             c.execute(
