@@ -91,7 +91,8 @@ fn expected(table: &[Expect], t: f64) -> BTreeMap<u32, (String, Option<String>)>
 
 /// Steps the clock by half seconds to `until`, and after each step waits
 /// until the recorded runs match one of the candidate tables (more than
-/// one where the policy allows a tie to go either way).
+/// one where the policy allows a tie to go either way) and the
+/// supervisor's live runs match the recorded ones.
 async fn replay(app: &TestApp, clock: &ManualClock, job: &str, mut tables: Vec<Vec<Expect>>, until: f64) {
     let mut t = 0.0;
     while t < until {
@@ -101,10 +102,18 @@ async fn replay(app: &TestApp, clock: &ManualClock, job: &str, mut tables: Vec<V
             let tables = &tables;
             async move {
                 let got = recorded(app, job).await;
-                tables
-                    .iter()
-                    .any(|table| expected(table, t) == got)
-                    .then_some(got)
+                if !tables.iter().any(|table| expected(table, t) == got) {
+                    return None;
+                }
+                // The supervisor has caught up with the store too: a run
+                // whose end is committed has also given back its slot,
+                // which the next fire's admission depends on.
+                let live = |s: &str| got.values().filter(|(status, _)| status == s).count() as u64;
+                let (_, status) = app.get("/v1/status").await;
+                let runs = &status["runs"];
+                (runs["running"].as_u64() == Some(live("running"))
+                    && runs["queued"].as_u64() == Some(live("queued")))
+                .then_some(got)
             }
         })
         .await;

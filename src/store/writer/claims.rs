@@ -19,7 +19,9 @@ pub struct Shared {
 
 /// Inserts `run` on a shared database (replicas), in two round trips.
 ///
-/// The first statement locks the job's row, so a concurrent delete on
+/// The first statement locks the job's row (`FOR NO KEY UPDATE`, the lock
+/// an `UPDATE` takes: run inserts' foreign-key checks do not wait on it),
+/// so a concurrent delete on
 /// another replica makes this [`StoreError::NotFound`] and claims of one
 /// job by two replicas are serialised; for a scheduled or catch-up fire
 /// it also moves the cursor and counts the start (the common case of
@@ -40,7 +42,7 @@ pub(super) fn claim(c: &mut dyn Tx, run: &Run, outbox: bool, guard: Option<u32>)
         c,
         "UPDATE jobs AS j SET cursor_at = CASE WHEN $1 = 0 OR o.cursor_at > $2 THEN o.cursor_at ELSE $2 END, \
          runs_started = o.runs_started + $3 \
-         FROM (SELECT id, cursor_at, runs_started FROM jobs WHERE id = $4 FOR UPDATE) AS o \
+         FROM (SELECT id, cursor_at, runs_started FROM jobs WHERE id = $4 FOR NO KEY UPDATE) AS o \
          WHERE j.id = o.id RETURNING o.cursor_at, j.runs_started, j.max_runs",
         &values![
             i64::from(counted),
