@@ -16,6 +16,7 @@ mod jobs;
 mod outbox;
 mod runs;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as queue;
@@ -29,7 +30,7 @@ use super::rows::ms;
 use super::sql::{Tx, first, savepoint, values};
 use super::{JobChange, NewJob, Replacement, StoreError};
 use crate::job::{Job, JobId};
-use crate::run::{Attempt, Incarnation, Outcome, Run, RunId};
+use crate::run::{Attempt, Incarnation, Outcome, Run, RunId, RunStatus};
 
 /// Most operations committed in one transaction. Small enough that the
 /// first runs of a burst of fires start after a short commit while the
@@ -166,6 +167,10 @@ impl Op {
     /// their job and jobs in id order (no deadlock). On PostgreSQL the
     /// others run in a savepoint; run writes skip its two round trips, the
     /// bulk of a fire's cost there.
+    fn is_success_finish(&self) -> bool {
+        matches!(self, Self::FinishRun { outcome, .. } if outcome.status == RunStatus::Succeeded)
+    }
+
     fn may_fail(&self) -> bool {
         !matches!(
             self,
@@ -437,7 +442,20 @@ impl Writer {
         }
         let outcome = (|| {
             self.conn.begin()?;
-            for op in batch.drain(..) {
+            let mut ops = batch.drain(..).peekable();
+            while let Some(op) = ops.next() {
+                if shared && op.is_success_finish() && ops.peek().is_some_and(Op::is_success_finish) {
+                    // Consecutive successes end in one statement (order
+                    // kept: only neighbours are grouped).
+                    let mut group = vec![op];
+                    while group.len() < runs::FINISH_GROUP
+                        && let Some(next) = ops.next_if(Op::is_success_finish)
+                    {
+                        group.push(next);
+                    }
+                    done.extend(finish_successes(&mut *self.conn, group, outbox));
+                    continue;
+                }
                 let pending = if shared && op.may_fail() {
                     // One failed statement aborts a PostgreSQL transaction:
                     // contain it to its own operation.
@@ -554,6 +572,45 @@ fn checkpoint(conn: Connection, stop: queue::Receiver<()>) {
 fn upserted(job: Arc<Job>) -> (Arc<Job>, Option<JobChange>) {
     let change = JobChange::Upserted(job.clone());
     (job, Some(change))
+}
+
+/// Ends a group of successful runs (shared database) in one statement;
+/// a run it did not end (already final, gone) takes the one-by-one path,
+/// which says why.
+fn finish_successes(tx: &mut dyn Tx, group: Vec<Op>, outbox: bool) -> Vec<Pending> {
+    let finishes: Vec<(RunId, Outcome, DateTime<Utc>, Reply<()>)> = group
+        .into_iter()
+        .filter_map(|op| match op {
+            Op::FinishRun {
+                id,
+                outcome,
+                at,
+                reply,
+            } => Some((id, outcome, at, reply)),
+            _ => None,
+        })
+        .collect();
+    let ended = runs::finish_successes(tx, finishes.iter().map(|(id, o, at, _)| (*id, o, *at)))
+        .unwrap_or_else(|e| {
+            // The transaction is lost with it: each run's own statement
+            // below then fails with the database's error.
+            tracing::error!(error = %e, runs = finishes.len(), "could not end a group of runs");
+            HashSet::new()
+        });
+    finishes
+        .into_iter()
+        .map(|(id, outcome, at, reply)| {
+            if !ended.contains(&id) {
+                return pending(reply, runs::finish(tx, id, outcome, at, outbox, true));
+            }
+            let recorded = if outbox {
+                outbox::record_run(tx, id, at).map(|()| ((), None))
+            } else {
+                Ok(((), None))
+            };
+            pending(reply, recorded)
+        })
+        .collect()
 }
 
 fn plain<T>(result: Result<T, StoreError>) -> Applied<T> {

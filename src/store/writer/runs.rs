@@ -2,6 +2,7 @@
 //! transaction: the schedule cursor, the started-run count (`max_runs`) and
 //! the consecutive-failure count (`auto_pause_after`).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::claims::Shared;
@@ -294,6 +295,60 @@ pub(super) fn finish(
         _ => None,
     };
     Ok(((), change))
+}
+
+/// How many successes [`finish_successes`] ends in one statement at most
+/// (8 parameters each).
+pub(super) const FINISH_GROUP: usize = 64;
+
+/// Ends successful runs in one statement (shared database): their rows
+/// are locked in id order, as orphaning locks them, so two writers cannot
+/// deadlock; then their jobs' failure counts reset, runs before jobs as
+/// everywhere. Returns the runs it ended; the others were final or gone.
+pub(super) fn finish_successes<'a>(
+    c: &mut dyn Tx,
+    runs: impl Iterator<Item = (RunId, &'a Outcome, DateTime<Utc>)>,
+) -> Result<HashSet<RunId>, StoreError> {
+    let mut params = Vec::new();
+    let mut rows = Vec::new();
+    for (id, o, at) in runs {
+        debug_assert_eq!(o.status, RunStatus::Succeeded);
+        let n = params.len();
+        let slots: Vec<String> = (n + 1..=n + 8).map(|i| format!("${i}")).collect();
+        rows.push(format!("({})", slots.join(", ")));
+        params.extend(values![
+            id.to_string(),
+            ms(at),
+            i64::from(o.attempts),
+            o.exit_code,
+            o.http_status.map(i64::from),
+            o.error.clone(),
+            o.output.clone(),
+            attempt_log_json(&o.attempt_log),
+        ]);
+    }
+    let sql = format!(
+        "WITH v (id, ended_at, attempts, exit_code, http_status, error, output, attempt_log) AS (VALUES {}), \
+         locked AS (SELECT runs.id FROM runs JOIN v ON runs.id = v.id \
+           WHERE runs.status IN ('queued', 'running') ORDER BY runs.id FOR NO KEY UPDATE OF runs), \
+         r AS (UPDATE runs SET status = 'succeeded', reason = NULL, ended_at = v.ended_at, attempts = v.attempts, \
+           exit_code = v.exit_code, http_status = v.http_status, error = v.error, output = v.output, \
+           attempt_log = COALESCE(v.attempt_log, runs.attempt_log) FROM v, locked \
+           WHERE runs.id = v.id AND locked.id = v.id AND runs.status IN ('queued', 'running') \
+           RETURNING runs.id, runs.job_id), \
+         j AS (UPDATE jobs SET consecutive_failures = 0 WHERE id IN (SELECT job_id FROM r) \
+           AND consecutive_failures > 0) \
+         SELECT id FROM r",
+        rows.join(", ")
+    );
+    let ended = all(c, &sql, &params, |row| row.text(0))?;
+    ended
+        .iter()
+        .map(|id| {
+            id.parse()
+                .map_err(|_| StoreError::Corrupt(format!("run id {id}")))
+        })
+        .collect()
 }
 
 fn auto_pause(c: &mut dyn Tx, job: &str, at: DateTime<Utc>) -> Result<Option<JobChange>, StoreError> {
