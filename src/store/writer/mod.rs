@@ -160,6 +160,12 @@ pub enum Op {
 type Finish = Box<dyn FnOnce(Option<&str>, &mpsc::UnboundedSender<JobChange>) + Send>;
 
 impl Op {
+    /// A successful run's end: on a shared database neighbours of this
+    /// kind end in one statement ([`finish_successes`]).
+    fn is_success_finish(&self) -> bool {
+        matches!(self, Self::FinishRun { outcome, .. } if outcome.status == RunStatus::Succeeded)
+    }
+
     /// Whether the operation may fail in the database for reasons other
     /// than a broken connection (constraints, or lock waits across
     /// replicas). Run writes may not: claims lock their job before
@@ -167,10 +173,6 @@ impl Op {
     /// their job and jobs in id order (no deadlock). On PostgreSQL the
     /// others run in a savepoint; run writes skip its two round trips, the
     /// bulk of a fire's cost there.
-    fn is_success_finish(&self) -> bool {
-        matches!(self, Self::FinishRun { outcome, .. } if outcome.status == RunStatus::Succeeded)
-    }
-
     fn may_fail(&self) -> bool {
         !matches!(
             self,
