@@ -213,11 +213,13 @@ impl App {
             commands_enabled: config.enable_command_jobs,
             command_allowlist: config.command_allowlist.clone(),
             deny_private_networks: config.deny_private_networks,
+            loading: false,
         };
         let executor = Executor::new(
             ExecutorConfig {
                 actions: actions.clone(),
                 output_tail_bytes: config.output_tail_bytes,
+                action_proxy: config.action_proxy.clone(),
                 shim: config.command_shim.clone(),
             },
             store.clone(),

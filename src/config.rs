@@ -123,6 +123,10 @@ pub struct Settings {
     #[arg(long, env = "CRONGUARD_DENY_PRIVATE_NETWORKS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub deny_private_networks: Option<bool>,
 
+    /// Send HTTP actions through this proxy (http:// or https:// URL). HTTP_PROXY, HTTPS_PROXY and ALL_PROXY are ignored for actions [default: none]
+    #[arg(long, env = "CRONGUARD_ACTION_PROXY", value_name = "URL")]
+    pub action_proxy: Option<String>,
+
     /// Most jobs that may exist; creating more is refused [default: unlimited]
     #[arg(long, env = "CRONGUARD_MAX_JOBS", value_name = "N")]
     pub max_jobs: Option<u64>,
@@ -220,6 +224,7 @@ impl Settings {
             metrics_require_token,
             command_allowlist,
             deny_private_networks,
+            action_proxy,
             max_jobs,
             backend_url,
             backend_token,
@@ -305,6 +310,8 @@ pub struct Config {
     pub command_allowlist: Vec<String>,
     /// The SSRF guard for HTTP actions.
     pub deny_private_networks: bool,
+    /// The proxy HTTP actions go through, if any.
+    pub action_proxy: Option<url::Url>,
     /// Job quota.
     pub max_jobs: Option<u64>,
     /// The control backend, when configured.
@@ -477,11 +484,30 @@ impl Config {
                 .filter(|p| !p.is_empty())
                 .collect(),
             deny_private_networks: s.deny_private_networks.unwrap_or(false),
+            action_proxy: action_proxy(s.action_proxy.as_deref())?,
             max_jobs: s.max_jobs,
             backend,
             process_supervision: false,
             command_shim: None,
         })
+    }
+}
+
+/// `--action-proxy`: an http(s) URL. Its credentials, if any, never appear
+/// in an error.
+fn action_proxy(text: Option<&str>) -> Result<Option<url::Url>, ConfigError> {
+    let Some(text) = text.filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    match url::Url::parse(text) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(Some(u)),
+        _ => Err(ConfigError {
+            setting: "action_proxy",
+            message: format!(
+                "`{}` is not an http:// or https:// proxy URL",
+                crate::secrets::redact_url_credentials(text)
+            ),
+        }),
     }
 }
 

@@ -10,10 +10,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::action::{Action, ActionPolicy, ActionSpec, escape_pointer};
+use crate::action::{Action, ActionPolicy, ActionSpec};
 use crate::policy::{Policy, PolicySpec};
 use crate::schedule::{Schedule, ScheduleSpec};
 use crate::validation::FieldErrors;
+use crate::validation::escape_pointer;
 
 /// Longest job name.
 pub const MAX_NAME_LEN: usize = 128;

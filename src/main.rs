@@ -139,7 +139,10 @@ fn migrate(database: Option<String>) -> ExitCode {
     });
     match result {
         Ok(()) => {
-            println!("{url}: schema up to date");
+            println!(
+                "{}: schema up to date",
+                cronguard::secrets::redact_url_credentials(&url)
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -69,6 +69,25 @@ pub fn expand(value: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// `text` with the password of a URL (`scheme://user:PASSWORD@host`)
+/// replaced by `***`, for messages that name a database, proxy or target
+/// URL. Text that is not a URL, or has no password, comes back unchanged.
+pub fn redact_url_credentials(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut u) if u.password().is_some() => {
+            if u.set_password(Some("***")).is_ok() {
+                u.to_string()
+            } else {
+                "<a URL with credentials>".to_owned()
+            }
+        }
+        Ok(_) => text.to_owned(),
+        // Not parseable: never echo what might hold a password.
+        Err(_) if text.contains('@') => "<a URL with credentials>".to_owned(),
+        Err(_) => text.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +123,19 @@ mod tests {
         assert!(is_secret_header("Authorization", &[]));
         assert!(is_secret_header("X-Token", &["x-token".into()]));
         assert!(!is_secret_header("Content-Type", &[]));
+    }
+
+    #[test]
+    fn url_passwords_are_masked() {
+        assert_eq!(
+            redact_url_credentials("postgres://postgres:s3cret@127.0.0.1:5432/db"),
+            "postgres://postgres:***@127.0.0.1:5432/db"
+        );
+        assert_eq!(
+            redact_url_credentials("sqlite://cronguard.db"),
+            "sqlite://cronguard.db"
+        );
+        assert_eq!(redact_url_credentials("cronguard.db"), "cronguard.db");
+        assert!(!redact_url_credentials("weird://u:s3cret@[::1").contains("s3cret"));
     }
 }

@@ -163,7 +163,7 @@ fn field_in(message: &str) -> Option<String> {
         .strip_prefix("unknown field `")
         .or_else(|| message.strip_prefix("missing field `"))?;
     let name = rest.split('`').next()?;
-    Some(crate::action::escape_pointer(name))
+    Some(escape_pointer(name))
 }
 
 fn pointer(path: &serde_path_to_error::Path) -> String {
@@ -177,12 +177,17 @@ fn pointer(path: &serde_path_to_error::Path) -> String {
             }
             Segment::Map { key } => {
                 out.push('/');
-                out.push_str(&crate::action::escape_pointer(key));
+                out.push_str(&escape_pointer(key));
             }
             Segment::Enum { .. } | Segment::Unknown => {}
         }
     }
     out
+}
+
+/// Escapes a map key for use in a JSON pointer (RFC 6901).
+pub fn escape_pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
 }
 
 #[cfg(test)]

@@ -239,8 +239,7 @@ pub async fn authorize(State(tokens): State<Arc<Tokens>>, mut request: Request, 
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim);
+            .and_then(bearer_credentials);
         match presented.and_then(|secret| tokens.find(secret)) {
             Some(token) => Principal {
                 name: token.name.clone(),
@@ -275,9 +274,36 @@ pub async fn authorize(State(tokens): State<Arc<Tokens>>, mut request: Request, 
     next.run(request).await
 }
 
+/// The credentials of an `Authorization: Bearer …` value. The scheme is
+/// case-insensitive (RFC 9110 section 11.1); blanks around the token are
+/// ignored.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in [
+            "Bearer abc",
+            "bearer abc",
+            "BEARER abc",
+            "BeArEr   abc ",
+            " Bearer abc",
+        ] {
+            assert_eq!(bearer_credentials(value), Some("abc"), "{value}");
+        }
+        for value in ["Basic abc", "Bearer", "Bearer ", "Bearerabc", "abc"] {
+            assert_eq!(bearer_credentials(value), None, "{value}");
+        }
+    }
 
     #[test]
     fn tokens_parse_and_match_by_digest() {

@@ -89,6 +89,9 @@ pub enum ApiError {
     /// The request took longer than the request timeout (503).
     #[error("the request took longer than the request timeout")]
     Timeout,
+    /// The client did not send its whole body in time (408).
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     /// No such resource (404).
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -180,6 +183,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "urn:cronguard:problem:timeout",
                 "Timeout",
+            ),
+            Self::BodyTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "urn:cronguard:problem:body-timeout",
+                "Request body timeout",
             ),
             Self::NotFound(_) => (
                 StatusCode::NOT_FOUND,

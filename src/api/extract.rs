@@ -19,6 +19,11 @@ use crate::validation::DecodeError;
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
+/// How long a client has to send its whole body, set as a request
+/// extension by the router (which enforces it on the body).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline(pub std::time::Duration);
+
 /// A JSON request body, decoded strictly.
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
@@ -67,7 +72,15 @@ async fn read<S: Send + Sync>(req: Request, state: &S) -> Result<(bool, Bytes), 
             m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
         });
     let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
+    let deadline = req.extensions().get::<BodyDeadline>().map(|d| d.0);
     let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&rejection);
+        while let Some(e) = source {
+            if e.is::<tower_http::timeout::TimeoutError>() {
+                return ApiError::BodyTimeout(deadline.unwrap_or_default());
+            }
+            source = e.source();
+        }
         if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit }
         } else {
@@ -94,11 +107,30 @@ impl<S: Send + Sync> FromRequestParts<S> for PathParam {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        // axum passes a `%` that starts no escape through as text, so
+        // `/v1/jobs/%zz` would look up a job named `%zz`.
+        if let Some(at) = bad_escape(parts.uri.path()) {
+            return Err(ApiError::BadPath(format!(
+                "invalid percent-encoding at byte {at} of the path: `%` must be followed by two hex digits"
+            )));
+        }
         axum::extract::Path::<String>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(p)| Self(p))
             .map_err(|e| ApiError::BadPath(e.body_text()))
     }
+}
+
+/// The offset of the first `%` in `path` that is not followed by two hex
+/// digits.
+fn bad_escape(path: &str) -> Option<usize> {
+    let bytes = path.as_bytes();
+    bytes.iter().enumerate().find_map(|(i, &b)| {
+        let valid = bytes
+            .get(i + 1..i + 3)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+        (b == b'%' && !valid).then_some(i)
+    })
 }
 
 /// A strictly parsed query string.

@@ -14,11 +14,11 @@ use utoipa::ToSchema;
 use super::auth::{Principal, Scope};
 use super::error::{ApiError, Problem};
 use super::extract::{JsonBody, MaybeJson, Params, PathParam};
+use super::redaction::{check_reference_scope, redact, unredact};
 use super::{ApiContext, PageParams};
 use crate::action::ActionSpec;
 use crate::job::{Job, JobDefinition, JobId, JobSpec, Source, check_note};
 use crate::run::Run;
-use crate::secrets::{REDACTED, is_secret_header};
 use crate::store::{JobFilter, JobKey, NewJob, Replacement};
 use crate::validation::{FieldError, FieldErrors};
 
@@ -84,40 +84,6 @@ pub struct PauseRequest {
     /// Why; shown on the job until it is resumed.
     #[serde(default)]
     pub note: Option<String>,
-}
-
-/// Replaces secret header values with [`REDACTED`].
-fn redact(spec: &mut JobSpec) {
-    if let ActionSpec::Http(http) = &mut spec.action {
-        for (name, value) in http.headers.iter_mut() {
-            if is_secret_header(name, &http.secret_headers) {
-                *value = REDACTED.to_owned();
-            }
-        }
-    }
-}
-
-/// Puts the stored values back where a client sent [`REDACTED`] (it read
-/// the job, changed something else, and sent the body back).
-fn unredact(spec: &mut JobSpec, stored: &JobSpec) -> Result<(), ApiError> {
-    let (ActionSpec::Http(new), old) = (&mut spec.action, &stored.action) else {
-        return Ok(());
-    };
-    let old = match old {
-        ActionSpec::Http(old) => Some(&old.headers),
-        _ => None,
-    };
-    for (name, value) in new.headers.iter_mut() {
-        if value == REDACTED {
-            *value = old.and_then(|h| h.get(name)).cloned().ok_or_else(|| {
-                ApiError::Validation(FieldErrors::from(FieldError::new(
-                    format!("/action/headers/{}", crate::action::escape_pointer(name)),
-                    "a redacted value can only be sent back for a header the job already has",
-                )))
-            })?;
-        }
-    }
-    Ok(())
 }
 
 /// Command actions run programs on the host: creating or changing one
@@ -210,6 +176,7 @@ pub async fn create_job(
     JsonBody(spec): JsonBody<JobSpec>,
 ) -> Result<Response, ApiError> {
     check_action_scope(&principal, &spec)?;
+    check_reference_scope(&principal, &spec, None)?;
     let paused = spec.paused.unwrap_or(false);
     let def = validate(&ctx, spec, true)?;
     if let Some(max) = ctx.max_jobs {
@@ -349,6 +316,7 @@ pub async fn replace_job(
     owned_here(&ctx, &current)?;
     check_action_scope(&principal, &spec)?;
     check_action_scope(&principal, &current.def.spec)?;
+    check_reference_scope(&principal, &spec, Some(&current.def.spec))?;
     unredact(&mut spec, &current.def.spec)?;
     let changed = changed_fields(&current.def.spec, &spec);
     let paused = spec.paused;

@@ -11,6 +11,7 @@ pub mod extract;
 pub mod jobs;
 pub mod openapi;
 pub mod probes;
+pub mod redaction;
 pub mod runs;
 pub mod schedules;
 
@@ -27,7 +28,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use self::error::ApiError;
-use self::extract::{BodyLimit, Params};
+use self::extract::{BodyDeadline, BodyLimit, Params};
 use crate::action::ActionPolicy;
 use crate::clock::SharedClock;
 use crate::health::Health;
@@ -113,10 +114,14 @@ impl<C: std::str::FromStr> PageParams<C> {
     }
 }
 
+/// Longest a client may take to send a request body.
+pub const MAX_BODY_WAIT: Duration = Duration::from_secs(10);
+
 /// The complete router with its layers.
 pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
     let (api, _) = openapi::routes().split_for_parts();
     let spec = Arc::new(openapi::spec());
+    let body_deadline = limits.request_timeout.min(MAX_BODY_WAIT);
     let layers = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(
@@ -144,6 +149,10 @@ pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
             limits.max_concurrent_requests,
         ))
         .layer(axum::Extension(BodyLimit(limits.max_body_bytes)))
+        // A body that stops short of its length would hold a concurrency
+        // slot until the request timeout; it gets a 408 sooner.
+        .layer(axum::Extension(BodyDeadline(body_deadline)))
+        .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(body_deadline))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes));
     #[cfg(feature = "fault-injection")]
     let api = api.route("/debug/faults", axum::routing::post(probes::arm_fault));

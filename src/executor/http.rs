@@ -101,7 +101,8 @@ pub(super) async fn execute(
                 status,
                 attempts: occurrence.attempt,
                 http_status: e.status().map(|s| s.as_u16()),
-                error: Some(truncate(error_chain(&e), MAX_ERROR_LEN)),
+                // Without the URL: its query string may hold a secret.
+                error: Some(truncate(error_chain(&e.without_url()), MAX_ERROR_LEN)),
                 ..Outcome::failed("")
             }
         }
@@ -131,18 +132,57 @@ pub(super) struct PublicOnly;
 impl reqwest::dns::Resolve for PublicOnly {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| crate::action::is_public(a.ip()))
-                .collect();
-            if addrs.is_empty() {
-                let e: Box<dyn std::error::Error + Send + Sync> =
-                    format!("{host} has no public address (--deny-private-networks)").into();
-                return Err(e);
-            }
+            let addrs = public_addresses(name.as_str()).await?;
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
+    }
+}
+
+/// The public addresses `host` resolves to; an error when it has none.
+async fn public_addresses(
+    host: &str,
+) -> Result<Vec<std::net::SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, 0))
+        .await?
+        .filter(|a| crate::action::is_public(a.ip()))
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{host} has no public address (--deny-private-networks)").into());
+    }
+    Ok(addrs)
+}
+
+/// The SSRF guard's check before a request: an address literal must be
+/// public; through a proxy (which resolves names itself) a name must
+/// resolve to public addresses only. Without a proxy names are checked by
+/// [`PublicOnly`] as the connection resolves them.
+pub(super) async fn check_destination(url: &reqwest::Url, proxied: bool) -> Result<(), String> {
+    match crate::action::literal_ip(url) {
+        Some(ip) if !crate::action::is_public(ip) => return Err(crate::action::refused_address(Some(ip))),
+        Some(_) => return Ok(()),
+        None => {}
+    }
+    match url.host() {
+        Some(url::Host::Domain(name)) if proxied => {
+            let all = tokio::net::lookup_host((name, 0))
+                .await
+                .map_err(|e| format!("{name}: {e}"))?;
+            let mut any = false;
+            for addr in all {
+                any = true;
+                if !crate::action::is_public(addr.ip()) {
+                    return Err(format!(
+                        "{name} resolves to a non-public address (--deny-private-networks)"
+                    ));
+                }
+            }
+            if any {
+                Ok(())
+            } else {
+                Err(format!("{name} has no address"))
+            }
+        }
+        _ => Ok(()),
     }
 }
 

@@ -59,6 +59,9 @@ pub struct ExecutorConfig {
     pub actions: crate::action::ActionPolicy,
     /// Bytes of output kept per run.
     pub output_tail_bytes: usize,
+    /// Where HTTP actions go through a proxy (`--action-proxy`). Proxy
+    /// variables in the environment are never used for actions.
+    pub action_proxy: Option<url::Url>,
     /// The cronguard binary, run as `__shim` around every command so no
     /// descendant outlives the service; `None` spawns commands directly
     /// (only the direct child then gets the parent-death signal).
@@ -105,11 +108,20 @@ impl Executor {
             // default: unbounded, closed after 90 s idle). Connections are
             // bounded by the runs in flight (`--max-running`); capping the
             // idle pool below that makes each burst reconnect.
-            .connect_timeout(Duration::from_secs(10));
-        if config.actions.deny_private_networks {
+            .connect_timeout(Duration::from_secs(10))
+            // HTTP_PROXY and friends would hand the target's name to a
+            // proxy, past the SSRF guard's resolver: only an explicit
+            // `--action-proxy` sends actions through one.
+            .no_proxy();
+        match &config.action_proxy {
+            Some(proxy) => http = http.proxy(reqwest::Proxy::all(proxy.as_str())?),
             // Names are checked when they resolve, so a name that points
             // at a private address (or is re-pointed later) is refused too.
-            http = http.dns_resolver(Arc::new(http::PublicOnly));
+            // Through a proxy the proxy resolves; `execute` checks first.
+            None if config.actions.deny_private_networks => {
+                http = http.dns_resolver(Arc::new(http::PublicOnly));
+            }
+            None => {}
         }
         let http = http.build()?;
         Ok(Self {
@@ -139,12 +151,19 @@ impl Executor {
         let cfg = &self.inner.config;
         match action {
             Action::Http(a) => {
-                if cfg.actions.deny_private_networks
-                    && crate::action::literal_ip(&a.url).is_some_and(|ip| !crate::action::is_public(ip))
+                if let Some(name) = a
+                    .headers
+                    .keys()
+                    .find(|h| crate::action::forbidden_header(h.as_str()).is_some())
                 {
-                    return Outcome::failed(
-                        "the address is not public and this server refuses private networks (--deny-private-networks)",
-                    );
+                    return Outcome::failed(format!(
+                        "the job sets header {name}, which jobs may no longer set; replace the job without it"
+                    ));
+                }
+                if cfg.actions.deny_private_networks
+                    && let Err(e) = http::check_destination(&a.url, cfg.action_proxy.is_some()).await
+                {
+                    return Outcome::failed(e);
                 }
                 http::execute(
                     &self.inner.http,
@@ -157,6 +176,9 @@ impl Executor {
                 .await
             }
             Action::Command(a) => {
+                if let Some(why) = a.env.keys().find_map(|name| crate::action::forbidden_env(name)) {
+                    return Outcome::failed(format!("refused to start: {why}; replace the job without it"));
+                }
                 if !cfg.actions.program_allowed(&a.program) {
                     return Outcome::failed(format!(
                         "`{}` is not in the server's command allowlist (--command-allowlist)",

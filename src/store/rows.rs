@@ -109,6 +109,7 @@ pub fn job(row: &(impl Columns + ?Sized)) -> Result<Job, StoreError> {
     let def = spec
         .validate(&ActionPolicy {
             commands_enabled: true,
+            loading: true,
             ..ActionPolicy::default()
         })
         .map_err(|e| StoreError::Corrupt(format!("job {id} spec: {e}")))?;

@@ -303,13 +303,20 @@ impl TestApp {
 
     /// Waits until run `id` is final and returns it.
     pub async fn final_run(&self, id: &str) -> Value {
-        eventually(&format!("run {id} to end"), || async {
-            let (status, run) = self.get(&format!("/v1/runs/{id}")).await;
-            let s = run["status"].as_str().unwrap_or("");
-            (status == StatusCode::OK && !matches!(s, "running" | "queued")).then_some(run)
-        })
-        .await
+        final_run(&self.base, id).await
     }
+}
+
+/// Waits until run `id` of the service at `base` is final and returns it.
+pub async fn final_run(base: &str, id: &str) -> Value {
+    let client = client();
+    eventually(&format!("run {id} to end"), || async {
+        let r = client.get(format!("{base}/v1/runs/{id}")).send().await.ok()?;
+        let (status, run) = read(r).await;
+        let s = run["status"].as_str().unwrap_or("");
+        (status == StatusCode::OK && !matches!(s, "running" | "queued")).then_some(run)
+    })
+    .await
 }
 
 impl Drop for TestApp {

@@ -11,7 +11,13 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::validation::{FieldErrors, parse_duration};
+use crate::validation::{FieldErrors, escape_pointer, parse_duration};
+
+mod address;
+mod hygiene;
+
+pub use address::{block_of, embedded_ipv4, is_public};
+pub use hygiene::{FORBIDDEN_ENV, FORBIDDEN_HEADERS, forbidden_env, forbidden_header};
 
 /// Longest URL accepted.
 pub const MAX_URL_LEN: usize = 2048;
@@ -65,11 +71,13 @@ pub struct HttpSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "POST")]
     pub method: Option<String>,
-    /// `http` or `https` URL.
+    /// `http` or `https` URL, without credentials (send them in a header).
     #[schema(example = "https://example.com/hooks/nightly")]
     pub url: String,
     /// Extra request headers. The `X-Cronguard-*` identity headers are
-    /// always added and cannot be overridden.
+    /// always added and cannot be overridden; framing and hop-by-hop
+    /// headers (`Host`, `Content-Length`, `Transfer-Encoding`, …) are
+    /// refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     /// Request body, sent as is.
@@ -100,7 +108,10 @@ pub struct CommandSpec {
     /// Arguments, passed as is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    /// Environment variables added to the service's environment.
+    /// Environment variables added to the command's environment. Values
+    /// are never shown back (`<redacted>`); values may reference
+    /// `${CRONGUARD_SECRET_<NAME>}`; loader and interpreter variables
+    /// (`LD_*`, `PATH`, `BASH_ENV`, …) are refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Absolute working directory; default the service's.
@@ -208,44 +219,17 @@ pub struct ActionPolicy {
     pub command_allowlist: Vec<String>,
     /// Refuse HTTP actions to non-public addresses (SSRF guard).
     pub deny_private_networks: bool,
+    /// Re-validating a stored definition: the rules added after it may
+    /// have been stored (userinfo in URLs, forbidden headers and
+    /// variables) are left to the executor, which fails its runs with the
+    /// reason, so an upgrade never refuses to load a job.
+    pub loading: bool,
 }
 
 impl ActionPolicy {
     /// Whether `program` may run under the allowlist.
     pub fn program_allowed(&self, program: &str) -> bool {
         self.command_allowlist.is_empty() || self.command_allowlist.iter().any(|p| p == program)
-    }
-}
-
-/// Whether `ip` is a public unicast address (the SSRF guard's test).
-pub fn is_public(ip: std::net::IpAddr) -> bool {
-    use std::net::IpAddr;
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_multicast()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b))
-                || (a == 198 && (18..20).contains(&b))
-                || a >= 240)
-        }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_public(IpAddr::V4(v4)),
-            None => {
-                !(v6.is_loopback()
-                    || v6.is_unspecified()
-                    || v6.is_multicast()
-                    || v6.is_unique_local()
-                    || v6.is_unicast_link_local()
-                    || v6.segments()[0] == 0x2001 && v6.segments()[1] == 0x0db8)
-            }
-        },
     }
 }
 
@@ -299,10 +283,14 @@ impl HttpSpec {
         } else {
             match reqwest::Url::parse(&self.url) {
                 Ok(u) if policy.deny_private_networks && literal_ip(&u).is_some_and(|ip| !is_public(ip)) => {
+                    errors.push(format!("{pointer}/url"), refused_address(literal_ip(&u)));
+                    None
+                }
+                Ok(u) if !policy.loading && (!u.username().is_empty() || u.password().is_some()) => {
                     errors.push(
                         format!("{pointer}/url"),
-                        "the address is not public and this server refuses private networks \
-                         (--deny-private-networks)",
+                        "credentials in a URL would be shown to every reader of the job; send them \
+                         in an Authorization header (secret, never shown back) instead",
                     );
                     None
                 }
@@ -335,6 +323,10 @@ impl HttpSpec {
             };
             if header.as_str().starts_with("x-cronguard-") {
                 errors.push(at, "X-Cronguard-* headers are set by the service");
+                continue;
+            }
+            if let Some(why) = forbidden_header(name).filter(|_| !policy.loading) {
+                errors.push(at, why);
                 continue;
             }
             if let Err(e) = crate::secrets::references(value) {
@@ -428,6 +420,8 @@ impl CommandSpec {
                 );
             } else if name.starts_with("CRONGUARD_") {
                 errors.push(at, "CRONGUARD_* variables are set by the service");
+            } else if let Some(why) = forbidden_env(name).filter(|_| !policy.loading) {
+                errors.push(at, why);
             } else if value.len() > MAX_ARG_LEN || value.contains('\0') {
                 errors.push(at, "values are at most 8 KiB and contain no NUL bytes");
             } else if let Err(e) = crate::secrets::references(value) {
@@ -484,6 +478,14 @@ fn parse_timeout(text: Option<&str>, default: Duration, pointer: &str, errors: &
     }
 }
 
+/// Why the SSRF guard refuses an address, naming its registry block.
+pub fn refused_address(ip: Option<std::net::IpAddr>) -> String {
+    let block = ip.and_then(block_of).unwrap_or("outside global unicast");
+    format!(
+        "the address is not public ({block}) and this server refuses private networks (--deny-private-networks)"
+    )
+}
+
 /// The URL's host if it is an IP address literal.
 pub fn literal_ip(url: &reqwest::Url) -> Option<std::net::IpAddr> {
     match url.host()? {
@@ -491,11 +493,6 @@ pub fn literal_ip(url: &reqwest::Url) -> Option<std::net::IpAddr> {
         url::Host::Ipv6(ip) => Some(ip.into()),
         url::Host::Domain(_) => None,
     }
-}
-
-/// Escapes a map key for use in a JSON pointer (RFC 6901).
-pub fn escape_pointer(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
 }
 
 impl Action {

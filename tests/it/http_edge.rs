@@ -1,0 +1,130 @@
+//! The HTTP edge under odd but legal input and under hostile clients:
+//! auth scheme case, bad escapes in paths, bodies that never finish, and
+//! job fields that would let a job rewrite framing or load foreign code.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::*;
+
+const ADMIN: &str = "admin-0123456789abcdef0";
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let mut options = Options::default();
+    options.settings.tokens = Some(vec![format!("ops:admin:{ADMIN}")]);
+    let app = TestApp::start(options).await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let r = app
+            .client
+            .get(app.url("/v1/jobs"))
+            .header("authorization", format!("{scheme} {ADMIN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    let r = app
+        .client
+        .get(app.url("/v1/jobs"))
+        .header("authorization", format!("Basic {ADMIN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_escapes_in_paths_are_400_bad_path() {
+    let app = TestApp::spawn().await;
+    for path in [
+        "/v1/jobs/%zz",
+        "/v1/jobs/%",
+        "/v1/jobs/a%2",
+        "/v1/runs/%G0",
+        "/v1/jobs/%zz/runs",
+    ] {
+        let (status, problem) = app.get(path).await;
+        assert_eq!(status, 400, "{path}: {problem}");
+        assert_eq!(problem["type"], "urn:cronguard:problem:bad-path", "{path}");
+    }
+    // A well-formed escape still reaches the handler.
+    let (status, problem) = app.get("/v1/jobs/no%2Dsuch").await;
+    assert_eq!(status, 404, "{problem}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_shorter_than_its_length_gets_408_before_the_request_timeout() {
+    let app = TestApp::spawn().await;
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    socket
+        .write_all(b"POST /v1/jobs HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"na")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    within("an answer", socket.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(answer.contains("body-timeout"), "{answer}");
+    // The request timeout is 30 s; the body deadline 10 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn jobs_may_not_set_framing_headers_or_loader_variables() {
+    let app = TestApp::start(Options::commands()).await;
+    for header in [
+        "Host",
+        "Content-Length",
+        "Transfer-Encoding",
+        "connection",
+        "TE",
+        "Upgrade",
+    ] {
+        let mut job = http_job(
+            "h",
+            json!({"kind": "cron", "expr": "0 0 1 1 *"}),
+            "http://127.0.0.1:9/",
+        );
+        job["action"]["headers"] = json!({header: "5"});
+        let (status, problem) = app.post("/v1/jobs", job).await;
+        assert_eq!(status, 422, "{header}");
+        assert_eq!(
+            problem["errors"][0]["pointer"],
+            format!("/action/headers/{header}")
+        );
+    }
+    for name in [
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "BASH_ENV",
+        "PATH",
+        "PYTHONPATH",
+        "NODE_OPTIONS",
+    ] {
+        let job = json!({
+            "name": "c", "schedule": {"kind": "cron", "expr": "0 0 1 1 *"},
+            "action": {"kind": "command", "program": "true", "env": {name: "/tmp/x.so"}}
+        });
+        let (status, problem) = app.post("/v1/jobs", job).await;
+        assert_eq!(status, 422, "{name}");
+        assert_eq!(problem["errors"][0]["pointer"], format!("/action/env/{name}"));
+    }
+    let (_, jobs) = app.get("/v1/jobs").await;
+    assert_eq!(jobs["items"].as_array().unwrap().len(), 0, "nothing written");
+    app.stop().await;
+}
