@@ -47,7 +47,9 @@ impl Heartbeat {
         wake: Option<&tokio::sync::Notify>,
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> bool {
-        let until = tokio::time::Instant::now() + duration;
+        // A wait too long to represent (a hostile `Retry-After`) is
+        // endless, not a panic.
+        let until = tokio::time::Instant::now().checked_add(duration);
         let woken = async {
             match wake {
                 Some(n) => n.notified().await,
@@ -58,10 +60,12 @@ impl Heartbeat {
         loop {
             self.beat();
             let now = tokio::time::Instant::now();
-            if now >= until {
+            if until.is_some_and(|until| now >= until) {
                 return true;
             }
-            let slice = (until - now).min(Duration::from_secs(1));
+            let slice = until.map_or(Duration::from_secs(1), |until| {
+                (until - now).min(Duration::from_secs(1))
+            });
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return false,

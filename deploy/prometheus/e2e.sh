@@ -5,7 +5,12 @@
 #  2. `promtool check metrics` on a real scrape;
 #  3. Prometheus scrapes it every second with deploy/prometheus/alerts.yml;
 #  4. the engine loop is made to hang; the CronguardLoopStale expression
-#     must return the engine's series and the alert must become active.
+#     must return the engine's series and the alert must become active;
+#  5. three more instances talk to misbehaving control backends
+#     (fake_backend.py): a full hang, the results endpoint down alone, and
+#     `Retry-After: 3600`. CronguardBackendResultsUndelivered must become
+#     active for each (and CronguardBackendPullStale for the hang) within
+#     the staleness bound these flags give (3 × 1s + 1s).
 # Usage: deploy/prometheus/e2e.sh [path/to/cronguard]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -40,6 +45,23 @@ curl -sf -X POST "$base/v1/jobs" -H 'content-type: application/json' \
   -d '{"name":"tick","monitor":true,"schedule":{"kind":"cron","expr":"* * * * * *"},"action":{"kind":"http","method":"GET","url":"'"$base"'/livez"}}' >/dev/null
 sleep 2
 
+echo "== three instances with misbehaving control backends"
+backend_targets=()
+declare -A scenario_port
+for mode in hang results503 retry3600; do
+  bport=$(free_port)
+  cport=$(free_port)
+  python3 "$here/fake_backend.py" "$mode" "$bport" "http://127.0.0.1:$cport/livez" >"$work/backend-$mode.log" 2>&1 &
+  pids+=($!)
+  CRONGUARD_BACKEND_TOKEN=e2e-token "$bin" serve --listen "127.0.0.1:$cport" --database "$work/$mode.db" \
+    --backend-url "http://127.0.0.1:$bport/api" --backend-poll-interval 1s --backend-timeout 1s \
+    --log warn >"$work/cronguard-$mode.log" 2>&1 &
+  pids+=($!)
+  scenario_port[$mode]=$cport
+  backend_targets+=("\"127.0.0.1:$cport\"")
+  wait_for "curl -sf http://127.0.0.1:$cport/readyz" 30
+done
+
 echo "== promtool check metrics"
 curl -sf "$base/metrics" | promtool check metrics
 echo "ok"
@@ -56,6 +78,9 @@ scrape_configs:
   - job_name: cronguard
     static_configs:
       - targets: ["127.0.0.1:$port"]
+  - job_name: cronguard-backend
+    static_configs:
+      - targets: [$(IFS=,; echo "${backend_targets[*]}")]
 YAML
 prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/data" \
   --web.listen-address="127.0.0.1:$prom_port" >"$work/prometheus.log" 2>&1 &
@@ -81,4 +106,25 @@ wait_for 'curl -sf "$prom/api/v1/alerts" | grep -q "\"alertname\":\"CronguardLoo
 echo "CronguardLoopStale is active"
 curl -s "$base/livez" || true
 echo
+
+# Whether alert $1 is active (pending or firing) for instance $2.
+alert_active() {
+  curl -sf "$prom/api/v1/alerts" | python3 -c '
+import json, sys
+alerts = json.load(sys.stdin)["data"]["alerts"]
+sys.exit(0 if any(a["labels"]["alertname"] == sys.argv[1] and a["labels"].get("instance") == sys.argv[2] for a in alerts) else 1)
+' "$1" "$2"
+}
+for mode in hang results503 retry3600; do
+  instance="127.0.0.1:${scenario_port[$mode]}"
+  wait_for "alert_active CronguardBackendResultsUndelivered $instance" 90
+  echo "$mode: CronguardBackendResultsUndelivered is active"
+done
+wait_for "alert_active CronguardBackendPullStale 127.0.0.1:${scenario_port[hang]}" 90
+echo "hang: CronguardBackendPullStale is active"
+for mode in results503 retry3600; do
+  if alert_active CronguardBackendPullStale "127.0.0.1:${scenario_port[$mode]}"; then
+    echo "$mode: pulls work, yet CronguardBackendPullStale is active" >&2; exit 1
+  fi
+done
 echo "e2e: ok"

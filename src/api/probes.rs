@@ -179,6 +179,16 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
     responses((status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(ctx): State<Arc<ApiContext>>) -> Result<Response, ApiError> {
     ctx.metrics.observe_loops(&ctx.health);
+    // The outbox gauges must show results piling up even while no upload
+    // is attempted (the uploader waiting out a backoff, or hung).
+    if let Some(contact) = &ctx.backend
+        && let Ok((entries, oldest)) = ctx.store.outbox_stats().await
+    {
+        contact.set_outbox(entries, oldest, ctx.clock.now());
+    }
+    if let Some(contact) = &ctx.backend {
+        contact.observe(ctx.clock.now());
+    }
     if let Some(size) = ctx.store.size_bytes().await {
         ctx.metrics.set_database_size(size);
     }

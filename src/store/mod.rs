@@ -563,9 +563,16 @@ impl Store {
     // ---- outbox (control backend) -----------------------------------------
 
     /// Queues a rejected backend job spec for upload.
-    pub fn record_rejection(&self, rejection: crate::sync::protocol::Rejection) -> Ack<()> {
-        self.inner
-            .write(|reply| writer::Op::RecordRejection { rejection, reply })
+    pub fn record_rejections(
+        &self,
+        rejections: Vec<crate::sync::protocol::Rejection>,
+        summary: crate::sync::protocol::RejectionSummary,
+    ) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::RecordRejections {
+            rejections,
+            summary,
+            reply,
+        })
     }
 
     /// Notified after every commit while the outbox is on (the uploader

@@ -46,6 +46,14 @@ pub struct BackendConfig {
     pub upload_batch: usize,
 }
 
+/// Longest `--backend-timeout`: a call that takes longer is a hang.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest `--backend-max-backoff` (and so the longest wait between
+/// upload attempts, `Retry-After` included).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(900);
+/// Longest `--backend-poll-interval`.
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(3600);
+
 impl BackendConfig {
     /// `None` without `--backend-url`; otherwise every backend setting
     /// validated (an error names the setting, never the token).
@@ -93,6 +101,19 @@ impl BackendConfig {
                 Ok(d)
             }
         };
+        // A wait or a call without a sane bound is how a hung backend
+        // freezes delivery while every signal stays green.
+        let capped = |setting: &'static str, value: Option<String>, default: Duration, max: Duration| {
+            let d = positive(setting, value, default)?;
+            if d > max {
+                Err(ConfigError {
+                    setting,
+                    message: format!("at most {}", humantime::format_duration(max)),
+                })
+            } else {
+                Ok(d)
+            }
+        };
         let contact_max_age = match s.backend_contact_max_age.clone() {
             None => None,
             Some(v) => Some(positive("backend_contact_max_age", Some(v), Duration::ZERO)?),
@@ -100,20 +121,23 @@ impl BackendConfig {
         Ok(Some(Self {
             url,
             token,
-            poll_interval: positive(
+            poll_interval: capped(
                 "backend_poll_interval",
                 s.backend_poll_interval.clone(),
                 Duration::from_secs(30),
+                MAX_POLL_INTERVAL,
             )?,
-            timeout: positive(
+            timeout: capped(
                 "backend_timeout",
                 s.backend_timeout.clone(),
                 Duration::from_secs(10),
+                MAX_TIMEOUT,
             )?,
-            max_backoff: positive(
+            max_backoff: capped(
                 "backend_max_backoff",
                 s.backend_max_backoff.clone(),
                 Duration::from_secs(300),
+                MAX_BACKOFF,
             )?,
             contact_max_age,
             max_body_bytes: bounded(
@@ -187,6 +211,30 @@ mod tests {
                     ..Settings::default()
                 },
                 "upload_batch",
+            ),
+            (
+                Settings {
+                    backend_url: Some("http://x/".into()),
+                    backend_timeout: Some("1h".into()),
+                    ..Settings::default()
+                },
+                "backend_timeout",
+            ),
+            (
+                Settings {
+                    backend_url: Some("http://x/".into()),
+                    backend_timeout: Some("100000d".into()),
+                    ..Settings::default()
+                },
+                "backend_timeout",
+            ),
+            (
+                Settings {
+                    backend_url: Some("http://x/".into()),
+                    backend_max_backoff: Some("2h".into()),
+                    ..Settings::default()
+                },
+                "backend_max_backoff",
             ),
         ] {
             assert_eq!(BackendConfig::from_settings(&s).unwrap_err().setting, setting);

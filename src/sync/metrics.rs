@@ -2,15 +2,13 @@
 //! is configured; the contact series live in [`crate::metrics::Metrics`]
 //! so `cronguard_backend_configured` is always exported).
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use prometheus::{IntCounter, IntCounterVec};
 
 use crate::metrics::{Metrics, opts, reg};
 
 /// Outbox, upload and reconciliation counters.
 #[derive(Debug, Clone)]
 pub struct SyncMetrics {
-    outbox_entries: IntGauge,
-    outbox_oldest_age: prometheus::Gauge,
     outbox_dropped: IntCounter,
     uploaded: IntCounterVec,
     pulls: IntCounterVec,
@@ -23,20 +21,6 @@ impl SyncMetrics {
     pub fn new(metrics: &Metrics) -> Self {
         let m = metrics.registry();
         Self {
-            outbox_entries: reg(
-                m,
-                IntGauge::with_opts(opts(
-                    "backend_outbox_entries",
-                    "Results and rejections waiting for upload to the control backend.",
-                )),
-            ),
-            outbox_oldest_age: reg(
-                m,
-                prometheus::Gauge::with_opts(opts(
-                    "backend_outbox_oldest_age_seconds",
-                    "Age of the oldest entry waiting for upload (0 when the outbox is empty).",
-                )),
-            ),
             outbox_dropped: reg(
                 m,
                 IntCounter::with_opts(opts(
@@ -84,13 +68,6 @@ impl SyncMetrics {
         }
     }
 
-    /// The outbox now holds `entries`, the oldest `oldest_age_seconds` old.
-    pub fn set_outbox(&self, entries: u64, oldest_age_seconds: f64) {
-        self.outbox_entries
-            .set(i64::try_from(entries).unwrap_or(i64::MAX));
-        self.outbox_oldest_age.set(oldest_age_seconds);
-    }
-
     /// Entries were dropped undelivered.
     pub fn dropped(&self, n: u64) {
         self.outbox_dropped.inc_by(n);
@@ -117,8 +94,8 @@ impl SyncMetrics {
         }
     }
 
-    /// A job spec was rejected.
-    pub fn rejected(&self) {
-        self.jobs_rejected.inc();
+    /// `n` job specs were rejected (counted when reported).
+    pub fn rejected(&self, n: u64) {
+        self.jobs_rejected.inc_by(n);
     }
 }

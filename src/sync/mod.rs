@@ -18,4 +18,4 @@ pub mod pull;
 pub mod upload;
 
 pub use self::config::{BackendConfig, Secret};
-pub use self::contact::{Contact, ContactView};
+pub use self::contact::{Contact, ContactView, Direction, DirectionView};

@@ -44,8 +44,14 @@ pub struct ResultBatch {
     pub incarnation: String,
     /// Finished runs, oldest first (commit order).
     pub results: Vec<RunResult>,
-    /// Job specs from the backend that cronguard could not apply.
+    /// Job specs from the backend that cronguard could not apply: at most
+    /// the first 100 of one job list, each with its reasons.
     pub rejections: Vec<Rejection>,
+    /// One per job list whose set of rejected items changed: how many
+    /// items it rejected in all, by reason (a list of any size is
+    /// reported in a bounded size).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejection_summaries: Vec<RejectionSummary>,
 }
 
 /// One finished run.
@@ -127,6 +133,20 @@ pub struct Rejection {
     pub rejected_at: DateTime<Utc>,
     /// Every reason, as in the public API's problem documents.
     pub errors: Vec<FieldError>,
+}
+
+/// The rejections of one job list, counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RejectionSummary {
+    /// When the list was reconciled.
+    pub rejected_at: DateTime<Utc>,
+    /// Items rejected in all.
+    pub total: u64,
+    /// How many of them are reported one by one in `rejections`.
+    pub detailed: u64,
+    /// Items rejected, by the JSON pointer of their first error (at most
+    /// 32 pointers; the rest count under `other`).
+    pub by_reason: std::collections::BTreeMap<String, u64>,
 }
 
 /// `openapi/backend.json`: the protocol as pretty JSON, with the job

@@ -9,6 +9,12 @@
 //!   /v1/jobs` body: an invalid item is rejected (logged, counted, reported
 //!   to the backend on the next upload) and the rest still apply; if a job
 //!   of that name already exists, it keeps its last good definition;
+//! - rejections are reported in a bounded size whatever the list's: the
+//!   first [`MAX_DETAILED`] with their reasons, all of them counted by
+//!   reason, in one commit — and only when the set of rejected items
+//!   changed since the last report;
+//! - the loop beats while it decodes and validates, so a huge list is slow
+//!   work, not a hung loop;
 //! - an unchanged item causes no write; a changed one is a replace (same
 //!   id, history kept; `paused` omitted keeps the current state, so a local
 //!   pause survives); a missing one is deleted (its live runs cancelled and
@@ -16,7 +22,7 @@
 //! - the `ETag` is kept only once a list applied completely, so a failed
 //!   or partial apply is retried in full at the next pull.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,9 +30,9 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{BackendClient, Pulled};
-use super::contact::Contact;
+use super::contact::{Contact, Direction};
 use super::metrics::SyncMetrics;
-use super::protocol::Rejection;
+use super::protocol::{Rejection, RejectionSummary};
 use crate::action::ActionPolicy;
 use crate::clock::SharedClock;
 use crate::fault::Faults;
@@ -38,6 +44,16 @@ use crate::validation::{DecodeError, FieldError, decode_json};
 /// Writes issued at once (they share group commits); the loop beats
 /// between chunks.
 const CHUNK: usize = 256;
+/// Longest wait between failed pulls (if the poll interval is longer): a
+/// backend that comes back is seen within it.
+const MAX_RETRY: Duration = Duration::from_secs(10);
+/// Items decoded and validated between heartbeats.
+const ITEMS_PER_BEAT: usize = 1024;
+/// Rejections of one list reported with their reasons; the rest are
+/// counted in the list's summary.
+pub const MAX_DETAILED: usize = 100;
+/// Distinct reasons counted in a summary; the rest count as `other`.
+const MAX_REASONS: usize = 32;
 
 /// The sync loop and what it needs.
 pub struct Puller {
@@ -64,8 +80,47 @@ pub struct Puller {
 #[derive(Debug, Default)]
 pub struct PullState {
     etag: Option<String>,
-    /// Rejected items by label, as last reported.
-    reported: HashMap<String, Value>,
+    /// Digest of the set of rejections last reported.
+    reported: Option<[u8; 32]>,
+}
+
+/// The rejections of one list: the first [`MAX_DETAILED`] in full, every
+/// one counted by reason and folded into a digest of the whole set.
+struct Rejections {
+    detailed: Vec<(String, Vec<FieldError>)>,
+    total: u64,
+    by_reason: BTreeMap<String, u64>,
+    digest: sha2::Sha256,
+}
+
+impl Rejections {
+    fn new() -> Self {
+        Self {
+            detailed: Vec::new(),
+            total: 0,
+            by_reason: BTreeMap::new(),
+            digest: sha2::Digest::new(),
+        }
+    }
+
+    fn push(&mut self, label: String, item: &Value, errors: Vec<FieldError>) {
+        use sha2::Digest;
+        self.total += 1;
+        let mut reason = errors.first().map_or_else(String::new, |e| e.pointer.clone());
+        if self.by_reason.len() >= MAX_REASONS && !self.by_reason.contains_key(&reason) {
+            reason = "other".into();
+        }
+        *self.by_reason.entry(reason).or_default() += 1;
+        self.digest.update(label.as_bytes());
+        self.digest.update(serde_json::to_vec(item).unwrap_or_default());
+        for e in &errors {
+            self.digest.update(e.pointer.as_bytes());
+            self.digest.update(e.detail.as_bytes());
+        }
+        if self.detailed.len() < MAX_DETAILED {
+            self.detailed.push((label, errors));
+        }
+    }
 }
 
 /// What one reconciliation did.
@@ -91,7 +146,9 @@ enum Write {
 impl Puller {
     /// Pulls every `interval` until `shutdown`. Store failures end the
     /// loop (its supervisor restarts it); backend failures are recorded
-    /// and retried at the next interval.
+    /// and retried sooner (from 1 s, doubling up to 10 s or the interval,
+    /// jittered), so a backend that comes back is seen within seconds; an
+    /// upload that succeeds after failures also triggers a pull at once.
     pub async fn run(
         self: Arc<Self>,
         shutdown: CancellationToken,
@@ -99,32 +156,48 @@ impl Puller {
         faults: Arc<Faults>,
     ) -> Result<(), StoreError> {
         let mut state = PullState::default();
+        let mut retry = Duration::from_secs(1);
         loop {
             heartbeat.beat();
             faults.checkpoint(heartbeat.name()).await;
-            self.contact.attempt(self.clock.now());
+            self.contact.attempt(Direction::Pull, self.clock.now());
             let pulled = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
                 pulled = self.client.pull(state.etag.as_deref()) => pulled,
             };
+            let failed = pulled.is_err();
             match pulled {
                 Ok(Pulled::Unchanged) => {
-                    self.contact.success(self.clock.now());
+                    self.contact.success(Direction::Pull, self.clock.now());
                     self.metrics.pulled(false);
                 }
                 Ok(Pulled::Jobs { jobs, etag }) => {
-                    self.contact.success(self.clock.now());
+                    self.contact.success(Direction::Pull, self.clock.now());
                     self.metrics.pulled(true);
                     let applied = self.apply(jobs, &mut state, &heartbeat).await?;
                     state.etag = if applied.retry { None } else { etag };
                 }
                 Err(e) => {
                     tracing::warn!(reason = e.reason(), error = %e, "pulling jobs from the control backend failed");
-                    self.contact.failure(e.reason(), format!("pull: {e}"));
+                    self.contact
+                        .failure(Direction::Pull, e.reason(), format!("pull: {e}"));
                 }
             }
-            if !heartbeat.idle(self.interval, None, &shutdown).await {
+            let wait = if failed {
+                // Drawn from the upper half, so a fleet that lost its
+                // backend together does not return to it together.
+                let wait = retry.min(self.interval);
+                retry = (retry * 2).min(MAX_RETRY);
+                wait / 2 + (wait / 2).mul_f64(rand::random::<f64>())
+            } else {
+                retry = Duration::from_secs(1);
+                self.interval
+            };
+            if !heartbeat
+                .idle(wait, Some(self.contact.recovered()), &shutdown)
+                .await
+            {
                 return Ok(());
             }
         }
@@ -147,16 +220,20 @@ impl Puller {
             .collect();
         let mut applied = Applied::default();
         let mut named: HashSet<String> = HashSet::new();
-        let mut rejections: Vec<(String, Value, Vec<FieldError>)> = Vec::new();
+        let mut rejections = Rejections::new();
         let mut writes = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
+            if index % ITEMS_PER_BEAT == ITEMS_PER_BEAT - 1 {
+                heartbeat.beat();
+                tokio::task::yield_now().await;
+            }
             let name = item.get("name").and_then(Value::as_str).map(str::to_owned);
             let label = name
                 .clone()
                 .filter(|n| check_name(n).is_ok())
                 .unwrap_or_else(|| format!("#{index}"));
             let mut reject =
-                |errors: Vec<FieldError>, item: Value| rejections.push((label.clone(), item, errors));
+                |errors: Vec<FieldError>, item: Value| rejections.push(label.clone(), &item, errors);
             if let Some(name) = &name
                 && !named.insert(name.clone())
             {
@@ -265,7 +342,7 @@ impl Puller {
                 if *room == 0 {
                     let full =
                         FieldError::new("", "this server holds its maximum number of jobs (--max-jobs)");
-                    rejections.push((label, item, vec![full]));
+                    rejections.push(label, &item, vec![full]);
                     continue;
                 }
                 *room -= 1;
@@ -298,14 +375,14 @@ impl Puller {
                         tracing::info!(job = %job.id, name = %job.name(), version = job.version, "backend job updated");
                     }
                     // A local job took the name since the list was read.
-                    Err(StoreError::NameTaken(_)) => rejections.push((
+                    Err(StoreError::NameTaken(_)) => rejections.push(
                         label,
-                        item,
+                        &item,
                         vec![FieldError::new(
                             "/name",
                             "a job created through the local API has this name",
                         )],
-                    )),
+                    ),
                     // Changed or deleted through the API meanwhile.
                     Err(StoreError::VersionMismatch { .. } | StoreError::NotFound) => applied.retry = true,
                     Err(e) => return Err(e),
@@ -314,23 +391,39 @@ impl Puller {
             heartbeat.beat();
         }
 
-        applied.rejected = rejections.len() as u64;
-        let mut reported = HashMap::with_capacity(rejections.len());
-        for (label, item, errors) in rejections {
-            if state.reported.get(&label) != Some(&item) {
+        applied.rejected = rejections.total;
+        let digest: [u8; 32] = sha2::Digest::finalize(rejections.digest).into();
+        if rejections.total > 0 && state.reported != Some(digest) {
+            for (label, errors) in &rejections.detailed {
                 tracing::warn!(job = %label, errors = ?errors, "backend job rejected");
-                self.metrics.rejected();
-                self.store
-                    .record_rejection(Rejection {
-                        job: label.clone(),
-                        rejected_at: now,
-                        errors,
-                    })
-                    .await?;
             }
-            reported.insert(label, item);
+            if rejections.total > rejections.detailed.len() as u64 {
+                tracing::warn!(
+                    total = rejections.total,
+                    detailed = rejections.detailed.len(),
+                    by_reason = ?rejections.by_reason,
+                    "backend jobs rejected (the rest are counted in the report's summary)"
+                );
+            }
+            self.metrics.rejected(rejections.total);
+            let summary = RejectionSummary {
+                rejected_at: now,
+                total: rejections.total,
+                detailed: rejections.detailed.len() as u64,
+                by_reason: rejections.by_reason,
+            };
+            let detailed = rejections
+                .detailed
+                .into_iter()
+                .map(|(job, errors)| Rejection {
+                    job,
+                    rejected_at: now,
+                    errors,
+                })
+                .collect();
+            self.store.record_rejections(detailed, summary).await?;
         }
-        state.reported = reported;
+        state.reported = (rejections.total > 0).then_some(digest);
         self.metrics.applied("created", applied.created);
         self.metrics.applied("updated", applied.updated);
         self.metrics.applied("deleted", applied.deleted);

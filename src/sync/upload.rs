@@ -5,9 +5,16 @@
 //! acknowledgement and the delete sends it again; a backend that
 //! deduplicates by `run_id` sees every result once. Failures back off
 //! exponentially (1 s doubling to `--backend-max-backoff`, each wait drawn
-//! from its upper half) and honour `Retry-After`; a 413 halves the batch.
-//! The outbox is bounded: beyond `--outbox-limit` the oldest entries are
-//! dropped, logged and counted in `cronguard_backend_outbox_dropped_total`.
+//! from its upper half) and honour `Retry-After` up to that same cap; a
+//! wait ends early when a pull succeeds (the backend is back). A 413
+//! halves the batch. The outbox is bounded: beyond `--outbox-limit` the
+//! oldest entries are dropped, logged and counted in
+//! `cronguard_backend_outbox_dropped_total` — rejection reports first, run
+//! results only when results alone exceed the limit.
+//!
+//! An idle uploader writes nothing: it reads the outbox's size, and only
+//! trims (a commit) when it is over the limit, so its own commits do not
+//! wake it again and again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +24,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{BackendClient, CallError};
-use super::contact::Contact;
+use super::contact::{Contact, Direction};
 use super::metrics::SyncMetrics;
-use super::protocol::{Rejection, ResultBatch, RunResult};
+use super::protocol::{Rejection, RejectionSummary, ResultBatch, RunResult};
 use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
@@ -75,16 +82,18 @@ impl Uploader {
         loop {
             heartbeat.beat();
             faults.checkpoint(heartbeat.name()).await;
-            let dropped = self.store.outbox_trim(self.limit).await?;
-            if dropped > 0 {
-                self.metrics.dropped(dropped);
-                tracing::error!(
-                    dropped,
-                    limit = self.limit,
-                    "outbox over its limit: the oldest undelivered results were dropped"
-                );
+            if self.refresh_gauges().await? > self.limit {
+                let dropped = self.store.outbox_trim(self.limit).await?;
+                if dropped > 0 {
+                    self.metrics.dropped(dropped);
+                    tracing::error!(
+                        dropped,
+                        limit = self.limit,
+                        "outbox over its limit: the oldest undelivered entries were dropped"
+                    );
+                }
+                self.refresh_gauges().await?;
             }
-            self.refresh_gauges().await?;
             let entries = self.store.outbox_peek(batch_size as u32).await?;
             let empty = entries.is_empty();
             let Some(prepared) = self.prepare(entries).await? else {
@@ -96,7 +105,7 @@ impl Uploader {
                 }
                 continue;
             };
-            self.contact.attempt(self.clock.now());
+            self.contact.attempt(Direction::Push, self.clock.now());
             let sent = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
@@ -104,7 +113,7 @@ impl Uploader {
             };
             match sent {
                 Ok(()) => {
-                    self.contact.success(self.clock.now());
+                    self.contact.success(Direction::Push, self.clock.now());
                     self.store.outbox_delete(prepared.seqs).await?;
                     self.metrics
                         .uploaded("result", prepared.batch.results.len() as u64);
@@ -114,11 +123,12 @@ impl Uploader {
                     batch_size = self.batch;
                 }
                 Err(e) => {
-                    self.contact.failure(e.reason(), format!("upload: {e}"));
+                    self.contact
+                        .failure(Direction::Push, e.reason(), format!("upload: {e}"));
                     if matches!(e, CallError::Status { status: 413, .. }) && batch_size > 1 {
                         batch_size = (batch_size / 2).max(1);
                     }
-                    let wait = e.retry_after().unwrap_or_default().max(jittered(backoff));
+                    let wait = retry_wait(e.retry_after(), backoff, self.max_backoff);
                     tracing::warn!(
                         reason = e.reason(),
                         error = %e,
@@ -127,7 +137,7 @@ impl Uploader {
                         "uploading results to the control backend failed"
                     );
                     backoff = (backoff * 2).min(self.max_backoff);
-                    if !heartbeat.idle(wait, None, &shutdown).await {
+                    if !self.wait_to_retry(wait, &heartbeat, &shutdown).await? {
                         return Ok(());
                     }
                 }
@@ -142,6 +152,7 @@ impl Uploader {
             incarnation: self.incarnation.to_string(),
             results: Vec::new(),
             rejections: Vec::new(),
+            rejection_summaries: Vec::new(),
         };
         let mut seqs = Vec::with_capacity(entries.len());
         let mut unreadable = Vec::new();
@@ -152,6 +163,9 @@ impl Uploader {
                     .map_err(|e| e.to_string()),
                 "rejection" => serde_json::from_str::<Rejection>(&entry.payload)
                     .map(|r| batch.rejections.push(r))
+                    .map_err(|e| e.to_string()),
+                "rejection_summary" => serde_json::from_str::<RejectionSummary>(&entry.payload)
+                    .map(|r| batch.rejection_summaries.push(r))
                     .map_err(|e| e.to_string()),
                 other => Err(format!("unknown kind `{other}`")),
             };
@@ -170,12 +184,53 @@ impl Uploader {
         Ok((!seqs.is_empty()).then_some(Prepared { batch, seqs }))
     }
 
-    async fn refresh_gauges(&self) -> Result<(), StoreError> {
+    /// Reads the outbox's size into the contact state and its gauges;
+    /// returns the number of entries.
+    async fn refresh_gauges(&self) -> Result<u64, StoreError> {
         let (entries, oldest) = self.store.outbox_stats().await?;
-        let age = oldest.map_or(0.0, |t| (self.clock.now() - t).as_seconds_f64().max(0.0));
-        self.metrics.set_outbox(entries, age);
-        Ok(())
+        self.contact.set_outbox(entries, oldest, self.clock.now());
+        Ok(entries)
     }
+
+    /// Waits `wait` before the next attempt, keeping the outbox gauges
+    /// current (they must show results piling up while no upload is
+    /// attempted); ends early when a pull succeeds after failures.
+    /// `false` on shutdown.
+    async fn wait_to_retry(
+        &self,
+        wait: Duration,
+        heartbeat: &Heartbeat,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, StoreError> {
+        let until = tokio::time::Instant::now() + wait;
+        let recovered = self.contact.recovered().notified();
+        tokio::pin!(recovered);
+        recovered.as_mut().enable();
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(true);
+            }
+            tokio::select! {
+                biased;
+                () = &mut recovered => {
+                    tracing::info!("the control backend answered again: retrying the upload now");
+                    return Ok(true);
+                }
+                alive = heartbeat.idle(left.min(IDLE_REFRESH), None, shutdown) => if !alive {
+                    return Ok(false);
+                },
+            }
+            self.refresh_gauges().await?;
+        }
+    }
+}
+
+/// How long to wait after a failed upload: the backoff with jitter, or
+/// the backend's `Retry-After` when longer — never beyond `cap`
+/// (`--backend-max-backoff`), whatever the backend asked for.
+fn retry_wait(retry_after: Option<Duration>, backoff: Duration, cap: Duration) -> Duration {
+    retry_after.unwrap_or_default().max(jittered(backoff)).min(cap)
 }
 
 /// A delay drawn uniformly from the upper half of `backoff`, so a fleet
@@ -183,4 +238,26 @@ impl Uploader {
 fn jittered(backoff: Duration) -> Duration {
     let half = backoff / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wait_is_capped() {
+        let cap = Duration::from_secs(300);
+        for retry_after in [
+            Some(Duration::from_secs(3600)),
+            Some(Duration::from_secs(u64::MAX)),
+            Some(Duration::MAX),
+        ] {
+            assert_eq!(retry_wait(retry_after, INITIAL_BACKOFF, cap), cap);
+        }
+        let w = retry_wait(Some(Duration::from_secs(3)), INITIAL_BACKOFF, cap);
+        assert_eq!(w, Duration::from_secs(3));
+        let w = retry_wait(None, Duration::from_secs(8), cap);
+        assert!(w >= Duration::from_secs(4) && w <= Duration::from_secs(8));
+        assert!(retry_wait(None, Duration::from_secs(3600), cap) <= cap);
+    }
 }

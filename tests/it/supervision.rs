@@ -554,7 +554,12 @@ async fn a_second_signal_kills_every_run_at_once() {
         started.elapsed() < Duration::from_secs(30),
         "the 60s grace was not skipped"
     );
-    assert!(process_dead(pid));
+    // SIGKILL from the parent-death signal lands as the service exits; the
+    // kernel tears the process down a moment later on a busy machine.
+    eventually("the run's process to die", || async {
+        process_dead(pid).then_some(())
+    })
+    .await;
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", service.db.display()))
         .await
         .unwrap();

@@ -133,8 +133,9 @@ pub enum Op {
         limit: u32,
         reply: Reply<u64>,
     },
-    RecordRejection {
-        rejection: crate::sync::protocol::Rejection,
+    RecordRejections {
+        rejections: Vec<crate::sync::protocol::Rejection>,
+        summary: crate::sync::protocol::RejectionSummary,
         reply: Reply<()>,
     },
     OutboxDelete {
@@ -741,9 +742,11 @@ fn apply(tx: &mut dyn Tx, op: Op, outbox: bool, shared: bool) -> Pending {
             limit,
             reply,
         } => pending(reply, plain(runs::prune_old(tx, older_than, limit))),
-        Op::RecordRejection { rejection, reply } => {
-            pending(reply, plain(outbox::record_rejection(tx, &rejection)))
-        }
+        Op::RecordRejections {
+            rejections,
+            summary,
+            reply,
+        } => pending(reply, plain(outbox::record_rejections(tx, &rejections, &summary))),
         Op::OutboxDelete { seqs, reply } => pending(reply, plain(outbox::delete(tx, &seqs))),
         Op::OutboxTrim { limit, reply } => pending(reply, plain(outbox::trim(tx, limit))),
         Op::Close { reply } => pending(reply, Ok(((), None))),

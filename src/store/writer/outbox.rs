@@ -6,7 +6,7 @@ use crate::run::RunId;
 use crate::store::StoreError;
 use crate::store::rows::{self, RUN_COLUMNS, ms};
 use crate::store::sql::{Tx, first, values};
-use crate::sync::protocol::{Rejection, RunResult};
+use crate::sync::protocol::{Rejection, RejectionSummary, RunResult};
 use chrono::{DateTime, Utc};
 
 /// Queues the final state of run `id` (as now stored) for upload.
@@ -23,10 +23,19 @@ pub(super) fn record_run(c: &mut dyn Tx, id: RunId, at: DateTime<Utc>) -> Result
     insert(c, "result", &id.to_string(), &payload, at)
 }
 
-/// Queues a rejected job spec for upload.
-pub(super) fn record_rejection(c: &mut dyn Tx, rejection: &Rejection) -> Result<(), StoreError> {
-    let payload = serde_json::to_string(rejection).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    insert(c, "rejection", &rejection.job, &payload, rejection.rejected_at)
+/// Queues the rejections of one job list for upload: the detailed ones
+/// and their summary, in one commit.
+pub(super) fn record_rejections(
+    c: &mut dyn Tx,
+    rejections: &[Rejection],
+    summary: &RejectionSummary,
+) -> Result<(), StoreError> {
+    for rejection in rejections {
+        let payload = serde_json::to_string(rejection).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        insert(c, "rejection", &rejection.job, &payload, rejection.rejected_at)?;
+    }
+    let payload = serde_json::to_string(summary).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    insert(c, "rejection_summary", "*", &payload, summary.rejected_at)
 }
 
 fn insert(c: &mut dyn Tx, kind: &str, key: &str, payload: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -46,10 +55,22 @@ pub(super) fn delete(c: &mut dyn Tx, seqs: &[i64]) -> Result<u64, StoreError> {
     Ok(deleted)
 }
 
-/// Drops the oldest entries beyond `limit`; how many were dropped.
+/// Rejection reports kept at most, apart from `--outbox-limit`: run
+/// results are never evicted to make room for them.
+pub const MAX_REJECTION_ENTRIES: u64 = 1000;
+
+/// Drops the oldest results beyond `limit` and the oldest rejection
+/// reports beyond [`MAX_REJECTION_ENTRIES`]; how many were dropped.
 pub(super) fn trim(c: &mut dyn Tx, limit: u64) -> Result<u64, StoreError> {
-    c.execute(
-        "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq DESC LIMIT $1 OFFSET $2)",
+    let reports = c.execute(
+        "DELETE FROM outbox WHERE seq IN \
+         (SELECT seq FROM outbox WHERE kind <> 'result' ORDER BY seq DESC LIMIT $1 OFFSET $2)",
+        &values![i64::MAX, i64::try_from(MAX_REJECTION_ENTRIES).unwrap_or(i64::MAX)],
+    )?;
+    let results = c.execute(
+        "DELETE FROM outbox WHERE seq IN \
+         (SELECT seq FROM outbox WHERE kind = 'result' ORDER BY seq DESC LIMIT $1 OFFSET $2)",
         &values![i64::MAX, i64::try_from(limit).unwrap_or(i64::MAX)],
-    )
+    )?;
+    Ok(reports + results)
 }

@@ -31,8 +31,10 @@ pub enum Mode {
     Hang = 2,
     /// Accepts and closes connections without answering.
     Close = 3,
-    /// Pulls work, uploads get 503 with `Retry-After: 1`.
+    /// Pulls work, uploads get 503 with `Retry-After` (1 unless set).
     RejectUploads = 4,
+    /// Both endpoints answer 503 with `Retry-After` (1 unless set).
+    Unavailable = 5,
 }
 
 #[derive(Default)]
@@ -61,6 +63,8 @@ pub struct Shared {
     uploaded: Notify,
     /// When each upload was attempted.
     pub upload_attempts: Mutex<Vec<std::time::Instant>>,
+    /// The `Retry-After` value of 503 answers.
+    retry_after: Mutex<String>,
 }
 
 pub struct FakeBackend {
@@ -110,8 +114,17 @@ impl Shared {
             2 => Mode::Hang,
             3 => Mode::Close,
             4 => Mode::RejectUploads,
+            5 => Mode::Unavailable,
             _ => Mode::Ok,
         }
+    }
+
+    fn unavailable(&self) -> Response {
+        let mut r = StatusCode::SERVICE_UNAVAILABLE.into_response();
+        let value = self.retry_after.lock().unwrap().clone();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_str(&value).unwrap());
+        r
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
@@ -127,6 +140,7 @@ impl Shared {
     async fn misbehave(&self) -> Option<Response> {
         match self.mode() {
             Mode::Fail => Some(StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+            Mode::Unavailable => Some(self.unavailable()),
             Mode::Hang => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 None
@@ -186,10 +200,7 @@ async fn results(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) 
         return close(r);
     }
     if s.mode() == Mode::RejectUploads {
-        let mut r = StatusCode::SERVICE_UNAVAILABLE.into_response();
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return close(r);
+        return close(s.unavailable());
     }
     if !s.authorized(&headers) {
         return close(StatusCode::UNAUTHORIZED.into_response());
@@ -220,6 +231,7 @@ impl FakeBackend {
             unauthorized: AtomicU64::new(0),
             uploaded: Notify::new(),
             upload_attempts: Mutex::new(Vec::new()),
+            retry_after: Mutex::new("1".into()),
         });
         let router = axum::Router::new()
             .route("/api/v1/jobs", axum::routing::get(jobs))
@@ -247,6 +259,24 @@ impl FakeBackend {
 
     pub fn set_mode(&self, mode: Mode) {
         self.shared.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// The `Retry-After` of later 503 answers.
+    pub fn set_retry_after(&self, value: &str) {
+        *self.shared.retry_after.lock().unwrap() = value.to_owned();
+    }
+
+    /// Upload attempts so far.
+    pub fn upload_attempts(&self) -> usize {
+        self.shared.upload_attempts.lock().unwrap().len()
+    }
+
+    /// Every rejection summary received.
+    pub fn rejection_summaries(&self) -> Vec<Value> {
+        self.batches()
+            .iter()
+            .flat_map(|b| b["rejection_summaries"].as_array().cloned().unwrap_or_default())
+            .collect()
     }
 
     /// Replaces the job list (a new ETag).

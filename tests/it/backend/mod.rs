@@ -2,6 +2,7 @@
 //! outages and crashes, malformed payloads, and contact in the probes —
 //! against a real HTTP fake backend on loopback.
 
+mod delivery;
 mod fake;
 
 use std::collections::{HashMap, HashSet};
@@ -38,6 +39,17 @@ fn flags(backend: &FakeBackend) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// `flags` with another `--backend-max-backoff`.
+fn with_max_backoff(mut flags: Vec<String>, max: &str) -> Vec<String> {
+    let at = flags
+        .iter()
+        .position(|f| f == "--backend-max-backoff")
+        .expect("the flag")
+        + 1;
+    flags[at] = max.to_owned();
+    flags
 }
 
 /// A backend job calling the fake's hook.
@@ -373,7 +385,7 @@ async fn kill_9_with_50_undelivered_results_loses_none_and_startup_does_not_wait
     backend.set_jobs(vec![burst]);
     backend.set_mode(Mode::RejectUploads);
     let dir = tempfile::tempdir().unwrap();
-    let mut flags = flags(&backend);
+    let mut flags = with_max_backoff(flags(&backend), "2s");
     flags.extend(["--upload-batch".into(), "10".into()]);
     let args: Vec<&str> = flags.iter().map(String::as_str).collect();
     let env = [("CRONGUARD_BACKEND_TOKEN", TOKEN)];
@@ -389,7 +401,8 @@ async fn kill_9_with_50_undelivered_results_loses_none_and_startup_does_not_wait
     }
     outbox_holds(&service, 50).await;
     assert!(backend.results().is_empty());
-    // `Retry-After: 1` is honoured although the backoff cap is 400ms.
+    // `Retry-After: 1` is honoured: longer than the first backoff steps,
+    // within the --backend-max-backoff cap (2s) that bounds every wait.
     eventually("three upload attempts", || async {
         (backend.shared.upload_attempts.lock().unwrap().len() >= 3).then_some(())
     })
