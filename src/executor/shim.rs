@@ -41,8 +41,8 @@ pub fn main(argv: Vec<OsString>) -> ! {
     };
     // Signals are handled synchronously with sigwait; blocked from now on
     // (a SIGTERM that arrived earlier simply terminated the shim, before it
-    // started anything). The program starts with an empty mask: std resets
-    // it in the child before exec.
+    // started anything). A mask survives exec, so the program's is cleared
+    // between fork and exec ([`clean_signals`]).
     let mut watched = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
         watched.add(s);
@@ -54,7 +54,10 @@ pub fn main(argv: Vec<OsString>) -> ! {
         parent_died();
     }
     let _ = crate::procfs::become_subreaper();
-    let main_child = match Command::new(program).args(args).spawn() {
+    let mut command = Command::new(program);
+    command.args(args);
+    clean_signals(&mut command);
+    let main_child = match command.spawn() {
         Ok(child) => Pid::from_raw(child.id() as i32),
         Err(e) => {
             eprintln!("{START_FAILED}`{}`: {e}", program.to_string_lossy());
@@ -73,6 +76,32 @@ pub fn main(argv: Vec<OsString>) -> ! {
             // got it as well; its exit arrives as SIGCHLD.
             Ok(_) | Err(_) => {}
         }
+    }
+}
+
+/// Gives `cmd`'s program the signal state of a fresh process: nothing
+/// blocked and every disposition the default. Without it a job's program
+/// would inherit the shim's blocked SIGTERM, never run its TERM handler,
+/// and every graceful stop would end in SIGKILL after the kill grace.
+#[expect(
+    unsafe_code,
+    reason = "pre_exec is the only way to set the program's signal state between fork and exec"
+)]
+fn clean_signals(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child between fork and exec.
+    // sigprocmask and sigaction are async-signal-safe; it takes no locks
+    // and allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+                .map_err(std::io::Error::from)?;
+            for signal in Signal::iterator() {
+                if !matches!(signal, Signal::SIGKILL | Signal::SIGSTOP) {
+                    let _ = nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl);
+                }
+            }
+            Ok(())
+        });
     }
 }
 

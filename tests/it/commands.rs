@@ -95,3 +95,99 @@ async fn command_jobs_are_refused_unless_enabled() {
     assert_eq!(problem["errors"][0]["pointer"], "/action/kind");
     app.stop().await;
 }
+
+/// A job whose program writes `marker` from its TERM handler and exits 0.
+fn term_handler_job(name: &str, marker: &std::path::Path, timeout: &str) -> serde_json::Value {
+    let script = format!(
+        "trap 'echo got-term > {}; exit 0' TERM; sleep 100 & wait",
+        marker.display()
+    );
+    json!({
+        "name": name,
+        "schedule": {"kind": "cron", "expr": "0 0 1 1 *"},
+        // A long grace: a run that ends before it was ended by SIGTERM.
+        "policy": {"kill_grace": "60s"},
+        "action": {"kind": "command", "program": "bash", "args": ["-c", script], "timeout": timeout},
+    })
+}
+
+/// The program's pid under the run's leader (the shim), once it runs.
+async fn program_of(app: &TestApp, run: &str) -> i32 {
+    eventually("the program under the shim", || async {
+        let (_, r) = app.get(&format!("/v1/runs/{run}")).await;
+        let leader = r["pid"].as_i64()?;
+        let children = std::fs::read_to_string(format!("/proc/{leader}/task/{leader}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    })
+    .await
+}
+
+fn blocked_signals(pid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn ran_for(run: &serde_json::Value) -> chrono::TimeDelta {
+    let at = |k: &str| chrono::DateTime::parse_from_rfc3339(run[k].as_str().unwrap()).unwrap();
+    at("ended_at") - at("started_at")
+}
+
+#[tokio::test]
+async fn a_programs_term_handler_runs_on_timeout_cancel_and_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::start(Options::commands()).await;
+
+    // A program that does not touch its mask shows what it started with
+    // (bash blocks SIGCHLD itself while it waits).
+    app.create(command_job("sleeper", "sleep", &["30"])).await;
+    let (_, run) = app.post_empty("/v1/jobs/sleeper/trigger").await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let program = program_of(&app, &id).await;
+    assert_eq!(
+        blocked_signals(program),
+        "0000000000000000",
+        "the program starts with nothing blocked"
+    );
+    app.post_empty(&format!("/v1/runs/{id}/cancel")).await;
+    app.final_run(&id).await;
+
+    // Timeout.
+    let marker = dir.path().join("timeout");
+    app.create(term_handler_job("on-timeout", &marker, "2s")).await;
+    let (_, run) = app.post_empty("/v1/jobs/on-timeout/trigger").await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let run = app.final_run(&id).await;
+    assert_eq!(run["status"], "timed_out", "{run}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "got-term\n");
+    assert!(
+        ran_for(&run) < chrono::TimeDelta::seconds(30),
+        "ended by SIGTERM, not after the 60 s grace: {run}"
+    );
+
+    // Cancel.
+    let marker = dir.path().join("cancel");
+    app.create(term_handler_job("on-cancel", &marker, "1h")).await;
+    let (_, run) = app.post_empty("/v1/jobs/on-cancel/trigger").await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    program_of(&app, &id).await;
+    let (status, _) = app.post_empty(&format!("/v1/runs/{id}/cancel")).await;
+    assert!(status.is_success(), "{status}");
+    let run = app.final_run(&id).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "got-term\n");
+    assert!(ran_for(&run) < chrono::TimeDelta::seconds(30), "{run}");
+
+    // Shutdown.
+    let marker = dir.path().join("shutdown");
+    app.create(term_handler_job("on-shutdown", &marker, "1h")).await;
+    let (_, run) = app.post_empty("/v1/jobs/on-shutdown/trigger").await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    program_of(&app, &id).await;
+    app.stop().await;
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "got-term\n");
+}
