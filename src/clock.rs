@@ -34,6 +34,61 @@ pub trait Clock: Send + Sync + 'static {
     }
 }
 
+/// Longest monotonic sleep between two readings of the wall clock.
+pub const MAX_SLICE: Duration = Duration::from_secs(1);
+
+/// Smallest difference between wall-clock and monotonic progress that
+/// counts as a step of the wall clock (NTP slews far less; a loop that
+/// is merely late moves both clocks alike).
+pub const STEP_THRESHOLD: Duration = Duration::from_secs(1);
+
+/// A step of the wall clock, seen by comparing it with the monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The wall clock jumped ahead by this much.
+    Forward(Duration),
+    /// The wall clock went back by this much.
+    Backward(Duration),
+}
+
+/// Compares successive wall-clock readings with the monotonic clock.
+#[derive(Debug)]
+pub struct StepDetector {
+    last: Option<(std::time::Instant, DateTime<Utc>)>,
+}
+
+impl StepDetector {
+    /// A detector with no reading yet.
+    pub fn new() -> Self {
+        Self { last: None }
+    }
+
+    /// Records `wall` read now; a step since the last reading, if any.
+    pub fn observe(&mut self, wall: DateTime<Utc>) -> Option<Step> {
+        let mono = std::time::Instant::now();
+        let step = self.last.and_then(|(last_mono, last_wall)| {
+            let elapsed = TimeDelta::from_std(mono - last_mono).unwrap_or(TimeDelta::MAX);
+            let skew = (wall - last_wall) - elapsed;
+            let threshold = TimeDelta::from_std(STEP_THRESHOLD).unwrap_or(TimeDelta::MAX);
+            if skew > threshold {
+                skew.to_std().ok().map(Step::Forward)
+            } else if skew < -threshold {
+                (-skew).to_std().ok().map(Step::Backward)
+            } else {
+                None
+            }
+        });
+        self.last = Some((mono, wall));
+        step
+    }
+}
+
+impl Default for StepDetector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Shared handle to the clock in use.
 pub type SharedClock = Arc<dyn Clock>;
 
@@ -49,8 +104,11 @@ impl Clock for SystemClock {
     fn sleep_until(&self, deadline: DateTime<Utc>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             // Tokio sleeps on the monotonic clock; the wall clock can be a
-            // little behind it (or be stepped). Re-check after waking so a
-            // fire is never early, and round up to tokio's 1 ms resolution.
+            // little behind it, or be stepped. Sleep in slices of at most
+            // [`MAX_SLICE`] and re-read the wall clock after each, so a step
+            // (an hour back, then forward again) moves the wake-up with it
+            // instead of becoming one hour-long monotonic sleep; re-check
+            // so a fire is never early; round up to tokio's 1 ms.
             loop {
                 let remaining = deadline - Utc::now();
                 if remaining <= TimeDelta::zero() {
@@ -58,7 +116,7 @@ impl Clock for SystemClock {
                 }
                 let micros = remaining.num_microseconds().unwrap_or(i64::MAX).max(0) as u64;
                 let millis = micros.div_ceil(1000).max(1);
-                tokio::time::sleep(Duration::from_millis(millis)).await;
+                tokio::time::sleep(Duration::from_millis(millis).min(MAX_SLICE)).await;
             }
         })
     }

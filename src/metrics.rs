@@ -27,6 +27,7 @@ pub struct Metrics {
     runs_finished: IntCounterVec,
     runs_running: IntGauge,
     fires_not_run: IntCounterVec,
+    clock_steps: IntCounterVec,
     fire_lateness: Histogram,
     run_duration: Histogram,
     // Jobs.
@@ -117,7 +118,7 @@ impl Metrics {
             r.register(Box::new(process))
                 .unwrap_or_else(|e| unreachable!("process collector: {e}"));
         }
-        Self {
+        let metrics = Self {
             runs_started: reg(
                 r,
                 IntCounterVec::new(
@@ -147,6 +148,16 @@ impl Metrics {
                         "Fires recorded without running, by status (skipped, missed) and reason.",
                     ),
                     &["status", "reason"],
+                ),
+            ),
+            clock_steps: reg(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "clock_steps_total",
+                        "Steps of the wall clock (a jump of more than 1 s against the monotonic clock) seen by the engine, by direction.",
+                    ),
+                    &["direction"],
                 ),
             ),
             fire_lateness: reg(
@@ -368,7 +379,11 @@ impl Metrics {
                 ),
             ),
             registry,
+        };
+        for direction in ["forward", "backward"] {
+            metrics.clock_steps.with_label_values(&[direction]);
         }
+        metrics
     }
 
     /// A run's action started; `due_at` is when it should have.
@@ -411,6 +426,11 @@ impl Metrics {
         self.fires_not_run
             .with_label_values(&[status.as_str(), reason.as_str()])
             .inc_by(u64::from(fires));
+    }
+
+    /// The engine saw the wall clock step (`forward` or `backward`).
+    pub fn clock_step(&self, direction: &'static str) {
+        self.clock_steps.with_label_values(&[direction]).inc();
     }
 
     /// Registered jobs by state.

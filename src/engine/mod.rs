@@ -11,9 +11,14 @@
 //! already recorded can never be recorded twice (unique `(job,
 //! scheduled_at)`).
 //!
-//! The engine also wakes at least every heartbeat interval to stamp its
-//! heartbeat and to re-read the wall clock, which bounds the error when the
-//! system clock is stepped while it sleeps.
+//! The engine also wakes at least every heartbeat interval of the
+//! *monotonic* clock to stamp its heartbeat and to re-read the wall clock,
+//! so a step of the system clock never stops it: after a backward step
+//! nothing fires until the wall clock passes each job's next instant again
+//! (no fire is repeated, none is early) while the loop keeps beating;
+//! after a forward step the fires it jumped over are handled like fires
+//! found late (each job's misfire grace and catch-up policy). Each step is
+//! logged once and counted in `cronguard_clock_steps_total`.
 //!
 //! With replicas ([`crate::cluster`]) it schedules only the jobs its
 //! replica owns, re-reads jobs changed elsewhere, and re-plans on every
@@ -129,9 +134,13 @@ impl Engine {
     ) -> Result<(), StoreError> {
         self.heartbeat.beat();
         self.load(changes).await?;
+        let mut steps = crate::clock::StepDetector::new();
         loop {
             faults.checkpoint(self.heartbeat.name()).await;
             let now = self.ctx.clock.now();
+            if let Some(step) = steps.observe(now) {
+                self.clock_stepped(step, now);
+            }
             // Fires first: loading jobs for later fires must not delay them.
             self.fire_due(now).await?;
             self.fetch_upcoming(now).await?;
@@ -158,6 +167,33 @@ impl Engine {
                     None => return Ok(()),
                 },
                 () = self.ctx.clock.sleep_until(wake) => {}
+                // After a backward step the wall clock takes long to reach
+                // `wake`: beat and re-read meanwhile.
+                () = tokio::time::sleep(self.ctx.interval) => {}
+            }
+        }
+    }
+
+    /// Logs and counts a step of the wall clock (once per step).
+    fn clock_stepped(&mut self, step: crate::clock::Step, now: DateTime<Utc>) {
+        let next = self.next_due();
+        match step {
+            crate::clock::Step::Backward(by) => {
+                self.ctx.metrics.clock_step("backward");
+                tracing::warn!(
+                    by_seconds = by.as_secs_f64(),
+                    now = %now,
+                    next_fire = ?next,
+                    "the wall clock stepped backward: jobs fire again when it reaches their next instant (none is repeated)"
+                );
+            }
+            crate::clock::Step::Forward(by) => {
+                self.ctx.metrics.clock_step("forward");
+                tracing::warn!(
+                    by_seconds = by.as_secs_f64(),
+                    now = %now,
+                    "the wall clock stepped forward: fires jumped over follow each job's misfire grace and catch-up policy"
+                );
             }
         }
     }

@@ -7,6 +7,7 @@ mod helpers;
 mod api;
 mod backend;
 mod claims;
+mod clock;
 mod commands;
 mod http_edge;
 mod observability;
