@@ -19,8 +19,15 @@
 //! on this machine), the jobs created on one and spread over all; the
 //! fires per second they sustain is the jobs' rate when nothing is missed.
 //!
+//! Flood: `--flood` runs both the floor and cronguard under the same API
+//! flood (`common/flood.rs`: two `wrk -c 256` on `GET /v1/jobs` and `POST
+//! /v1/schedules/preview`, 300 slowloris connections) — aimed at an idle
+//! cronguard during the floor, at the measured one during its window — so
+//! the ratio says whether the API can starve the engine.
+//!
 //! Run: `cargo bench --bench lateness -- [--workload aligned|spread]
-//! [--jobs 100,1000] [--seconds 60] [--postgres URL --replicas 1,2,3]`.
+//! [--jobs 100,1000] [--seconds 60] [--postgres URL --replicas 1,2,3]
+//! [--flood]`.
 //! Not a test: it asserts nothing.
 
 #[path = "common/mod.rs"]
@@ -30,6 +37,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use common::flood::Flood;
 use common::{Hit, ReceiverProcess, Service, floor, machine, percentile};
 use futures_util::StreamExt;
 use serde_json::json;
@@ -153,10 +161,20 @@ async fn converged(services: &[Service], n: usize) {
     }
 }
 
-async fn run(workload: Workload, n: usize, seconds: i64, target: Target) -> String {
+async fn run(workload: Workload, n: usize, seconds: i64, target: Target, flood: bool) -> String {
     let receiver = ReceiverProcess::start().await;
     let expected = n as i64 * seconds / workload.period();
 
+    // Under a flood, the floor shares the machine with a flooded idle
+    // cronguard.
+    let idle_dir = tempfile::tempdir().expect("tempdir");
+    let idle = if flood {
+        let idle = Service::start(&idle_dir.path().join("idle.db"), &[]).await;
+        let flood = Flood::start(&idle.base, seconds as u64 + 8);
+        Some((idle, flood))
+    } else {
+        None
+    };
     // The floor, with three seconds of warm-up before the window.
     let (start, end) = window(5, seconds);
     floor(
@@ -170,6 +188,10 @@ async fn run(workload: Workload, n: usize, seconds: i64, target: Target) -> Stri
     .await;
     sleep_past(end, 2).await;
     let floor_stats = stats(&receiver.take().await, start, end);
+    if let Some((idle, flood)) = idle {
+        flood.finish().await;
+        drop(idle);
+    }
 
     // cronguard.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -207,9 +229,13 @@ async fn run(workload: Workload, n: usize, seconds: i64, target: Target) -> Stri
     if let Target::Postgres(..) = target {
         converged(&services, n).await;
     }
+    let flooding = flood.then(|| Flood::start(&base, seconds as u64 + 6));
     let (start, end) = window(4, seconds);
     sleep_past(end, 3).await;
     let ours = stats(&receiver.take().await, start, end);
+    if let Some(flood) = flooding {
+        flood.finish().await;
+    }
     // Stop gracefully (every run committed), then count the window's runs.
     for service in &services {
         if let Some(pid) = service.child.id() {
@@ -238,10 +264,13 @@ async fn run(workload: Workload, n: usize, seconds: i64, target: Target) -> Stri
         .fetch_one(&mut conn)
         .await
         .expect("count");
-    let on = match &target {
+    let mut on = match &target {
         Target::Sqlite => "SQLite".to_owned(),
         Target::Postgres(_, r) => format!("PostgreSQL, {r} replica(s)"),
     };
+    if flood {
+        on.push_str(", both under the API flood");
+    }
     let rate = expected as f64 / seconds as f64;
     format!(
         "N={n:<6} window={seconds}s fires={expected:<7} ({rate:.0} fires/s) on {on}\n  \
@@ -309,11 +338,12 @@ async fn bench() {
     } else {
         "spread"
     };
+    let flood = args.iter().any(|a| a == "--flood");
     println!("cronguard fire lateness vs the floor ({name}: HTTP to a loopback receiver process)");
     println!("{}", machine());
     for n in jobs {
         for target in &targets {
-            println!("{}", run(workload, n, seconds, target.clone()).await);
+            println!("{}", run(workload, n, seconds, target.clone(), flood).await);
         }
     }
 }

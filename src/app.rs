@@ -287,8 +287,12 @@ impl App {
         // answers 503 (load balancers stop sending traffic) and the API
         // still answers reads. It stops once every run is recorded.
         let http_stop = CancellationToken::new();
-        let server =
-            axum::serve(listener, router).with_graceful_shutdown(http_stop.clone().cancelled_owned());
+        let server = api::serve::spawn(
+            listener.into_std().map_err(AppError::Serve)?,
+            router,
+            http_stop.clone(),
+        )
+        .map_err(AppError::Serve)?;
         let readiness = async {
             stop.cancelled().await;
             health.set_shutting_down();
@@ -495,8 +499,11 @@ impl App {
             http_stop.cancel();
             fenced
         };
-        let (served, fenced, ()) =
-            tokio::join!(async { server.await.map_err(AppError::Serve) }, stopping, leasing);
+        let (served, fenced, ()) = tokio::join!(
+            async { server.wait().await.map_err(AppError::Serve) },
+            stopping,
+            leasing
+        );
         drop((handle, reaper, notices));
 
         if let Err(e) = store.stop_incarnation(incarnation, clock.now()).await {

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod flood;
+
 use std::path::Path;
 use std::process::Stdio;
 

@@ -9,11 +9,13 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod jobs;
+pub mod malformed;
 pub mod openapi;
 pub mod probes;
 pub mod redaction;
 pub mod runs;
 pub mod schedules;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -128,3 +128,94 @@ async fn jobs_may_not_set_framing_headers_or_loader_variables() {
     assert_eq!(jobs["items"].as_array().unwrap().len(), 0, "nothing written");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_api_runs_on_threads_of_lower_priority_than_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = Binary::start(dir.path(), &[]).await;
+    // Serve a request so the API runtime's threads have started.
+    let (status, _) = service.get("/v1/jobs").await;
+    assert_eq!(status, 200);
+    let mut api = Vec::new();
+    let mut engine = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", service.pid())).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap_or_default();
+        // Field 19 (nice), counted after the parenthesised command name.
+        let Some(nice) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        match comm.trim() {
+            "cronguard-api" => api.push(nice),
+            "tokio-rt-worker" | "cronguard-write" => engine.push(nice),
+            _ => {}
+        }
+    }
+    assert_eq!(api.len(), cronguard::api::serve::API_THREADS, "{api:?}");
+    assert!(!engine.is_empty());
+    let engine_max = engine.iter().max().unwrap();
+    assert!(
+        api.iter()
+            .all(|n| *n >= engine_max + cronguard::api::serve::API_NICENESS),
+        "API threads {api:?}, engine and writer {engine:?}"
+    );
+}
+
+/// Sends raw bytes and reads the answer until the server closes.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    within("an answer", socket.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn requests_the_http_parser_refuses_get_problem_bodies() {
+    let app = TestApp::spawn().await;
+    let long_uri = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
+    let huge_headers = format!(
+        "GET /v1/jobs HTTP/1.1\r\nhost: x\r\n{}\r\n",
+        "x-pad: aaaaaaaa\r\n".repeat(40_000)
+    );
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (
+            b"GET /v1/jobs HTTP/1.1\r\nhost: x\rbad: y\r\n\r\n".to_vec(),
+            400,
+            "malformed-request",
+        ),
+        (
+            b"GET /v1/jobs HTTP/1.1\r\nhost: x\r\nx: a\x00b\r\n\r\n".to_vec(),
+            400,
+            "malformed-request",
+        ),
+        (
+            b"POST /v1/jobs HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab".to_vec(),
+            400,
+            "malformed-request",
+        ),
+        (long_uri.into_bytes(), 414, "uri-too-long"),
+        (huge_headers.into_bytes(), 431, "headers-too-large"),
+    ];
+    for (request, status, kind) in cases {
+        let answer = raw_exchange(app.addr, &request).await;
+        let shown = &answer[..answer.len().min(200)];
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{shown}");
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("content-type: application/problem+json"), "{shown}");
+        let problem: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(problem["status"], status);
+        assert_eq!(problem["type"], format!("urn:cronguard:problem:{kind}"));
+    }
+    // The service is unharmed.
+    let (status, _) = app.get("/v1/jobs").await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
