@@ -96,6 +96,23 @@ pub fn plan(job: &Timing, first: DateTime<Utc>, now: DateTime<Utc>, reason: Reas
         };
     }
 
+    // `latest` coalesces: of the fires due together (after downtime, a
+    // step of the clock, or the engine falling behind) only the newest
+    // runs, as APScheduler's `coalesce` and Kubernetes do; the older ones,
+    // within the grace or not, join the missed range.
+    if policy.catch_up == CatchUp::Latest && on_time.len() > 1 {
+        let newest = on_time.pop();
+        for t in on_time.drain(..) {
+            late_first.get_or_insert(t);
+            late_count += 1;
+            recent.push_back(t);
+            if recent.len() > MAX_CATCH_UP_RUNS + 1 {
+                recent.pop_front();
+            }
+        }
+        on_time.extend(newest);
+    }
+
     // How many of the most recent late fires run, by policy; the others are
     // summarised in one missed row.
     let replay = match policy.catch_up {
@@ -151,9 +168,13 @@ mod tests {
     use crate::job::{Job, JobId, JobSpec, Source};
 
     fn job(policy: serde_json::Value) -> Timing {
+        job_with("* * * * *", policy)
+    }
+
+    fn job_with(expr: &str, policy: serde_json::Value) -> Timing {
         let spec: JobSpec = serde_json::from_value(serde_json::json!({
             "name": "j",
-            "schedule": {"kind": "cron", "expr": "* * * * *"},
+            "schedule": {"kind": "cron", "expr": expr},
             "action": {"kind": "http", "url": "http://127.0.0.1:1/"},
             "policy": policy,
         }))
@@ -248,6 +269,41 @@ mod tests {
             Reason::Downtime,
         );
         assert_eq!(describe(&p), ["missed 00:01..00:10 x10"]);
+    }
+
+    /// An every-second job an hour behind (a forward step of the clock, or
+    /// downtime): 60 fires are within the 60 s grace.
+    #[test]
+    fn latest_runs_only_the_newest_of_the_fires_due_together() {
+        let every_second = |policy| job_with("* * * * * *", policy);
+        let first = at("2027-01-01T00:00:01Z");
+        let now = at("2027-01-01T01:00:00.5Z");
+        let p = plan(&every_second(serde_json::json!({})), first, now, Reason::Misfire);
+        assert_eq!(p.fires.len(), 2, "{:?}", describe(&p));
+        let missed = p.fires[0].missed.unwrap();
+        assert_eq!(
+            (p.fires[0].scheduled_at, missed.until, missed.fires),
+            (first, at("2027-01-01T00:59:59Z"), 3599)
+        );
+        assert_eq!(p.fires[1].scheduled_at, at("2027-01-01T01:00:00Z"));
+        assert_eq!(p.fires[1].trigger, Trigger::Schedule);
+
+        // `none` runs every fire within the grace, `all` every one within
+        // its window.
+        let p = plan(
+            &every_second(serde_json::json!({"catch_up": "none"})),
+            first,
+            now,
+            Reason::Misfire,
+        );
+        assert_eq!(p.fires.len(), 1 + 60);
+        let p = plan(
+            &every_second(serde_json::json!({"catch_up": "all", "catch_up_window": "10s"})),
+            first,
+            now,
+            Reason::Misfire,
+        );
+        assert_eq!(p.fires.len(), 1 + 60);
     }
 
     #[test]

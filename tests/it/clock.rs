@@ -144,4 +144,13 @@ async fn a_step_of_the_wall_clock_never_stops_the_engine_nor_repeats_a_fire() {
         .await
         .unwrap();
     assert!(missed >= 1, "the fires jumped over are recorded");
+    // `catch_up: latest` ran only the newest of the fires due together.
+    let (skipped,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM runs WHERE status = 'skipped'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        skipped, 0,
+        "fires due together were run and skipped instead of coalesced"
+    );
 }

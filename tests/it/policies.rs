@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use cronguard::clock::ManualClock;
+use cronguard::clock::{Clock, ManualClock};
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -210,12 +210,17 @@ pub(crate) async fn overlap_queue_one_keeps_one_waiting() {
 /// An every-minute job; the service is stopped after its first fire and
 /// restarted ten minutes later.
 async fn downtime(policy: Value) -> Vec<Value> {
+    downtime_of("* * * * *", policy).await
+}
+
+/// [`downtime`] with the job's cron expression.
+async fn downtime_of(expr: &str, policy: Value) -> Vec<Value> {
     let clock = ManualClock::new(t0());
     let first = TestApp::start(Options::manual_clock(&clock)).await;
     first
         .create(json!({
             "name": "minutely",
-            "schedule": {"kind": "cron", "expr": "* * * * *"},
+            "schedule": {"kind": "cron", "expr": expr},
             "action": {"kind": "test"},
             "policy": policy,
         }))
@@ -240,16 +245,16 @@ async fn downtime(policy: Value) -> Vec<Value> {
         ..Options::manual_clock(&clock)
     })
     .await;
-    // Settled: every due fire is recorded (the cursor moved past 12:11 in
-    // the same commits) and no run is live.
-    let next = (t0() + TimeDelta::seconds(12 * 60)).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    // Settled: every due fire is recorded (the cursor moved past 12:11:30
+    // in the same commits) and no run is live.
     let runs = eventually("the catch-up to settle", || async {
         let (_, job) = second.get("/v1/jobs/minutely").await;
+        let next = DateTime::parse_from_rfc3339(job["next_fire_at"].as_str()?).ok()?;
         let runs = second.runs("minutely").await;
         let live = runs
             .iter()
             .any(|r| matches!(r["status"].as_str(), Some("running" | "queued")));
-        (job["next_fire_at"] == next.as_str() && !live).then_some(runs)
+        (next > clock.now() && !live).then_some(runs)
     })
     .await;
     second.stop().await;
@@ -321,6 +326,42 @@ pub(crate) async fn ten_minutes_down_under_each_catch_up_policy() {
             "schedule 12:01 succeeded"
         ]
     );
+}
+
+#[tokio::test]
+pub(crate) async fn latest_runs_only_the_newest_of_the_fires_due_at_restart() {
+    // Every 10 s, down from 12:01:00 to 12:11:30: 12:01:10 … 12:11:30 are
+    // due, the last six within the 60 s grace. Only the newest runs; none
+    // is skipped, every other one is in the missed row.
+    let runs = downtime_of("*/10 * * * * *", json!({})).await;
+    let describe_s = |r: &Value| {
+        let at = |k: &str| {
+            DateTime::parse_from_rfc3339(r[k].as_str().unwrap())
+                .unwrap()
+                .format("%H:%M:%S")
+                .to_string()
+        };
+        match r["status"].as_str().unwrap() {
+            "missed" => format!(
+                "missed {}..{} x{}",
+                at("scheduled_at"),
+                at("scheduled_until"),
+                r["fires"]
+            ),
+            s => format!("{} {} {}", r["trigger"].as_str().unwrap(), at("scheduled_at"), s),
+        }
+    };
+    let mut seen: Vec<String> = runs.iter().map(describe_s).collect();
+    seen.sort();
+    assert!(
+        seen.contains(&"schedule 12:11:30 succeeded".to_owned()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"missed 12:01:10..12:11:20 x62".to_owned()),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|s| s.contains("skipped")), "{seen:?}");
 }
 
 #[tokio::test]
