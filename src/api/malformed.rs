@@ -6,13 +6,26 @@
 //! which no handler of this service produces (every 4xx it sends carries a
 //! problem document) — and gives it the problem+json body every other
 //! error has.
+//!
+//! It also closes connections gracefully ("lingering close"): when the
+//! server ends a connection whose request body it did not read (a 413, a
+//! 408), closing at once would make the kernel reset it and the client
+//! could lose the answer it was sent. The stream shuts its sending side,
+//! then reads and discards what the client still sends, for at most
+//! [`LINGER`] and [`LINGER_BYTES`].
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Longest a closing connection drains what the client still sends.
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most bytes a closing connection drains.
+pub const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 /// A listener whose connections answer parser errors with problems.
 pub struct ProblemListener(pub TcpListener);
@@ -27,6 +40,7 @@ impl axum::serve::Listener for ProblemListener {
             ProblemStream {
                 inner: stream,
                 pending: None,
+                linger: None,
             },
             addr,
         )
@@ -43,6 +57,8 @@ pub struct ProblemStream {
     /// A rewritten answer being written, how much of it is out, and the
     /// length of the original it stands for.
     pending: Option<(Vec<u8>, usize, usize)>,
+    /// While closing: the drain's deadline and the bytes drained.
+    linger: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
 /// The problem document for a status the parser answered with.
@@ -136,7 +152,27 @@ impl AsyncWrite for ProblemStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.linger = Some((Box::pin(tokio::time::sleep(LINGER)), 0));
+        }
+        let Some((deadline, drained)) = &mut this.linger else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut scratch = [0u8; 8192];
+        loop {
+            if deadline.as_mut().poll(cx).is_ready() || *drained >= LINGER_BYTES {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => *drained += buf.filled().len(),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 
     // Plain writes only: hyper then hands over a response head in one

@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 pub const API_THREADS: usize = 2;
 
 /// Nice value added to the API's threads (Linux schedules threads by their
-/// own nice value): at +19 a busy API thread weighs about 1/68 of a firing
-/// one (+10, a tenth, still let a flood add a third to fire lateness).
-pub const API_NICENESS: i32 = 19;
+/// own nice value): at +10 a busy API thread weighs about a tenth of a
+/// firing one. +19 measured no better under a flood (within the run-to-run
+/// spread) and let any other busy process on the host starve the API.
+pub const API_NICENESS: i32 = 10;
 
 /// The HTTP server on its own runtime.
 pub struct ApiServer {

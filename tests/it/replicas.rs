@@ -324,11 +324,22 @@ fn kill_minus_nine_every_ten_seconds_loses_fires_only_within_the_takeover_bound(
             // Generous (a busy 2-core machine): the measured figure is in
             // docs/scaling.md.
             assert!(slowest.unwrap_or(0) < 15_000, "a takeover took {slowest:?} ms");
-            let missed_rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE status = 'missed'")
-                .fetch_one(&pool)
-                .await
-                .expect("missed");
-            assert_eq!(missed_rows, 0, "fires recorded as missed");
+            // `catch_up: latest` coalesces the late fires a takeover finds
+            // due together: the newest runs, the others are one missed row
+            // per job — only ever within the takeover bound.
+            let missed_rows: Vec<(i64, Option<i64>)> =
+                sqlx::query_as("SELECT scheduled_at, scheduled_until FROM runs WHERE status = 'missed'")
+                    .fetch_all(&pool)
+                    .await
+                    .expect("missed");
+            let at = |ms: i64| DateTime::from_timestamp_millis(ms).expect("instant");
+            for (from, until) in &missed_rows {
+                let (from, until) = (at(*from), at(until.unwrap_or(*from)));
+                assert!(
+                    near_a_kill(from) && near_a_kill(until),
+                    "fires {from}..{until} recorded as missed away from any kill (kills at {kills:?})"
+                );
+            }
         },
     );
 }
