@@ -575,26 +575,10 @@ mod tests {
         assert_eq!(e.0[0].pointer, "/action/program");
     }
 
+    /// The address table is tested in `address.rs`; here, that a literal
+    /// is refused at validation with the guard on.
     #[test]
     fn the_ssrf_guard_knows_private_space() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(!is_public(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
-            assert!(is_public(ip.parse().unwrap()), "{ip}");
-        }
         let guarded = ActionPolicy {
             deny_private_networks: true,
             ..ActionPolicy::default()

@@ -79,7 +79,7 @@ pub enum Pulled {
     /// The desired jobs and their ETag.
     Jobs {
         /// The items, each still to validate on its own.
-        jobs: Vec<serde_json::Value>,
+        jobs: Vec<Box<serde_json::value::RawValue>>,
         /// The `ETag` to send next time.
         etag: Option<String>,
     },

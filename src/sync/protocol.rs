@@ -33,7 +33,7 @@ pub struct DesiredJobs {
     /// by its unique `name`. Items are validated one by one: an invalid
     /// item is rejected (and reported back) without affecting the others.
     #[schema(value_type = Vec<crate::job::JobSpec>)]
-    pub jobs: Vec<serde_json::Value>,
+    pub jobs: Vec<Box<serde_json::value::RawValue>>,
 }
 
 /// `POST /v1/results`: finished runs and rejected job specs.

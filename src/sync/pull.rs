@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{BackendClient, Pulled};
@@ -103,7 +103,7 @@ impl Rejections {
         }
     }
 
-    fn push(&mut self, label: String, item: &Value, errors: Vec<FieldError>) {
+    fn push(&mut self, label: String, item: &RawValue, errors: Vec<FieldError>) {
         use sha2::Digest;
         self.total += 1;
         let mut reason = errors.first().map_or_else(String::new, |e| e.pointer.clone());
@@ -112,7 +112,7 @@ impl Rejections {
         }
         *self.by_reason.entry(reason).or_default() += 1;
         self.digest.update(label.as_bytes());
-        self.digest.update(serde_json::to_vec(item).unwrap_or_default());
+        self.digest.update(item.get().as_bytes());
         for e in &errors {
             self.digest.update(e.pointer.as_bytes());
             self.digest.update(e.detail.as_bytes());
@@ -141,6 +141,16 @@ pub struct Applied {
 enum Write {
     Create(NewJob),
     Replace(Replacement),
+}
+
+/// An item's `name`, if it is an object with a string name (items are
+/// kept as raw text: a list is never held as a `Value` tree).
+fn item_name(item: &RawValue) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        name: Option<String>,
+    }
+    serde_json::from_str::<Named>(item.get()).ok()?.name
 }
 
 impl Puller {
@@ -206,7 +216,7 @@ impl Puller {
     /// Reconciles the backend-owned jobs with `items`.
     pub async fn apply(
         &self,
-        items: Vec<Value>,
+        items: Vec<Box<RawValue>>,
         state: &mut PullState,
         heartbeat: &Heartbeat,
     ) -> Result<Applied, StoreError> {
@@ -227,13 +237,13 @@ impl Puller {
                 heartbeat.beat();
                 tokio::task::yield_now().await;
             }
-            let name = item.get("name").and_then(Value::as_str).map(str::to_owned);
+            let name = item_name(&item);
             let label = name
                 .clone()
                 .filter(|n| check_name(n).is_ok())
                 .unwrap_or_else(|| format!("#{index}"));
             let mut reject =
-                |errors: Vec<FieldError>, item: Value| rejections.push(label.clone(), &item, errors);
+                |errors: Vec<FieldError>, item: Box<RawValue>| rejections.push(label.clone(), &item, errors);
             if let Some(name) = &name
                 && !named.insert(name.clone())
             {
@@ -246,8 +256,8 @@ impl Puller {
                 );
                 continue;
             }
-            let bytes = serde_json::to_vec(&item).unwrap_or_default();
-            let spec: JobSpec = match decode_json(&bytes) {
+            let bytes = item.get().as_bytes();
+            let spec: JobSpec = match decode_json(bytes) {
                 Ok(spec) => spec,
                 Err(DecodeError::Invalid(errors)) => {
                     reject(errors.0, item);

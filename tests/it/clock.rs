@@ -49,14 +49,7 @@ async fn livez(service: &Binary) -> u16 {
 }
 
 async fn steps(service: &Binary, direction: &str) -> f64 {
-    let m = client()
-        .get(service.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = service.metrics().await;
     sample(
         &m,
         &format!("cronguard_clock_steps_total{{direction=\"{direction}\"}}"),

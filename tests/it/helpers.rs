@@ -599,6 +599,18 @@ impl Binary {
         read(r).await
     }
 
+    /// The metrics text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         let r = client()
             .post(self.url(path))

@@ -163,15 +163,12 @@ fn thief_saw_nothing(mut thief: Receiver) -> bool {
 async fn secrets_in_urls_are_never_shown() {
     let dir = tempfile::tempdir().unwrap();
     let service = Binary::start(dir.path(), &["--log", "trace"]).await;
+    let yearly = |name: &str, url: String| http_job(name, json!({"kind": "cron", "expr": "0 0 1 1 *"}), &url);
     // Credentials in a URL are refused: every reader would see them.
     let (status, problem) = service
         .post(
             "/v1/jobs",
-            http_job(
-                "userinfo",
-                json!({"kind": "cron", "expr": "0 0 1 1 *"}),
-                &format!("http://user:{SEEDED}@127.0.0.1:9/"),
-            ),
+            yearly("userinfo", format!("http://user:{SEEDED}@127.0.0.1:9/")),
         )
         .await;
     assert_eq!(status, 422);
@@ -182,11 +179,7 @@ async fn secrets_in_urls_are_never_shown() {
     let (status, _) = service
         .post(
             "/v1/jobs",
-            http_job(
-                "query",
-                json!({"kind": "cron", "expr": "0 0 1 1 *"}),
-                &format!("http://127.0.0.1:1/x?api_key={SEEDED}"),
-            ),
+            yearly("query", format!("http://127.0.0.1:1/x?api_key={SEEDED}")),
         )
         .await;
     assert_eq!(status, 201);

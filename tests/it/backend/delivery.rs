@@ -101,14 +101,7 @@ async fn results_down_alone_goes_stale_and_the_outbox_gauges_stay_current() {
     }
     outbox_holds(&service, 6).await;
     let metrics = eventually("the outbox gauges to show six waiting", || async {
-        let m = client()
-            .get(service.url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let m = service.metrics().await;
         (sample(&m, "cronguard_backend_outbox_entries")? >= 6.0).then_some(m)
     })
     .await;
@@ -145,14 +138,7 @@ async fn results_down_alone_goes_stale_and_the_outbox_gauges_stay_current() {
     assert!(b["contact"]["push"]["consecutive_failures"].as_u64().unwrap() >= 1);
     assert!(b["contact"]["consecutive_failures"].as_u64().unwrap() >= 1);
     assert!(b["contact"]["outbox_oldest_age_seconds"].as_f64().unwrap() > 1.0);
-    let m = client()
-        .get(service.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = service.metrics().await;
     assert!(sample(&m, "cronguard_backend_outbox_oldest_age_seconds").unwrap() > 1.0);
     assert!(
         sample(
@@ -245,14 +231,7 @@ async fn a_flood_of_invalid_items_is_summarised_and_never_evicts_results() {
     assert_eq!(summaries[0]["detailed"], 100);
     assert_eq!(summaries[0]["by_reason"]["/name"], 200_000, "{}", summaries[0]);
     assert_eq!(backend.rejections().len(), 100);
-    let m = client()
-        .get(service.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = service.metrics().await;
     assert_eq!(sample(&m, "cronguard_backend_outbox_dropped_total"), Some(0.0));
     // The database did not balloon (one write for the whole report).
     let wal = std::fs::metadata(dir.path().join("cronguard.db-wal")).map_or(0, |m| m.len());
@@ -279,14 +258,7 @@ async fn an_idle_service_with_a_backend_makes_no_commits() {
     ];
     let service = Binary::start_with_env(dir.path(), &args, &ENV).await;
     let commits = async || {
-        let m = client()
-            .get(service.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = service.metrics().await;
         sample(&m, "cronguard_store_commit_seconds_count").unwrap_or(0.0)
     };
     let cpu = || {
