@@ -213,7 +213,10 @@ impl Puller {
         }
     }
 
-    /// Reconciles the backend-owned jobs with `items`.
+    /// Reconciles the backend-owned jobs with `items`: deletes first (they
+    /// free quota), then each item decoded, validated and written in
+    /// chunks of [`CHUNK`], so at most a chunk of definitions is held
+    /// besides the list's raw text.
     pub async fn apply(
         &self,
         items: Vec<Box<RawValue>>,
@@ -229,104 +232,21 @@ impl Puller {
             .map(|j| (j.name().to_owned(), j))
             .collect();
         let mut applied = Applied::default();
-        let mut named: HashSet<String> = HashSet::new();
         let mut rejections = Rejections::new();
-        let mut writes = Vec::new();
-        for (index, item) in items.into_iter().enumerate() {
+
+        // The names the list holds: what is not among them is deleted.
+        let mut names = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
             if index % ITEMS_PER_BEAT == ITEMS_PER_BEAT - 1 {
                 heartbeat.beat();
                 tokio::task::yield_now().await;
             }
-            let name = item_name(&item);
-            let label = name
-                .clone()
-                .filter(|n| check_name(n).is_ok())
-                .unwrap_or_else(|| format!("#{index}"));
-            let mut reject =
-                |errors: Vec<FieldError>, item: Box<RawValue>| rejections.push(label.clone(), &item, errors);
-            if let Some(name) = &name
-                && !named.insert(name.clone())
-            {
-                reject(
-                    vec![FieldError::new(
-                        "/name",
-                        "another job in the list has this name; the first one applies",
-                    )],
-                    item,
-                );
-                continue;
-            }
-            let bytes = item.get().as_bytes();
-            let spec: JobSpec = match decode_json(bytes) {
-                Ok(spec) => spec,
-                Err(DecodeError::Invalid(errors)) => {
-                    reject(errors.0, item);
-                    continue;
-                }
-                Err(DecodeError::Malformed(text)) => {
-                    reject(vec![FieldError::new("", text)], item);
-                    continue;
-                }
-            };
-            let current = existing.get(&spec.name);
-            if current.is_some_and(|j| j.source == Source::Api) {
-                reject(
-                    vec![FieldError::new(
-                        "/name",
-                        "a job created through the local API has this name; the backend never changes local jobs",
-                    )],
-                    item,
-                );
-                continue;
-            }
-            if current.is_some_and(|j| j.def.spec == spec) {
-                continue;
-            }
-            let schedule_changed = current.is_none_or(|j| j.def.spec.schedule != spec.schedule);
-            let paused = spec.paused;
-            let def = match spec.validate(&self.actions) {
-                Ok(def) => def,
-                Err(errors) => {
-                    reject(errors.0, item);
-                    continue;
-                }
-            };
-            if schedule_changed && def.schedule.next_after(now).is_none() {
-                reject(
-                    vec![FieldError::new(
-                        "/schedule",
-                        "the schedule has no fire after now (`at` or `end` is in the past)",
-                    )],
-                    item,
-                );
-                continue;
-            }
-            writes.push((
-                label,
-                item,
-                match current {
-                    None => Write::Create(NewJob {
-                        id: JobId::new(),
-                        def,
-                        paused: paused.unwrap_or(false),
-                        source: Source::Backend,
-                        now,
-                    }),
-                    Some(job) => Write::Replace(Replacement {
-                        id: job.id,
-                        expected_version: Some(job.version),
-                        def,
-                        paused,
-                        now,
-                    }),
-                },
-            ));
+            names.push(item_name(item));
         }
-
-        // Deletes first: they free quota for the creates.
+        let listed: HashSet<&str> = names.iter().flatten().map(String::as_str).collect();
         let deletes: Vec<&Arc<Job>> = existing
             .values()
-            .filter(|j| j.source == Source::Backend && !named.contains(j.name()))
+            .filter(|j| j.source == Source::Backend && !listed.contains(j.name()))
             .collect();
         for chunk in deletes.chunks(CHUNK) {
             let acks: Vec<_> = chunk.iter().map(|j| self.store.delete_job(j.id, now)).collect();
@@ -342,64 +262,46 @@ impl Puller {
             }
             heartbeat.beat();
         }
-
         let mut room = self
             .max_jobs
             .map(|max| max.saturating_sub(existing.len() as u64 - applied.deleted));
-        let mut admitted = Vec::with_capacity(writes.len());
-        for (label, item, write) in writes {
-            if let (Write::Create(_), Some(room)) = (&write, &mut room) {
-                if *room == 0 {
-                    let full =
-                        FieldError::new("", "this server holds its maximum number of jobs (--max-jobs)");
-                    rejections.push(label, &item, vec![full]);
-                    continue;
-                }
-                *room -= 1;
+
+        let mut named: HashSet<String> = HashSet::new();
+        let mut chunk = Vec::with_capacity(CHUNK);
+        for (index, (item, name)) in items.into_iter().zip(names).enumerate() {
+            if index % ITEMS_PER_BEAT == ITEMS_PER_BEAT - 1 {
+                heartbeat.beat();
+                tokio::task::yield_now().await;
             }
-            admitted.push((label, item, write));
-        }
-        let mut admitted = admitted.into_iter().peekable();
-        while admitted.peek().is_some() {
-            let chunk: Vec<_> = admitted.by_ref().take(CHUNK).collect();
-            let mut acks = Vec::with_capacity(chunk.len());
-            let mut meta = Vec::with_capacity(chunk.len());
-            for (label, item, write) in chunk {
-                let created = matches!(write, Write::Create(_));
-                acks.push(match write {
-                    Write::Create(job) => self.store.create_job(job),
-                    Write::Replace(r) => self.store.replace_job(r),
-                });
-                meta.push((label, item, created));
-            }
-            for ((label, item, created), result) in
-                meta.into_iter().zip(futures_util::future::join_all(acks).await)
-            {
-                match result {
-                    Ok(job) if created => {
-                        applied.created += 1;
-                        tracing::info!(job = %job.id, name = %job.name(), "backend job created");
+            let label = name
+                .clone()
+                .filter(|n| check_name(n).is_ok())
+                .unwrap_or_else(|| format!("#{index}"));
+            match self.plan_item(&item, name, &existing, &mut named, now) {
+                Ok(None) => {}
+                Ok(Some(write)) => {
+                    if let (Write::Create(_), Some(room)) = (&write, &mut room) {
+                        if *room == 0 {
+                            let full = FieldError::new(
+                                "",
+                                "this server holds its maximum number of jobs (--max-jobs)",
+                            );
+                            rejections.push(label, &item, vec![full]);
+                            continue;
+                        }
+                        *room -= 1;
                     }
-                    Ok(job) => {
-                        applied.updated += 1;
-                        tracing::info!(job = %job.id, name = %job.name(), version = job.version, "backend job updated");
+                    chunk.push((label, item, write));
+                    if chunk.len() == CHUNK {
+                        self.write_chunk(std::mem::take(&mut chunk), &mut applied, &mut rejections)
+                            .await?;
+                        heartbeat.beat();
                     }
-                    // A local job took the name since the list was read.
-                    Err(StoreError::NameTaken(_)) => rejections.push(
-                        label,
-                        &item,
-                        vec![FieldError::new(
-                            "/name",
-                            "a job created through the local API has this name",
-                        )],
-                    ),
-                    // Changed or deleted through the API meanwhile.
-                    Err(StoreError::VersionMismatch { .. } | StoreError::NotFound) => applied.retry = true,
-                    Err(e) => return Err(e),
                 }
+                Err(errors) => rejections.push(label, &item, errors),
             }
-            heartbeat.beat();
         }
+        self.write_chunk(chunk, &mut applied, &mut rejections).await?;
 
         applied.rejected = rejections.total;
         let digest: [u8; 32] = sha2::Digest::finalize(rejections.digest).into();
@@ -447,5 +349,111 @@ impl Puller {
             );
         }
         Ok(applied)
+    }
+
+    /// What to write for one item: nothing (unchanged), a create or a
+    /// replace, or why it is rejected.
+    fn plan_item(
+        &self,
+        item: &RawValue,
+        name: Option<String>,
+        existing: &HashMap<String, Arc<Job>>,
+        named: &mut HashSet<String>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<Write>, Vec<FieldError>> {
+        if let Some(name) = name
+            && !named.insert(name)
+        {
+            return Err(vec![FieldError::new(
+                "/name",
+                "another job in the list has this name; the first one applies",
+            )]);
+        }
+        let spec: JobSpec = match decode_json(item.get().as_bytes()) {
+            Ok(spec) => spec,
+            Err(DecodeError::Invalid(errors)) => return Err(errors.0),
+            Err(DecodeError::Malformed(text)) => return Err(vec![FieldError::new("", text)]),
+        };
+        let current = existing.get(&spec.name);
+        if current.is_some_and(|j| j.source == Source::Api) {
+            return Err(vec![FieldError::new(
+                "/name",
+                "a job created through the local API has this name; the backend never changes local jobs",
+            )]);
+        }
+        if current.is_some_and(|j| j.def.spec == spec) {
+            return Ok(None);
+        }
+        let schedule_changed = current.is_none_or(|j| j.def.spec.schedule != spec.schedule);
+        let paused = spec.paused;
+        let def = spec.validate(&self.actions).map_err(|errors| errors.0)?;
+        if schedule_changed && def.schedule.next_after(now).is_none() {
+            return Err(vec![FieldError::new(
+                "/schedule",
+                "the schedule has no fire after now (`at` or `end` is in the past)",
+            )]);
+        }
+        Ok(Some(match current {
+            None => Write::Create(NewJob {
+                id: JobId::new(),
+                def,
+                paused: paused.unwrap_or(false),
+                source: Source::Backend,
+                now,
+            }),
+            Some(job) => Write::Replace(Replacement {
+                id: job.id,
+                expected_version: Some(job.version),
+                def,
+                paused,
+                now,
+            }),
+        }))
+    }
+
+    /// Issues a chunk of writes at once (they share group commits).
+    async fn write_chunk(
+        &self,
+        chunk: Vec<(String, Box<RawValue>, Write)>,
+        applied: &mut Applied,
+        rejections: &mut Rejections,
+    ) -> Result<(), StoreError> {
+        let mut acks = Vec::with_capacity(chunk.len());
+        let mut meta = Vec::with_capacity(chunk.len());
+        for (label, item, write) in chunk {
+            let created = matches!(write, Write::Create(_));
+            acks.push(match write {
+                Write::Create(job) => self.store.create_job(job),
+                Write::Replace(r) => self.store.replace_job(r),
+            });
+            meta.push((label, item, created));
+        }
+        for ((label, item, created), result) in
+            meta.into_iter().zip(futures_util::future::join_all(acks).await)
+        {
+            match result {
+                Ok(job) if created => {
+                    applied.created += 1;
+                    tracing::info!(job = %job.id, name = %job.name(), "backend job created");
+                }
+                Ok(job) => {
+                    applied.updated += 1;
+                    tracing::info!(job = %job.id, name = %job.name(), version = job.version, "backend job updated");
+                }
+                // A local job took the name since the list was read.
+                Err(StoreError::NameTaken(_)) => rejections.push(
+                    label,
+                    &item,
+                    vec![FieldError::new(
+                        "/name",
+                        "a job created through the local API has this name",
+                    )],
+                ),
+                // Changed or deleted through the API meanwhile.
+                Err(StoreError::VersionMismatch { .. } | StoreError::NotFound) => applied.retry = true,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
