@@ -311,3 +311,40 @@ async fn a_large_job_list_is_pulled_in_bounded_memory() {
     );
     assert_eq!(livez(&service).await, 200);
 }
+
+#[tokio::test]
+async fn liveness_under_a_contact_max_age_recovers_within_seconds_of_the_backend() {
+    let backend = FakeBackend::start().await;
+    backend.set_mode(Mode::Fail);
+    // A minute between pulls: waiting for the next one after a recovery
+    // kept /livez red for up to the whole interval.
+    let args = [
+        "--backend-url",
+        &backend.url,
+        "--backend-poll-interval",
+        "60s",
+        "--backend-timeout",
+        "1s",
+        "--backend-contact-max-age",
+        "2s",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let service = Binary::start_with_env(dir.path(), &args, &ENV).await;
+    eventually("/livez to fail past the max age", || async {
+        (livez(&service).await == 503).then_some(())
+    })
+    .await;
+    backend.set_mode(Mode::Ok);
+    let back = std::time::Instant::now();
+    eventually("/livez to recover", || async {
+        (livez(&service).await == 200).then_some(())
+    })
+    .await;
+    // Failed pulls are retried within 10 s (jittered); generous on a busy
+    // machine, far below the poll interval.
+    assert!(
+        back.elapsed() < std::time::Duration::from_secs(25),
+        "{:?}",
+        back.elapsed()
+    );
+}
