@@ -241,14 +241,7 @@ impl TestApp {
 
     /// The metrics text.
     pub async fn metrics(&self) -> String {
-        self.client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics body")
+        metrics_text(&self.client, &self.url("/metrics")).await
     }
 
     /// Graceful stop; returns once the app has finished.
@@ -601,14 +594,7 @@ impl Binary {
 
     /// The metrics text.
     pub async fn metrics(&self) -> String {
-        client()
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics body")
+        metrics_text(&client(), &self.url("/metrics")).await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
@@ -620,6 +606,18 @@ impl Binary {
             .expect("POST");
         read(r).await
     }
+}
+
+/// The metrics text at `url`.
+async fn metrics_text(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body")
 }
 
 /// The value of the metric sample `series` (name with labels, exactly as
