@@ -16,6 +16,7 @@ pub mod redaction;
 pub mod runs;
 pub mod schedules;
 pub mod serve;
+pub mod unread;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -180,6 +181,7 @@ pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
         title: Some("cronguard API"),
     }))
     .layer(layers)
+    .layer(axum::middleware::from_fn(unread::close_if_unread))
 }
 
 /// Counts and times every request by route template (bounded labels:

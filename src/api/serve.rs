@@ -21,6 +21,11 @@ pub const API_THREADS: usize = 2;
 /// spread) and let any other busy process on the host starve the API.
 pub const API_NICENESS: i32 = 10;
 
+/// Longest the server waits, once told to stop, for the requests in flight
+/// to finish: a client that keeps a request open (a stalled body, a slow
+/// reader) must not hold the process's exit.
+pub const API_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The HTTP server on its own runtime.
 pub struct ApiServer {
     runtime: Option<Runtime>,
@@ -28,7 +33,7 @@ pub struct ApiServer {
 }
 
 /// Serves `router` on `listener` until `stop` is cancelled (then finishes
-/// the requests in flight).
+/// the requests in flight, for at most [`API_DRAIN`]).
 pub fn spawn(
     listener: std::net::TcpListener,
     router: Router,
@@ -42,9 +47,17 @@ pub fn spawn(
         .build()?;
     let task = runtime.spawn(async move {
         let listener = super::malformed::ProblemListener(tokio::net::TcpListener::from_std(listener)?);
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
+        let serving = axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+        tokio::select! {
+            served = serving => served,
+            () = async {
+                stop.cancelled().await;
+                tokio::time::sleep(API_DRAIN).await;
+            } => {
+                tracing::warn!(after = ?API_DRAIN, "requests still in flight at shutdown were cut off");
+                Ok(())
+            }
+        }
     });
     Ok(ApiServer {
         runtime: Some(runtime),

@@ -76,7 +76,15 @@ impl Reaper {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {
-                    if !self.pass(&mut suspects).await? {
+                    // A pass asks the supervisor for its runs; once shutdown
+                    // starts the supervisor stops answering until its drain,
+                    // which waits for this loop: the pass gives way.
+                    let passed = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return Ok(()),
+                        passed = self.pass(&mut suspects) => passed?,
+                    };
+                    if !passed {
                         return Ok(());
                     }
                 }

@@ -122,6 +122,17 @@ async fn program_of(app: &TestApp, run: &str) -> i32 {
     .await
 }
 
+/// Waits until the term-handler script has set its trap: it starts its
+/// `sleep` only after (a SIGTERM before the trap would kill bash outright).
+async fn trap_set(app: &TestApp, run: &str) {
+    let program = program_of(app, run).await;
+    eventually("the script's sleep", || async {
+        let children = std::fs::read_to_string(format!("/proc/{program}/task/{program}/children")).ok()?;
+        (!children.trim().is_empty()).then_some(())
+    })
+    .await;
+}
+
 fn blocked_signals(pid: i32) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -158,7 +169,7 @@ async fn a_programs_term_handler_runs_on_timeout_cancel_and_shutdown() {
 
     // Timeout.
     let marker = dir.path().join("timeout");
-    app.create(term_handler_job("on-timeout", &marker, "2s")).await;
+    app.create(term_handler_job("on-timeout", &marker, "5s")).await;
     let (_, run) = app.post_empty("/v1/jobs/on-timeout/trigger").await;
     let id = run["id"].as_str().unwrap().to_owned();
     let run = app.final_run(&id).await;
@@ -174,7 +185,7 @@ async fn a_programs_term_handler_runs_on_timeout_cancel_and_shutdown() {
     app.create(term_handler_job("on-cancel", &marker, "1h")).await;
     let (_, run) = app.post_empty("/v1/jobs/on-cancel/trigger").await;
     let id = run["id"].as_str().unwrap().to_owned();
-    program_of(&app, &id).await;
+    trap_set(&app, &id).await;
     let (status, _) = app.post_empty(&format!("/v1/runs/{id}/cancel")).await;
     assert!(status.is_success(), "{status}");
     let run = app.final_run(&id).await;
@@ -187,7 +198,7 @@ async fn a_programs_term_handler_runs_on_timeout_cancel_and_shutdown() {
     app.create(term_handler_job("on-shutdown", &marker, "1h")).await;
     let (_, run) = app.post_empty("/v1/jobs/on-shutdown/trigger").await;
     let id = run["id"].as_str().unwrap().to_owned();
-    program_of(&app, &id).await;
+    trap_set(&app, &id).await;
     app.stop().await;
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "got-term\n");
 }

@@ -74,6 +74,7 @@ async fn a_body_shorter_than_its_length_gets_408_before_the_request_timeout() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("application/problem+json"), "{answer}");
     assert!(answer.contains("body-timeout"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
     // The request timeout is 30 s; the body deadline 10 s.
     assert!(
         started.elapsed() < Duration::from_secs(25),
@@ -218,4 +219,86 @@ async fn requests_the_http_parser_refuses_get_problem_bodies() {
     let (status, _) = app.get("/v1/jobs").await;
     assert_eq!(status, 200);
     app.stop().await;
+}
+
+/// An answer given before the request body was read (over the limit,
+/// refused by auth, stalled) says `connection: close`: a client that
+/// pooled the connection would otherwise send its next request into a
+/// socket the server is closing, and lose it.
+#[tokio::test]
+async fn answers_before_the_body_is_read_close_the_connection_and_say_so() {
+    let mut options = Options::default();
+    options.settings.tokens = Some(vec![format!("ops:admin:{ADMIN}")]);
+    let app = TestApp::start(options).await;
+    let big = format!("{{\"name\":\"{}\"}}", "a".repeat(2 * 1024 * 1024));
+    let cases: Vec<(&str, Option<&str>, u16)> =
+        vec![("over the limit", Some(ADMIN), 413), ("no token", None, 401)];
+    // One connection at most, reused whenever the client may.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    for (what, token, status) in cases {
+        for round in 0..5 {
+            let mut request = client
+                .post(app.url("/v1/jobs"))
+                .header("content-type", "application/json")
+                .body(big.clone());
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let r = request
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{what} {round}: {e:?}"));
+            assert_eq!(r.status(), status, "{what}");
+            assert_eq!(r.headers()["connection"], "close", "{what}");
+            // The next request on the pool goes through.
+            let r = client
+                .get(app.url("/v1/jobs"))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("after {what} {round}: {e:?}"));
+            assert_eq!(r.status(), 200, "after {what}");
+        }
+    }
+    // A read body keeps the connection.
+    let r = client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "bad name!"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r.headers().get("connection").is_none(), "{:?}", r.headers());
+    app.stop().await;
+}
+
+/// A client holding a request open (half its header block sent) does not
+/// hold the process's exit: the server cuts what is in flight
+/// `API_DRAIN` (5 s) after shutdown starts, where hyper alone would wait
+/// for its 30 s header timeout. (Nothing else may hold the stop either:
+/// the orphan reaper once waited 10 s on a supervisor that had stopped
+/// answering.)
+#[tokio::test]
+async fn a_half_sent_request_does_not_hold_shutdown() {
+    let app = TestApp::spawn().await;
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    socket
+        .write_all(b"GET /v1/jobs HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // The server has the connection before the stop.
+    let (status, _) = app.get("/livez").await;
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    app.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(socket);
 }

@@ -7,7 +7,7 @@
 use serde_json::{Value, json};
 
 use super::fake::{FakeBackend, Mode, TOKEN};
-use super::{flags, job, never, outbox_holds, status, trigger, with_max_backoff};
+use super::{flags, job, never, outbox_holds, status, trigger, with_flag};
 use crate::helpers::*;
 
 const ENV: [(&str, &str); 1] = [("CRONGUARD_BACKEND_TOKEN", TOKEN)];
@@ -87,7 +87,7 @@ async fn results_down_alone_goes_stale_and_the_outbox_gauges_stay_current() {
     backend.set_retry_after("3600");
     // A long backoff: after the first failure no upload is attempted for
     // minutes, yet the outbox gauges must follow the results piling up.
-    let (_dir, service) = start(with_max_backoff(flags(&backend), "10m")).await;
+    let (_dir, service) = start(with_flag(flags(&backend), "--backend-max-backoff", "10m")).await;
     backend_job_exists(&service, "burst").await;
     let first = trigger(&service).await;
     eventually("the first upload to fail", || async {
@@ -161,7 +161,7 @@ async fn results_down_alone_goes_stale_and_the_outbox_gauges_stay_current() {
 async fn a_backend_that_comes_back_ends_the_wait_at_once() {
     let backend = FakeBackend::start().await;
     backend.set_jobs(vec![burst(&backend)]);
-    let (_dir, service) = start(with_max_backoff(flags(&backend), "10m")).await;
+    let (_dir, service) = start(with_flag(flags(&backend), "--backend-max-backoff", "10m")).await;
     backend_job_exists(&service, "burst").await;
     // Both directions down, asking for ten minutes.
     backend.set_retry_after("600");
@@ -194,7 +194,9 @@ async fn a_flood_of_invalid_items_is_summarised_and_never_evicts_results() {
     let backend = FakeBackend::start().await;
     backend.set_jobs(vec![burst(&backend)]);
     backend.set_mode(Mode::RejectUploads);
-    let mut flags = flags(&backend);
+    // Pulls of megabytes in a debug build on a busy machine take more than
+    // the suite's usual 1 s timeout.
+    let mut flags = with_flag(flags(&backend), "--backend-timeout", "20s");
     flags.extend(["--outbox-limit".into(), "50".into()]);
     let (dir, service) = start(flags).await;
     backend_job_exists(&service, "burst").await;
@@ -225,6 +227,12 @@ async fn a_flood_of_invalid_items_is_summarised_and_never_evicts_results() {
 
     backend.set_mode(Mode::Ok);
     all_delivered(&backend, &runs).await;
+    // The report may travel in a later batch than the last result.
+    eventually("the outbox empty", || async {
+        let b = status(async |p| service.get(p).await).await;
+        (b["outbox_entries"] == 0).then_some(())
+    })
+    .await;
     let summaries = backend.rejection_summaries();
     assert_eq!(summaries.len(), 1, "reported once: {summaries:?}");
     assert_eq!(summaries[0]["total"], 200_000);
@@ -290,7 +298,9 @@ async fn a_large_job_list_is_pulled_in_bounded_memory() {
         })
         .collect();
     backend.set_jobs(jobs);
-    let mut flags = flags(&backend);
+    // A 6 MB pull in a debug build on a busy machine takes more than the
+    // suite's usual 1 s timeout.
+    let mut flags = with_flag(flags(&backend), "--backend-timeout", "20s");
     flags.extend(["--backend-max-body-bytes".into(), "67108864".into()]);
     let (_dir, service) = start(flags).await;
     eventually("every job applied", || async {

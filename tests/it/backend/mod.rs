@@ -41,14 +41,10 @@ fn flags(backend: &FakeBackend) -> Vec<String> {
     .collect()
 }
 
-/// `flags` with another `--backend-max-backoff`.
-fn with_max_backoff(mut flags: Vec<String>, max: &str) -> Vec<String> {
-    let at = flags
-        .iter()
-        .position(|f| f == "--backend-max-backoff")
-        .expect("the flag")
-        + 1;
-    flags[at] = max.to_owned();
+/// `flags` with another value of one of its flags.
+fn with_flag(mut flags: Vec<String>, name: &str, value: &str) -> Vec<String> {
+    let at = flags.iter().position(|f| f == name).expect("the flag") + 1;
+    flags[at] = value.to_owned();
     flags
 }
 
@@ -385,7 +381,7 @@ async fn kill_9_with_50_undelivered_results_loses_none_and_startup_does_not_wait
     backend.set_jobs(vec![burst]);
     backend.set_mode(Mode::RejectUploads);
     let dir = tempfile::tempdir().unwrap();
-    let mut flags = with_max_backoff(flags(&backend), "2s");
+    let mut flags = with_flag(flags(&backend), "--backend-max-backoff", "2s");
     flags.extend(["--upload-batch".into(), "10".into()]);
     let args: Vec<&str> = flags.iter().map(String::as_str).collect();
     let env = [("CRONGUARD_BACKEND_TOKEN", TOKEN)];
