@@ -11,20 +11,24 @@
 //!   `first`, `*/15 * * * *` does not repeat 02:00–02:45 in the second pass
 //!   of the repeated hour (use an `interval` schedule for elapsed time).
 //!
-//! croner computes candidate instants; this module applies the policies.
-//! croner's own behaviour differs by expression (fixed-time ones skip the
-//! second pass, wildcard ones walk both), which is why it is normalised
-//! here rather than inherited.
+//! croner matches the expression against *wall-clock* (naive local)
+//! times; this module maps each matching wall time to the instants it
+//! stands for in the zone, under the policies. Matching and mapping are
+//! kept apart because croner's own zone handling moves a missing time by a
+//! whole hour (wrong for the 30-minute changes of Lord Howe, the 45-minute
+//! ones of Chatham) and ends a schedule whose day does not exist (Samoa
+//! skipped 2011-12-30). A gap, of whatever size, maps its wall times to the
+//! instant it ends; a fold maps its wall times to both passes.
 
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use chrono::offset::LocalResult;
-use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
+use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
-use croner::{Cron, JobType};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -36,6 +40,15 @@ pub const DEFAULT_TIMEZONE: &str = "UTC";
 /// Candidates examined per search before giving up (a repeated hour of an
 /// every-second expression is 3,600).
 const MAX_CANDIDATES: usize = 10_000;
+
+/// How far ahead a search looks for the clocks going back: a later instant
+/// can have an earlier wall time only across a backward change, and none
+/// in the database is longer than a day.
+const LOOKAHEAD: TimeDelta = TimeDelta::hours(26);
+
+/// The span either side of a missing wall time in which the change that
+/// made it missing lies (UTC offsets are within −12 h and +14 h).
+const GAP_SEARCH: TimeDelta = TimeDelta::hours(15);
 
 /// Parsed expressions, shared: croner keeps a bitfield of every year per
 /// parsed expression (about 5 KB), and a million jobs typically use a few
@@ -104,7 +117,6 @@ pub struct CronRule {
     tz: Tz,
     fold: Fold,
     gap: Gap,
-    fixed_time: bool,
 }
 
 impl CronRule {
@@ -140,14 +152,7 @@ impl CronRule {
         };
         match (cron, tz) {
             (Some(cron), Some(tz)) if errors.is_empty() => {
-                let fixed_time = cron.determine_job_type() == JobType::FixedTime;
-                let rule = Self {
-                    cron,
-                    tz,
-                    fold,
-                    gap,
-                    fixed_time,
-                };
+                let rule = Self { cron, tz, fold, gap };
                 // An expression that can never match (`0 0 30 2 *`) is a
                 // mistake, not a schedule: reject it instead of storing a
                 // job that silently never fires. (Checked once per distinct
@@ -173,56 +178,95 @@ impl CronRule {
             .map(|t| t.with_timezone(&Utc))
     }
 
+    /// The first wall time strictly after `after` the expression matches.
+    fn next_wall_time(&self, after: NaiveDateTime) -> Option<NaiveDateTime> {
+        self.cron
+            .find_next_occurrence(&after.and_utc(), false)
+            .ok()
+            .map(|t| t.naive_utc())
+    }
+
+    /// The zone's UTC offset at `t`.
+    fn offset_at(&self, t: DateTime<Utc>) -> TimeDelta {
+        TimeDelta::seconds(i64::from(
+            self.tz
+                .offset_from_utc_datetime(&t.naive_utc())
+                .fix()
+                .local_minus_utc(),
+        ))
+    }
+
+    /// The instants wall time `wall` fires at, earliest first: one, both
+    /// passes of a fold (`fold: both`), or for a missing time the end of the
+    /// gap (`gap: shift`) or none (`gap: skip`).
+    fn instants(&self, wall: NaiveDateTime) -> [Option<DateTime<Utc>>; 2] {
+        match self.tz.from_local_datetime(&wall) {
+            LocalResult::Single(t) => [Some(t.to_utc()), None],
+            LocalResult::Ambiguous(early, late) => match self.fold {
+                Fold::First => [Some(early.to_utc()), None],
+                Fold::Both => [Some(early.to_utc()), Some(late.to_utc())],
+            },
+            LocalResult::None => match self.gap {
+                Gap::Shift => [self.gap_end(wall), None],
+                Gap::Skip => [None, None],
+            },
+        }
+    }
+
+    /// The instant the gap holding the missing wall time `wall` ends: the
+    /// first instant whose wall time is later than `wall`.
+    fn gap_end(&self, wall: NaiveDateTime) -> Option<DateTime<Utc>> {
+        // Changes happen on whole seconds: search those.
+        let later = |secs: i64| {
+            DateTime::from_timestamp(secs, 0).is_some_and(|t| t.naive_utc() + self.offset_at(t) > wall)
+        };
+        let centre = wall.and_utc().timestamp();
+        let span = GAP_SEARCH.num_seconds();
+        let (mut lo, mut hi) = (centre - span, centre + span);
+        if later(lo) || !later(hi) {
+            return None;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if later(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        DateTime::from_timestamp(hi, 0)
+    }
+
     /// The first fire strictly after `after`, under the DST policies.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         if self.tz == chrono_tz::UTC {
             return self.croner_next(after);
         }
-        let mut from = after;
+        // Walk wall times from `after`'s own; if the clocks go back soon,
+        // from as much earlier, since a later instant can then show an
+        // earlier wall time. Any instant of wall time w is at least
+        // `w - latest`: once that passes the best found, nothing later
+        // can beat it.
+        let (now, soon) = (self.offset_at(after), self.offset_at(after + LOOKAHEAD));
+        let back = (now - soon).max(TimeDelta::zero());
+        let latest = now.max(soon);
+        let mut wall = after.naive_utc() + now - back;
+        let mut best: Option<DateTime<Utc>> = None;
         for _ in 0..MAX_CANDIDATES {
-            let candidate = self.croner_next(from)?;
-            let local = candidate.with_timezone(&self.tz);
-            let admitted = match self.tz.from_local_datetime(&local.naive_local()) {
-                // The second pass of a repeated hour: croner walks it for
-                // wildcard expressions; `first` does not fire there.
-                LocalResult::Ambiguous(_, late) => candidate != late || self.fold == Fold::Both,
-                // croner moved a missing local time to after the gap; the
-                // pattern does not match the wall time it landed on.
-                _ => self.gap == Gap::Shift || self.cron.is_time_matching(&local).unwrap_or(true),
+            let Some(next) = self.next_wall_time(wall) else {
+                return best;
             };
-            if !admitted {
-                from = candidate;
-                continue;
-            }
-            if self.fold == Fold::Both
-                && self.fixed_time
-                && let Some(twin) = self.twin_between(after, candidate)
-            {
-                return Some(twin);
-            }
-            return Some(candidate);
-        }
-        None
-    }
-
-    /// For fixed-time expressions (croner fires them in the first pass
-    /// only): the second occurrence of a repeated local time fired in the
-    /// first pass, if it lies strictly between `after` and `before`.
-    fn twin_between(&self, after: DateTime<Utc>, before: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        // Folds are at most a few hours long; a fixed-time expression fires
-        // at most once a day, so this looks at one or two candidates.
-        let mut t = self.croner_next(after - TimeDelta::hours(4))?;
-        while t < before {
-            let local = t.with_timezone(&self.tz).naive_local();
-            if let LocalResult::Ambiguous(early, late) = self.tz.from_local_datetime(&local) {
-                let (early, late) = (early.with_timezone(&Utc), late.with_timezone(&Utc));
-                if t == early && late > after && late < before {
-                    return Some(late);
+            wall = next;
+            for t in self.instants(wall).into_iter().flatten() {
+                if t > after && best.is_none_or(|b| t < b) {
+                    best = Some(t);
                 }
             }
-            t = self.croner_next(t)?;
+            if best.is_some_and(|b| b <= wall.and_utc() - latest) {
+                return best;
+            }
         }
-        None
+        best
     }
 
     /// The zone the expression is read in.

@@ -9,6 +9,7 @@ mod backend;
 mod claims;
 mod clock;
 mod commands;
+mod dst;
 mod http_edge;
 mod observability;
 mod openapi;
