@@ -495,6 +495,7 @@ impl App {
                 listening
             );
             supervisor.lock().await.drain(shutdown.kill.clone()).await;
+            reaper.sweep().await;
             lease_stop.cancel();
             http_stop.cancel();
             fenced

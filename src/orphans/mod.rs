@@ -14,13 +14,14 @@
 //! 4. **stray process** — a child or reparented descendant of the service
 //!    that belongs to no live run: killed and reaped.
 //!
-//! Kind 1 runs at startup ([`reconcile_previous_incarnations`]); kinds 2–4
-//! run in the periodic [`reaper`]. Every finding is logged with its ids,
+//! Kind 1 runs at startup ([`reconcile_previous_incarnations`], which also
+//! finds processes that escaped runs already ended); kinds 2–4 run in the
+//! periodic [`reaper`], and kind 4 once more at shutdown, after the drain. Every finding is logged with its ids,
 //! counted by kind, and listed by `GET /v1/orphans`.
 
 pub mod reaper;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -221,7 +222,65 @@ pub async fn reconcile_previous_incarnations(
 ) -> Result<Vec<Run>, StoreError> {
     let runs = store.orphan_foreign_runs(current, now, expired_before).await?;
     handle_previous_incarnation_runs(&runs, orphans, now, policy);
+    let handled: HashSet<RunId> = runs.iter().map(|r| r.id).collect();
+    handle_escaped(store, orphans, now, policy, &handled).await?;
     Ok(runs)
+}
+
+/// Processes carrying the identity of a run of this database that has
+/// ended — descendants that escaped their run (`setsid`, a double fork)
+/// and outlived it, typically across a restart that left them to init —
+/// killed or reported per `policy` (runs in `handled` were dealt with
+/// already). Live runs' processes are left alone: on a shared database
+/// they may be another replica's.
+pub async fn handle_escaped(
+    store: &Store,
+    orphans: &Orphans,
+    now: DateTime<Utc>,
+    policy: OrphanPolicy,
+    handled: &HashSet<RunId>,
+) -> Result<(), StoreError> {
+    let by_run: Vec<(RunId, Vec<procfs::Proc>)> = procfs::by_run()
+        .into_iter()
+        .filter(|(run, _)| !handled.contains(run))
+        .collect();
+    if by_run.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<RunId> = by_run.iter().map(|(run, _)| *run).collect();
+    let statuses = store.run_statuses(&ids).await?;
+    for (run, procs) in by_run {
+        let Some(status) = statuses.get(&run).filter(|s| s.is_final()) else {
+            continue;
+        };
+        for p in procs {
+            let remedy = match policy {
+                OrphanPolicy::Kill => {
+                    procfs::kill_process(&p);
+                    Remedy::Killed
+                }
+                OrphanPolicy::Report => Remedy::Reported,
+            };
+            let finding = Finding {
+                kind: OrphanKind::PreviousIncarnation,
+                detected_at: now,
+                run: Some(run),
+                job: None,
+                pid: Some(p.pid),
+                process_start_ticks: Some(p.start_ticks),
+                remedy,
+                detail: format!(
+                    "a process of run {run}, which ended {status}, outlived it; {}",
+                    match policy {
+                        OrphanPolicy::Kill => "killed (orphan policy `kill`)",
+                        OrphanPolicy::Report => "left running (orphan policy `report`)",
+                    }
+                ),
+            };
+            orphans.record(finding, policy == OrphanPolicy::Report);
+        }
+    }
+    Ok(())
 }
 
 /// Reports runs just marked orphaned (kind 1) and deals with their

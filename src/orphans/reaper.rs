@@ -178,6 +178,29 @@ impl Reaper {
         Ok(true)
     }
 
+    /// At shutdown, once every run is recorded: no descendant of a run of
+    /// this incarnation outlives the service — neither a reparented child
+    /// (an escapee whose run ended since the last pass) nor a process
+    /// elsewhere that carries the identity of an ended run.
+    pub async fn sweep(&self) {
+        if self.processes.is_none() {
+            return;
+        }
+        let now = self.clock.now();
+        self.reap_strays(&HashSet::new(), now);
+        if let Err(e) = super::handle_escaped(
+            &self.store,
+            &self.orphans,
+            now,
+            super::OrphanPolicy::Kill,
+            &HashSet::new(),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "could not look for escaped processes at shutdown");
+        }
+    }
+
     /// Our child processes that are not the leader of a live run.
     fn unlisted_children(&self) -> Vec<procfs::Proc> {
         let Some(table) = &self.processes else {

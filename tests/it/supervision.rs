@@ -226,6 +226,84 @@ async fn a_daemonized_grandchild_is_found_as_a_stray_and_reaped() {
     );
 }
 
+/// A run that leaves a daemon behind (its own session) and succeeds; the
+/// daemon's pid. The reaper would find it at its next pass: the interval
+/// is an hour, so only the stop or the next start can.
+async fn run_leaving_a_daemon(service: &Binary, name: &str) -> (String, i32) {
+    let (status, _) = service
+        .post(
+            "/v1/jobs",
+            command_job(
+                name,
+                "setsid sleep 300 & until [ \"$(cut -d' ' -f6 /proc/$!/stat)\" = \"$!\" ]; do :; done; echo $!",
+                yearly(),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, run) = service
+        .post(&format!("/v1/jobs/{name}/trigger"), json!(null))
+        .await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let run = final_run(&service.url(""), &id).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let daemon: i32 = run["output"].as_str().unwrap().trim().parse().unwrap();
+    assert!(!process_dead(daemon), "the daemon runs after its run ended");
+    (id, daemon)
+}
+
+#[tokio::test]
+async fn a_graceful_stop_leaves_no_escaped_descendant() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--enable-command-jobs", "--reaper-interval", "1h"];
+    let mut service = Binary::start(dir.path(), &args).await;
+    let mut daemons = Vec::new();
+    for i in 0..3 {
+        daemons.push(run_leaving_a_daemon(&service, &format!("daemon{i}")).await.1);
+    }
+    service.signal(Signal::SIGTERM);
+    assert_eq!(service.wait().await, Some(0));
+    for pid in daemons {
+        assert!(process_dead(pid), "daemon {pid} outlived the service");
+    }
+}
+
+#[tokio::test]
+async fn after_kill_9_the_next_start_kills_escapees_of_ended_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--enable-command-jobs", "--reaper-interval", "1h"];
+    let mut first = Binary::start(dir.path(), &args).await;
+    let (run, daemon) = run_leaving_a_daemon(&first, "daemon").await;
+    first.signal(Signal::SIGKILL);
+    first.wait().await;
+    assert!(!process_dead(daemon), "kill -9 left the daemon to init");
+
+    let second = Binary::start(dir.path(), &args).await;
+    eventually("the escapee to be killed", || async {
+        process_dead(daemon).then_some(())
+    })
+    .await;
+    let (_, report) = second.get("/v1/orphans").await;
+    let finding = report["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["pid"] == daemon)
+        .cloned()
+        .unwrap_or_else(|| panic!("no finding for {daemon}: {report}"));
+    assert_eq!(finding["kind"], "previous_incarnation", "{finding}");
+    assert_eq!(finding["remedy"], "killed", "{finding}");
+    assert_eq!(finding["run"], json!(run), "{finding}");
+    let m = second.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "cronguard_orphans_detected_total{kind=\"previous_incarnation\"}"
+        ),
+        Some(1.0)
+    );
+}
+
 #[tokio::test]
 async fn kill_9_leaves_no_child_alive_and_the_next_start_accounts_for_every_run() {
     let dir = tempfile::tempdir().unwrap();
