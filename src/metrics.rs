@@ -47,6 +47,8 @@ pub struct Metrics {
     // Store.
     commit_seconds: Histogram,
     commit_errors: IntCounter,
+    store_write_failures: IntCounterVec,
+    store_writable: IntGauge,
     writer_queue: IntGauge,
     database_size: IntGauge,
     replicas: IntGauge,
@@ -301,6 +303,23 @@ impl Metrics {
                 r,
                 IntCounter::with_opts(opts("store_commit_errors_total", "Group commits that failed.")),
             ),
+            store_write_failures: reg(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "store_write_failures_total",
+                        "Commits the database refused, by cause (disk_full, io, locked, read_only, cannot_open, unreachable, other).",
+                    ),
+                    &["fault"],
+                ),
+            ),
+            store_writable: reg(
+                r,
+                IntGauge::with_opts(opts(
+                    "store_writable",
+                    "1 while the store writer's commits go through, 0 from a refused commit until the next one that goes through.",
+                )),
+            ),
             writer_queue: reg(
                 r,
                 IntGauge::with_opts(opts("store_writer_queue", "Writes waiting for the store writer.")),
@@ -520,6 +539,24 @@ impl Metrics {
     /// A reparented descendant was reaped.
     pub fn zombie_reaped(&self) {
         self.zombies_reaped.inc();
+    }
+
+    /// Creates the write-failure series of each fault at zero.
+    pub fn store_write_faults(&self, faults: &[&str]) {
+        for fault in faults {
+            self.store_write_failures.with_label_values(&[fault]);
+        }
+        self.store_writable.set(1);
+    }
+
+    /// The database refused a write for `fault` (a `StorageFault` label).
+    pub fn store_write_failed(&self, fault: &str) {
+        self.store_write_failures.with_label_values(&[fault]).inc();
+    }
+
+    /// Whether the writer's last commit went through.
+    pub fn set_store_writable(&self, writable: bool) {
+        self.store_writable.set(i64::from(writable));
     }
 
     /// A group commit finished (or failed) after `took`; `queued` writes wait.

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::store::StoreError;
+use crate::store::{StorageFault, StoreError};
 use crate::supervisor::TriggerError;
 use crate::validation::{FieldError, FieldErrors};
 
@@ -120,6 +120,9 @@ pub enum ApiError {
     /// The service is shutting down (503).
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// The database cannot be written now (503); nothing was written.
+    #[error("the database cannot be written ({0}); nothing was written, retry later")]
+    StorageUnavailable(StorageFault),
     /// Anything else (500, detail only in the log).
     #[error("internal error: {0}")]
     Internal(String),
@@ -224,6 +227,11 @@ impl ApiError {
                 "urn:cronguard:problem:shutting-down",
                 "Shutting down",
             ),
+            Self::StorageUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "urn:cronguard:problem:storage-unavailable",
+                "Storage unavailable",
+            ),
             Self::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "urn:cronguard:problem:internal",
@@ -287,6 +295,16 @@ impl From<StoreError> for ApiError {
             }
             StoreError::AlreadyFinal => Self::RunAlreadyFinal,
             StoreError::Closed | StoreError::Fenced => Self::ShuttingDown,
+            StoreError::Unavailable { fault, detail } => {
+                tracing::warn!(fault = fault.as_str(), %detail, "a write was refused by the database");
+                Self::StorageUnavailable(fault)
+            }
+            e @ (StoreError::Database(_) | StoreError::Sqlite(_))
+                if StorageFault::of(&e).is_some_and(|f| f != StorageFault::Other) =>
+            {
+                tracing::warn!(error = %e, "the database failed a request");
+                Self::StorageUnavailable(StorageFault::of(&e).unwrap_or(StorageFault::Other))
+            }
             e @ (StoreError::DuplicateFire
             | StoreError::LimitReached
             | StoreError::Corrupt(_)

@@ -152,6 +152,7 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
             "the service is shutting down",
         ),
         db_check,
+        writable(&ctx).await,
         flag("recovery", h.recovered(), "startup recovery has not finished"),
         flag(
             "schedule_loaded",
@@ -172,6 +173,29 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
         });
     }
     respond(&params, checks)
+}
+
+/// Whether the store takes writes. While its last commit failed, a probe
+/// write tells whether it does again (freed disk space ends the red state
+/// even when nothing else is written).
+async fn writable(ctx: &ApiContext) -> Check {
+    if ctx.store.failing().is_some() {
+        let probe = ctx.store.probe(ctx.clock.now());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), probe).await;
+    }
+    match ctx.store.failing() {
+        None => flag("database_writable", true, ""),
+        Some(f) => flag(
+            "database_writable",
+            false,
+            &format!(
+                "the database cannot be written since {}: {} ({})",
+                f.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                f.fault,
+                f.detail
+            ),
+        ),
+    }
 }
 
 /// Prometheus metrics in the text exposition format.

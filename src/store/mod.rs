@@ -11,6 +11,7 @@
 //! how the engine learns about creates, updates, pauses and deletes without
 //! polling and without races between concurrent API calls.
 
+pub mod fault;
 mod point;
 mod postgres;
 mod reads;
@@ -30,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::job::{Job, JobDefinition, JobId, Source};
 use crate::run::{Incarnation, Outcome, Run, RunId, RunStatus};
 
+pub use self::fault::{Failing, StorageFault};
 pub use self::replicas::Replica;
 pub use self::sqlite::{SqliteOptions, Synchronous};
 pub use self::writer::JOB_CHANNEL;
@@ -75,6 +77,15 @@ pub enum StoreError {
     /// Stored data that does not decode (corruption or a downgrade).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// The database could not be written: the disk is full, an I/O error,
+    /// a lock held elsewhere (the write did not happen).
+    #[error("the database cannot be written ({fault}): {detail}")]
+    Unavailable {
+        /// The cause.
+        fault: StorageFault,
+        /// The database's own message.
+        detail: String,
+    },
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -648,6 +659,17 @@ impl Store {
     pub fn stop_incarnation(&self, id: Incarnation, at: DateTime<Utc>) -> Ack<()> {
         self.inner
             .write(|reply| writer::Op::StopIncarnation { id, at, reply })
+    }
+
+    /// Writes one row, to learn whether the database takes writes.
+    pub fn probe(&self, at: DateTime<Utc>) -> Ack<()> {
+        self.inner.write(|reply| writer::Op::Probe { at, reply })
+    }
+
+    /// `None` while the writer's commits go through; otherwise since when
+    /// and why they fail.
+    pub fn failing(&self) -> Option<Failing> {
+        self.inner.writer.writability.failing()
     }
 
     /// Commits every write submitted before, then stops the writer; writes

@@ -21,4 +21,5 @@ mod scheduling;
 mod secrets;
 mod security;
 mod ssrf;
+mod storage;
 mod supervision;

@@ -26,6 +26,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::fault::{StorageFault, Writability};
 use super::rows::ms;
 use super::sql::{Tx, first, savepoint, values};
 use super::{JobChange, NewJob, Replacement, StoreError};
@@ -150,6 +151,11 @@ pub enum Op {
     Close {
         reply: Reply<()>,
     },
+    /// Write one row, to learn whether the database takes writes.
+    Probe {
+        at: DateTime<Utc>,
+        reply: Reply<()>,
+    },
     StopIncarnation {
         id: Incarnation,
         at: DateTime<Utc>,
@@ -158,7 +164,7 @@ pub enum Op {
 }
 
 /// Replies and publishes once the commit is known (its error, if any).
-type Finish = Box<dyn FnOnce(Option<&str>, &mpsc::UnboundedSender<JobChange>) + Send>;
+type Finish = Box<dyn FnOnce(Option<&CommitError>, &mpsc::UnboundedSender<JobChange>) + Send>;
 
 impl Op {
     /// A successful run's end: on a shared database neighbours of this
@@ -194,6 +200,9 @@ pub struct Pending {
     /// The operation failed in the database: on PostgreSQL the transaction
     /// must go back to before it.
     database_error: bool,
+    /// The database refused the operation for a fault of its own (not a
+    /// constraint of the data).
+    storage_fault: Option<(StorageFault, String)>,
 }
 
 /// What an operation produced: the caller's value and, once committed, the
@@ -211,20 +220,31 @@ fn pending<T: Send + 'static>(reply: Reply<T>, applied: Applied<T>) -> Pending {
         JobChange::Stale(_) | JobChange::Resync => None,
     });
     let database_error = matches!(result, Err(StoreError::Database(_) | StoreError::Sqlite(_)));
+    let storage_fault = match &result {
+        Err(e @ (StoreError::Database(_) | StoreError::Sqlite(_))) => StorageFault::of(e)
+            .filter(|f| *f != StorageFault::Other)
+            .map(|f| (f, e.to_string())),
+        _ => None,
+    };
     let finish = Box::new(
-        move |commit_error: Option<&str>, changes: &mpsc::UnboundedSender<JobChange>| match commit_error {
-            Some(e) => {
-                let _ = reply.send(Err(StoreError::Corrupt(format!("commit failed: {e}"))));
-            }
-            None => {
-                if result.is_ok()
-                    && let Some(change) = change
-                {
-                    // The engine may be restarting; the change is then
-                    // covered by its reload from the store.
-                    let _ = changes.send(change);
+        move |commit_error: Option<&CommitError>, changes: &mpsc::UnboundedSender<JobChange>| {
+            match commit_error {
+                Some(e) => {
+                    let _ = reply.send(Err(StoreError::Unavailable {
+                        fault: e.fault,
+                        detail: e.detail.clone(),
+                    }));
                 }
-                let _ = reply.send(result);
+                None => {
+                    if result.is_ok()
+                        && let Some(change) = change
+                    {
+                        // The engine may be restarting; the change is then
+                        // covered by its reload from the store.
+                        let _ = changes.send(change);
+                    }
+                    let _ = reply.send(result);
+                }
             }
         },
     );
@@ -232,6 +252,7 @@ fn pending<T: Send + 'static>(reply: Reply<T>, applied: Applied<T>) -> Pending {
         finish,
         changed,
         database_error,
+        storage_fault,
     }
 }
 
@@ -240,6 +261,8 @@ fn pending<T: Send + 'static>(reply: Reply<T>, applied: Applied<T>) -> Pending {
 pub struct Queue {
     tx: queue::Sender<Op>,
     depth: Arc<AtomicUsize>,
+    /// Whether the writer's commits go through.
+    pub writability: Arc<Writability>,
 }
 
 impl Queue {
@@ -303,6 +326,7 @@ pub struct Writer {
     /// With the control backend: final run states are queued in the
     /// outbox, and this is notified after each commit.
     outbox: Option<Arc<tokio::sync::Notify>>,
+    writability: Arc<Writability>,
 }
 
 /// The writer, for the app to run and await at shutdown.
@@ -345,9 +369,11 @@ impl Writer {
     ) -> (Self, Queue) {
         let (tx, rx) = queue::channel();
         let depth = Arc::new(AtomicUsize::new(0));
+        let writability = Arc::new(Writability::default());
         let queue = Queue {
             tx,
             depth: depth.clone(),
+            writability: writability.clone(),
         };
         (
             Self {
@@ -357,6 +383,7 @@ impl Writer {
                 depth,
                 changes,
                 outbox,
+                writability,
             },
             queue,
         )
@@ -373,6 +400,7 @@ impl Writer {
     }
 
     fn run(mut self, heartbeat: &crate::health::Heartbeat, metrics: &crate::metrics::Metrics) {
+        metrics.store_write_faults(&StorageFault::ALL.map(StorageFault::as_str));
         // SQLite: commits never checkpoint; the checkpointer thread does,
         // until `_stop` is dropped with this function's end.
         let (_stop, stopped) = queue::channel::<()>();
@@ -413,10 +441,10 @@ impl Writer {
             lanes.fill(&mut batch);
             let closing = matches!(batch.last(), Some(Op::Close { .. }));
             let started = Instant::now();
-            let ok = self.commit(&mut batch);
+            let failed = self.commit(&mut batch, metrics);
             metrics.commit(
                 started.elapsed(),
-                ok,
+                failed.is_none(),
                 self.depth.load(Ordering::Relaxed) + lanes.len(),
             );
             if closing {
@@ -426,8 +454,9 @@ impl Writer {
         self.conn.close();
     }
 
-    /// Applies and commits `batch`; `false` if the commit failed.
-    fn commit(&mut self, batch: &mut Vec<Op>) -> bool {
+    /// Applies and commits `batch`; the fault if the database refused the
+    /// commit or one of its statements.
+    fn commit(&mut self, batch: &mut Vec<Op>, metrics: &crate::metrics::Metrics) -> Option<StorageFault> {
         let mut done: Vec<Pending> = Vec::with_capacity(batch.len());
         let outbox = self.outbox.is_some();
         let shared = self.conn.shared();
@@ -482,10 +511,22 @@ impl Writer {
             self.conn.commit()
         })();
         let error = outcome.err().map(|e| {
-            tracing::error!(error = %e, ops = done.len(), "group commit failed");
             self.conn.rollback();
-            e.to_string()
+            CommitError {
+                fault: StorageFault::of(&e).unwrap_or(StorageFault::Other),
+                detail: e.to_string(),
+            }
         });
+        // A statement the database itself refused (a full disk fails the
+        // insert before the commit) counts like a failed commit.
+        let failure = error.clone().or_else(|| {
+            done.iter().find_map(|d| {
+                d.storage_fault
+                    .clone()
+                    .map(|(fault, detail)| CommitError { fault, detail })
+            })
+        });
+        self.observe(failure.as_ref(), done.len(), metrics);
         // Ops never reached (BEGIN failed) are dropped: their callers see
         // `Closed` from the dropped reply channel.
         batch.clear();
@@ -495,10 +536,38 @@ impl Writer {
             signal.notify_one();
         }
         for d in done {
-            (d.finish)(error.as_deref(), &self.changes);
+            (d.finish)(error.as_ref(), &self.changes);
         }
-        error.is_none()
+        failure.map(|f| f.fault)
     }
+
+    /// Logs and publishes a change of writability: one line when writes
+    /// start failing, one when they work again, not one per write.
+    fn observe(&self, failure: Option<&CommitError>, ops: usize, metrics: &crate::metrics::Metrics) {
+        match failure {
+            Some(f) => {
+                metrics.store_write_failed(f.fault.as_str());
+                if self.writability.failed(f.fault, &f.detail) {
+                    tracing::error!(fault = f.fault.as_str(), error = %f.detail, ops, "the database cannot be written: {}", f.fault);
+                } else {
+                    tracing::debug!(fault = f.fault.as_str(), error = %f.detail, ops, "a write failed again");
+                }
+            }
+            None => {
+                if let Some(ended) = self.writability.succeeded() {
+                    tracing::warn!(fault = ended.fault.as_str(), since = %ended.since, "the database can be written again");
+                }
+            }
+        }
+        metrics.set_store_writable(failure.is_none());
+    }
+}
+
+/// Why a group commit failed.
+#[derive(Debug, Clone)]
+pub struct CommitError {
+    fault: StorageFault,
+    detail: String,
 }
 
 /// Queued operations in two lanes. Run starts are on the critical path of
@@ -750,6 +819,13 @@ fn apply(tx: &mut dyn Tx, op: Op, outbox: bool, shared: bool) -> Pending {
         Op::OutboxDelete { seqs, reply } => pending(reply, plain(outbox::delete(tx, &seqs))),
         Op::OutboxTrim { limit, reply } => pending(reply, plain(outbox::trim(tx, limit))),
         Op::Close { reply } => pending(reply, Ok(((), None))),
+        Op::Probe { at, reply } => {
+            let result = tx.execute(
+                "INSERT INTO store_probe (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                &values![ms(at)],
+            );
+            pending(reply, plain(result.map(|_| ())))
+        }
     }
 }
 
