@@ -17,7 +17,7 @@ use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
 use crate::run::RunId;
-use crate::store::{Store, StoreError};
+use crate::store::{StorageFault, Store, StoreError};
 
 /// Runs deleted per write.
 pub const BATCH: u32 = 500;
@@ -63,9 +63,15 @@ impl Retention {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {
-                    let deleted = self.pass(&mut seen, &heartbeat, &shutdown).await?;
-                    if deleted > 0 {
-                        tracing::info!(deleted, "run history pruned");
+                    match self.pass(&mut seen, &heartbeat, &shutdown).await {
+                        Ok(0) => {}
+                        Ok(deleted) => tracing::info!(deleted, "run history pruned"),
+                        // The database is out: try again next pass (the
+                        // restart budget is for crashes).
+                        Err(e) if StorageFault::outage(&e).is_some() => {
+                            tracing::debug!(error = %e, "retention pass skipped: the database is out");
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
             }

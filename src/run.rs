@@ -204,6 +204,9 @@ text_enum! {
         JobDeleted = "job_deleted",
         /// The job already started `max_runs` scheduled runs.
         LimitReached = "limit_reached",
+        /// The database refused to record the run (a full disk, an I/O
+        /// error); recorded once it takes writes again.
+        StoreUnavailable = "store_unavailable",
     }
 }
 

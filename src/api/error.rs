@@ -299,11 +299,9 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(fault = fault.as_str(), %detail, "a write was refused by the database");
                 Self::StorageUnavailable(fault)
             }
-            e @ (StoreError::Database(_) | StoreError::Sqlite(_))
-                if StorageFault::of(&e).is_some_and(|f| f != StorageFault::Other) =>
-            {
+            e @ (StoreError::Database(_) | StoreError::Sqlite(_)) if StorageFault::outage(&e).is_some() => {
                 tracing::warn!(error = %e, "the database failed a request");
-                Self::StorageUnavailable(StorageFault::of(&e).unwrap_or(StorageFault::Other))
+                Self::StorageUnavailable(StorageFault::outage(&e).unwrap_or(StorageFault::Other))
             }
             e @ (StoreError::DuplicateFire
             | StoreError::LimitReached

@@ -26,7 +26,7 @@ use crate::health::Heartbeat;
 use crate::metrics::Metrics;
 use crate::procfs;
 use crate::run::{Incarnation, Outcome, RunId, RunStatus};
-use crate::store::{Store, StoreError};
+use crate::store::{StorageFault, Store, StoreError};
 use crate::supervisor::SupervisorHandle;
 
 /// How far past its deadline a task may run before it counts as stuck.
@@ -82,7 +82,16 @@ impl Reaper {
                     let passed = tokio::select! {
                         biased;
                         () = shutdown.cancelled() => return Ok(()),
-                        passed = self.pass(&mut suspects) => passed?,
+                        passed = self.pass(&mut suspects) => match passed {
+                            // The database is out (the writer says so, and
+                            // readiness): try again next pass; the restart
+                            // budget is for crashes, not for a dependency.
+                            Err(e) if StorageFault::outage(&e).is_some() => {
+                                tracing::debug!(error = %e, "reaper pass skipped: the database is out");
+                                true
+                            }
+                            passed => passed?,
+                        },
                     };
                     if !passed {
                         return Ok(());

@@ -82,6 +82,16 @@ impl StorageFault {
         }
     }
 
+    /// The fault if `e` means the database is out of service (a refused
+    /// commit, or a statement it refused for a fault of its own — not a
+    /// constraint of the data).
+    pub fn outage(e: &StoreError) -> Option<Self> {
+        match e {
+            StoreError::Unavailable { fault, .. } => Some(*fault),
+            _ => Self::of(e).filter(|f| *f != Self::Other),
+        }
+    }
+
     fn of_sqlite(code: rusqlite::ErrorCode) -> Self {
         use rusqlite::ErrorCode as C;
         match code {

@@ -15,6 +15,7 @@
 mod admission;
 pub mod loops;
 mod task;
+mod unrecorded;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -33,7 +34,7 @@ use crate::fault::Faults;
 use crate::health::Heartbeat;
 use crate::job::{Job, JobId};
 use crate::run::{Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
-use crate::store::StoreError;
+use crate::store::{StorageFault, StoreError};
 
 /// A request to run, or to account for, one fire of a job.
 #[derive(Debug, Clone)]
@@ -249,6 +250,8 @@ pub struct Supervisor {
     backlog: VecDeque<Waiting>,
     /// Writes of decisions (skipped, missed, queued, cancelled rows).
     recorders: JoinSet<()>,
+    /// Fires the database refused to record, until it takes writes again.
+    unrecorded: unrecorded::Unrecorded,
 }
 
 impl Supervisor {
@@ -265,6 +268,7 @@ impl Supervisor {
             jobs: HashMap::new(),
             backlog: VecDeque::new(),
             recorders: JoinSet::new(),
+            unrecorded: unrecorded::Unrecorded::default(),
         };
         (supervisor, SupervisorHandle { tx })
     }
@@ -287,8 +291,32 @@ impl Supervisor {
                     Some(cmd) => self.handle(cmd),
                     None => return,
                 },
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.record_unrecorded(),
             }
+        }
+    }
+
+    /// Once the database takes writes again, records the fires it refused
+    /// as one `missed` row per job.
+    fn record_unrecorded(&mut self) {
+        if self.unrecorded.is_empty() || self.ctx.store.failing().is_some() {
+            return;
+        }
+        for fire in self.unrecorded.take() {
+            tracing::warn!(
+                job = %fire.job.id,
+                from = %fire.scheduled_at,
+                until = ?fire.missed.map(|m| m.until),
+                fires = fire.missed.map_or(0, |m| m.fires),
+                "recording the fires the database refused as missed"
+            );
+            let row = self.new_row(
+                RunId::at(self.ctx.clock.now()),
+                &fire,
+                RunStatus::Missed,
+                Some(Reason::StoreUnavailable),
+            );
+            self.record(row, None);
         }
     }
 
@@ -408,7 +436,10 @@ impl Supervisor {
             let result = ack.await;
             match &result {
                 Ok(()) => {
-                    if let (RunStatus::Skipped | RunStatus::Missed, Some(reason)) = (run.status, run.reason) {
+                    // Fires the database refused were counted when refused.
+                    if let (RunStatus::Skipped | RunStatus::Missed, Some(reason)) = (run.status, run.reason)
+                        && reason != Reason::StoreUnavailable
+                    {
                         metrics.fire_not_run(run.status, reason, run.fires);
                     }
                 }
@@ -416,6 +447,10 @@ impl Supervisor {
                     tracing::debug!(job = %run.job_id, scheduled_at = %run.scheduled_at, "fire already recorded")
                 }
                 Err(StoreError::NotFound) => {}
+                // The writer logs an outage of the database once.
+                Err(e) if StorageFault::outage(e).is_some() => {
+                    tracing::debug!(job = %run.job_id, error = %e, "could not record a {} fire", run.status)
+                }
                 Err(e) => tracing::error!(job = %run.job_id, error = %e, "could not record a {} fire", run.status),
             }
             if let Some(reply) = reply {
@@ -659,6 +694,17 @@ impl Supervisor {
                 }
                 StoreError::Fenced => {
                     tracing::warn!(run = %run_id, "this replica was fenced; the fire is left to the others")
+                }
+                e if StorageFault::outage(&e).is_some() => {
+                    // The writer logs the outage once; the fires are
+                    // counted here and recorded when it ends.
+                    tracing::debug!(run = %run_id, error = %e, "the database refused a run; it did not start");
+                    if let Some(live) = live.as_ref().filter(|l| l.trigger != Trigger::Manual) {
+                        self.unrecorded.add(live.job.clone(), live.scheduled_at);
+                        self.ctx
+                            .metrics
+                            .fire_not_run(RunStatus::Missed, Reason::StoreUnavailable, 1);
+                    }
                 }
                 e => {
                     tracing::error!(run = %run_id, error = %e, "a run could not be recorded and did not start")

@@ -18,7 +18,7 @@ use crate::clock::SharedClock;
 use crate::executor::{Executor, Limits, Occurrence};
 use crate::job::Job;
 use crate::run::{Attempt, Outcome, Reason, Run, RunId, RunStatus, Trigger};
-use crate::store::{Ack, Store, StoreError};
+use crate::store::{Ack, StorageFault, Store, StoreError};
 
 /// A run's cancellation: the token and why it was pulled.
 #[derive(Debug, Clone, Default)]
@@ -120,7 +120,13 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
                     Ok(run)
                 }
                 StoreError::Fenced => Err(TriggerError::Store(StoreError::Fenced)),
-                _ => Err(TriggerError::Store(StoreError::Corrupt(e.to_string()))),
+                _ => Err(TriggerError::Store(match StorageFault::outage(&e) {
+                    Some(fault) => StoreError::Unavailable {
+                        fault,
+                        detail: e.to_string(),
+                    },
+                    None => StoreError::Corrupt(e.to_string()),
+                })),
             };
             let _ = reply.send(answer);
         }

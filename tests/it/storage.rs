@@ -3,9 +3,11 @@
 //! skip). A full disk must be named as such, turn readiness red within
 //! seconds, leave liveness alone, and end when space is freed.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::json;
 
 use crate::helpers::*;
@@ -118,5 +120,119 @@ async fn a_full_disk_is_named_turns_readiness_red_and_recovers() {
     assert_eq!(status, 201, "{body}");
     let m = service.metrics().await;
     assert_eq!(sample(&m, "cronguard_store_writable"), Some(1.0));
+    drop(service);
+}
+
+/// Every second of each job in `[from, until]` is accounted for by exactly
+/// one row: a run, or a `missed` range.
+fn accounted(runs: &[serde_json::Value], from: DateTime<Utc>, until: DateTime<Utc>) -> Result<(), String> {
+    let at = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.to_utc())
+    };
+    let mut seen: BTreeMap<DateTime<Utc>, u32> = BTreeMap::new();
+    for run in runs {
+        let Some(first) = at(&run["scheduled_at"]) else {
+            continue;
+        };
+        let last = at(&run["scheduled_until"]).unwrap_or(first);
+        let mut t = first;
+        while t <= last {
+            *seen.entry(t).or_default() += 1;
+            t += TimeDelta::seconds(1);
+        }
+    }
+    let mut t = from;
+    while t <= until {
+        match seen.get(&t) {
+            Some(1) => {}
+            n => return Err(format!("{t}: {n:?} rows")),
+        }
+        t += TimeDelta::seconds(1);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn fires_the_full_disk_refuses_are_counted_and_recorded_missed_once_it_is_freed() {
+    let Some(disk) = Tmpfs::mount("16m") else {
+        eprintln!("SKIPPED storage::fires_the_full_disk_refuses…: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let receiver = Receiver::start().await;
+    // A fast reaper: its passes fail while the disk is full and must not
+    // use up its restart budget.
+    let service = Binary::start(disk.path(), &["--reaper-interval", "300ms"]).await;
+    for i in 0..3 {
+        let (status, body) = service
+            .post(
+                "/v1/jobs",
+                http_job(&format!("tick-{i}"), every_second(), &receiver.url("/hit")),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    eventually("runs recorded", || async {
+        (service.get("/v1/jobs/tick-0/runs").await.1["items"]
+            .as_array()?
+            .len()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+
+    let filler = fill(disk.path());
+    let refused = async || {
+        sample(
+            &service.metrics().await,
+            "cronguard_fires_not_run_total{reason=\"store_unavailable\",status=\"missed\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    eventually("fires refused and counted", || async {
+        (refused().await >= 9.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let (status, live) = service.get("/livez?verbose").await;
+    assert_eq!(status, 200, "no loop gave up on a full disk: {live}");
+
+    std::fs::remove_file(filler).unwrap();
+    // Every refused fire ends up in a `missed` row (rows of fires refused
+    // just before the disk came back may follow a little later).
+    eventually("the refused fires recorded as missed", || async {
+        let mut recorded = 0;
+        for i in 0..3 {
+            let runs = service.get(&format!("/v1/jobs/tick-{i}/runs?limit=500")).await.1["items"]
+                .as_array()?
+                .clone();
+            recorded += runs
+                .iter()
+                .filter(|r| r["reason"] == "store_unavailable")
+                .map(|r| r["fires"].as_u64().unwrap_or(0))
+                .sum::<u64>();
+        }
+        (recorded > 0 && recorded as f64 == refused().await).then_some(())
+    })
+    .await;
+
+    // Nothing vanished: each second of each job is one row.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    for i in 0..3 {
+        let runs = service.get(&format!("/v1/jobs/tick-{i}/runs?limit=500")).await.1["items"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let times: Vec<DateTime<Utc>> = runs
+            .iter()
+            .filter_map(|r| r["scheduled_at"].as_str()?.parse().ok())
+            .collect();
+        let from = *times.iter().min().unwrap();
+        let until = *times.iter().max().unwrap() - TimeDelta::seconds(1);
+        if let Err(e) = accounted(&runs, from, until) {
+            panic!("tick-{i}: {e}: {runs:#?}");
+        }
+    }
     drop(service);
 }

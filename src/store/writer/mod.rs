@@ -221,9 +221,9 @@ fn pending<T: Send + 'static>(reply: Reply<T>, applied: Applied<T>) -> Pending {
     });
     let database_error = matches!(result, Err(StoreError::Database(_) | StoreError::Sqlite(_)));
     let storage_fault = match &result {
-        Err(e @ (StoreError::Database(_) | StoreError::Sqlite(_))) => StorageFault::of(e)
-            .filter(|f| *f != StorageFault::Other)
-            .map(|f| (f, e.to_string())),
+        Err(e @ (StoreError::Database(_) | StoreError::Sqlite(_))) => {
+            StorageFault::outage(e).map(|f| (f, e.to_string()))
+        }
         _ => None,
     };
     let finish = Box::new(
