@@ -35,13 +35,13 @@ fn main() {
     println!("{}", common::machine());
     let from = "2027-01-01T00:00:00Z";
     println!(
-        "{:<16} {:<22} {:>10} {:>8}",
+        "{:<16} {:<26} {:>10} {:>8}",
         "expression", "zone", "ns/fire", "ratio"
     );
     for expr in ["* * * * * *", "*/5 * * * *", "30 2 * * *"] {
         let n = if expr == "30 2 * * *" { fires / 20 } else { fires };
         let floor = per_fire(expr, "UTC", Fold::First, from, n);
-        println!("{expr:<16} {:<22} {floor:>10.0} {:>8}", "UTC (floor)", "1.00");
+        println!("{expr:<16} {:<26} {floor:>10.0} {:>8}", "UTC (floor)", "1.00");
         for (zone, fold) in [
             ("Europe/Berlin", Fold::First),
             ("Europe/Berlin", Fold::Both),
@@ -50,7 +50,7 @@ fn main() {
         ] {
             let ns = per_fire(expr, zone, fold, from, n);
             let zone = format!("{zone} {fold:?}");
-            println!("{expr:<16} {zone:<22} {ns:>10.0} {:>8.2}", ns / floor);
+            println!("{expr:<16} {zone:<26} {ns:>10.0} {:>8.2}", ns / floor);
         }
     }
 }
