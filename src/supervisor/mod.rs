@@ -252,12 +252,16 @@ pub struct Supervisor {
     recorders: JoinSet<()>,
     /// Fires the database refused to record, until it takes writes again.
     unrecorded: unrecorded::Unrecorded,
+    /// Decision rows the database refused, sent back by their recorders.
+    refused_tx: mpsc::UnboundedSender<Run>,
+    refused_rx: mpsc::UnboundedReceiver<Run>,
 }
 
 impl Supervisor {
     /// A supervisor and the handle to reach it.
     pub fn new(ctx: TaskContext, config: SupervisorConfig) -> (Self, SupervisorHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (refused_tx, refused_rx) = mpsc::unbounded_channel();
         let supervisor = Self {
             ctx,
             config,
@@ -269,6 +273,8 @@ impl Supervisor {
             backlog: VecDeque::new(),
             recorders: JoinSet::new(),
             unrecorded: unrecorded::Unrecorded::default(),
+            refused_tx,
+            refused_rx,
         };
         (supervisor, SupervisorHandle { tx })
     }
@@ -287,6 +293,7 @@ impl Supervisor {
                 () = shutdown.cancelled() => return,
                 Some(result) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.task_ended(result),
                 Some(_) = self.recorders.join_next(), if !self.recorders.is_empty() => {}
+                Some(row) = self.refused_rx.recv() => self.unrecorded.keep(row),
                 cmd = self.rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd),
                     None => return,
@@ -301,6 +308,9 @@ impl Supervisor {
     fn record_unrecorded(&mut self) {
         if self.unrecorded.is_empty() || self.ctx.store.failing().is_some() {
             return;
+        }
+        for row in self.unrecorded.take_rows() {
+            self.record(row, None);
         }
         for fire in self.unrecorded.take() {
             tracing::warn!(
@@ -432,6 +442,7 @@ impl Supervisor {
     fn record(&mut self, run: Run, reply: Option<oneshot::Sender<Result<Run, TriggerError>>>) {
         let ack = self.ctx.store.insert_run(run.clone());
         let metrics = self.ctx.metrics.clone();
+        let refused = self.refused_tx.clone();
         self.recorders.spawn(async move {
             let result = ack.await;
             match &result {
@@ -447,9 +458,14 @@ impl Supervisor {
                     tracing::debug!(job = %run.job_id, scheduled_at = %run.scheduled_at, "fire already recorded")
                 }
                 Err(StoreError::NotFound) => {}
-                // The writer logs an outage of the database once.
+                // The writer logs an outage of the database once; the row
+                // is written again once it takes writes (a client that
+                // asked gets the error instead).
                 Err(e) if StorageFault::outage(e).is_some() => {
-                    tracing::debug!(job = %run.job_id, error = %e, "could not record a {} fire", run.status)
+                    tracing::debug!(job = %run.job_id, error = %e, "could not record a {} fire", run.status);
+                    if reply.is_none() && run.status.is_final() {
+                        let _ = refused.send(run.clone());
+                    }
                 }
                 Err(e) => tracing::error!(job = %run.job_id, error = %e, "could not record a {} fire", run.status),
             }

@@ -12,12 +12,13 @@ use chrono::{DateTime, Utc};
 
 use super::{Fire, Missed};
 use crate::job::{Job, JobId};
-use crate::run::{Reason, Trigger};
+use crate::run::{Reason, Run, Trigger};
 
-/// Unrecorded fires by job.
+/// Unrecorded fires by job, and decision rows the database refused.
 #[derive(Default)]
 pub struct Unrecorded {
     ranges: HashMap<JobId, Range>,
+    rows: Vec<Run>,
 }
 
 struct Range {
@@ -42,8 +43,19 @@ impl Unrecorded {
         range.job = job;
     }
 
+    /// A row (a decision, or a missed range) the database refused: written
+    /// again with the next flush.
+    pub fn keep(&mut self, row: Run) {
+        self.rows.push(row);
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        self.ranges.is_empty() && self.rows.is_empty()
+    }
+
+    /// The rows kept, to write again now.
+    pub fn take_rows(&mut self) -> Vec<Run> {
+        std::mem::take(&mut self.rows)
     }
 
     /// One `missed` fire per job, to record now.
