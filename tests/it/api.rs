@@ -280,25 +280,7 @@ pub(crate) async fn crud_with_optimistic_concurrency_and_pagination() {
 #[tokio::test]
 pub(crate) async fn previews_follow_the_documented_dst_rules() {
     let app = TestApp::spawn().await;
-    let preview = |schedule: Value, after: &str, count: u32| {
-        let app = &app;
-        let after = after.to_owned();
-        async move {
-            let (status, body) = app
-                .post(
-                    "/v1/schedules/preview",
-                    json!({"schedule": schedule, "after": after, "count": count}),
-                )
-                .await;
-            assert_eq!(status, 200, "{body}");
-            body["fires"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| f["local"].as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        }
-    };
+    let preview = async |schedule: Value, after: &str, count: u32| app.preview(schedule, after, count).await;
     let at_0230 = json!({"kind": "cron", "expr": "30 2 * * *", "timezone": "Europe/Berlin"});
     // Spring gap (2027-03-28): 02:30 does not exist, fires once at 03:00.
     assert_eq!(

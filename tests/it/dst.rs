@@ -198,20 +198,9 @@ async fn every_zones_changes_2011_2030_fire_as_zoneinfo_says() {
 #[tokio::test]
 async fn previews_through_non_whole_hour_gaps_and_a_skipped_day() {
     let app = TestApp::spawn().await;
-    let preview = async |expr: &str, zone: &str, from: &str, count: u32| -> Vec<String> {
-        let (status, body) = app
-            .post(
-                "/v1/schedules/preview",
-                json!({"schedule": {"kind": "cron", "expr": expr, "timezone": zone}, "after": from, "count": count}),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body["fires"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["local"].as_str().unwrap().to_owned())
-            .collect()
+    let preview = async |expr: &str, zone: &str, from: &str, count: u32| {
+        let schedule = json!({"kind": "cron", "expr": expr, "timezone": zone});
+        app.preview(schedule, from, count).await
     };
     // Lord Howe moves 30 minutes: 02:00 does not exist on 2027-10-03 and
     // fires at 02:30, when the gap ends.

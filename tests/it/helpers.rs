@@ -280,6 +280,24 @@ impl TestApp {
         read(r).await
     }
 
+    /// The local times of `count` fires of `schedule` after `after`,
+    /// through the preview API.
+    pub async fn preview(&self, schedule: Value, after: &str, count: u32) -> Vec<String> {
+        let (status, body) = self
+            .post(
+                "/v1/schedules/preview",
+                json!({"schedule": schedule, "after": after, "count": count}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["fires"]
+            .as_array()
+            .expect("fires")
+            .iter()
+            .map(|f| f["local"].as_str().expect("local").to_owned())
+            .collect()
+    }
+
     /// Creates a job, asserting 201.
     pub async fn create(&self, spec: Value) -> Value {
         let (status, body) = self.post("/v1/jobs", spec).await;
