@@ -22,6 +22,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::action::ActionPolicy;
 use crate::api::{self, ApiContext, HttpLimits};
+use crate::backend::Contact;
+use crate::backend::client::BackendClient;
+use crate::backend::metrics::SyncMetrics;
+use crate::backend::pull::Puller;
+use crate::backend::upload::Uploader;
 use crate::clock::SharedClock;
 use crate::cluster::Membership;
 use crate::cluster::lease::Lease;
@@ -41,11 +46,6 @@ use crate::store::WriterTask;
 use crate::store::{JobChange, SqliteOptions, Store, StoreError};
 use crate::supervisor::loops::{RestartBudget, supervise};
 use crate::supervisor::{Supervisor, SupervisorConfig, TaskContext};
-use crate::sync::Contact;
-use crate::sync::client::BackendClient;
-use crate::sync::metrics::SyncMetrics;
-use crate::sync::pull::Puller;
-use crate::sync::upload::Uploader;
 
 /// Why the application could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +228,7 @@ impl App {
         let processes = config.process_supervision.then(|| executor.processes().clone());
         let backend = match &config.backend {
             Some(b) => {
-                let token = b.token.as_ref().map(crate::sync::Secret::expose);
+                let token = b.token.as_ref().map(crate::backend::Secret::expose);
                 let client = BackendClient::new(&b.url, token, incarnation, b.timeout, b.max_body_bytes)
                     .map_err(AppError::Backend)?;
                 let stale_after = b.poll_interval * 3 + b.timeout;

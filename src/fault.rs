@@ -5,21 +5,16 @@
 //! when the `fault-injection` feature is compiled in (tests and the test
 //! binary; never release builds). With it, a test can make a named internal
 //! loop hang or panic at its next checkpoint, and use a `test` action kind
-//! that sleeps, fails or panics on demand — so the suite proves that each
-//! failure is detected, not merely assumed to be.
+//! (`action::test`, run by `executor::test`) that sleeps, fails or panics
+//! on demand — so the suite proves that each failure is detected, not
+//! merely assumed to be.
 
 #[cfg(feature = "fault-injection")]
 mod enabled {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    use std::time::Duration;
 
-    use serde::{Deserialize, Serialize};
-    use tokio_util::sync::CancellationToken;
-
-    use crate::clock::SharedClock;
-    use crate::executor::Occurrence;
-    use crate::run::{Outcome, RunStatus};
+    use serde::Deserialize;
 
     /// What a loop does at its next checkpoint.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -73,67 +68,6 @@ mod enabled {
                 Some(Fault::Panic) => panic!("fault injection: {name} panics"),
                 None => {}
             }
-        }
-    }
-
-    /// `kind: test` action.
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct TestActionSpec {
-        /// Sleep this long on the service's clock (`2500ms`).
-        #[serde(default)]
-        pub sleep: Option<String>,
-        /// Fail attempts up to this number, succeed after.
-        #[serde(default)]
-        pub fail_attempts: u32,
-        /// Panic with this message.
-        #[serde(default)]
-        pub panic: Option<String>,
-        /// Ignore cancellation while sleeping (a stuck task).
-        #[serde(default)]
-        pub ignore_cancel: bool,
-        /// The attempt timeout the supervisor assumes (not enforced by
-        /// the test action itself, which is what makes it "stuck").
-        #[serde(default)]
-        pub timeout: Option<String>,
-    }
-
-    /// Runs the test action.
-    pub async fn execute_test_action(
-        spec: &TestActionSpec,
-        occurrence: &Occurrence,
-        clock: &SharedClock,
-        cancel: &CancellationToken,
-    ) -> Outcome {
-        if let Some(message) = &spec.panic {
-            panic!("{message}");
-        }
-        if let Some(sleep) = &spec.sleep {
-            let d = humantime::parse_duration(sleep).unwrap_or(Duration::ZERO);
-            if spec.ignore_cancel {
-                clock.sleep(d).await;
-            } else {
-                tokio::select! {
-                    () = clock.sleep(d) => {}
-                    () = cancel.cancelled() => return Outcome {
-                        status: RunStatus::Cancelled,
-                        attempts: occurrence.attempt,
-                        ..Outcome::failed("cancelled")
-                    },
-                }
-            }
-        }
-        if occurrence.attempt <= spec.fail_attempts {
-            return Outcome {
-                attempts: occurrence.attempt,
-                ..Outcome::failed(format!("test failure on attempt {}", occurrence.attempt))
-            };
-        }
-        Outcome {
-            status: RunStatus::Succeeded,
-            error: None,
-            attempts: occurrence.attempt,
-            ..Outcome::failed("")
         }
     }
 }

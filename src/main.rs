@@ -213,7 +213,7 @@ fn main() -> ExitCode {
         }
         Command::Openapi { backend } => {
             if backend {
-                print!("{}", cronguard::sync::protocol::backend_document());
+                print!("{}", cronguard::protocol::backend_document());
             } else {
                 print!("{}", cronguard::api::openapi::document());
             }

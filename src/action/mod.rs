@@ -15,6 +15,8 @@ use crate::validation::{FieldErrors, escape_pointer, parse_duration};
 
 mod address;
 mod hygiene;
+#[cfg(feature = "fault-injection")]
+pub mod test;
 
 pub use address::{block_of, embedded_ipv4, is_public};
 pub use hygiene::{FORBIDDEN_ENV, FORBIDDEN_HEADERS, forbidden_env, forbidden_header};
@@ -48,7 +50,7 @@ pub enum ActionSpec {
     Command(CommandSpec),
     /// Test-only action that sleeps, fails or panics on demand.
     #[cfg(feature = "fault-injection")]
-    Test(crate::fault::TestActionSpec),
+    Test(test::TestActionSpec),
 }
 
 /// The published schema of [`ActionSpec`]: the same wire form without the
@@ -131,7 +133,7 @@ pub enum Action {
     Command(CommandAction),
     /// Test-only action.
     #[cfg(feature = "fault-injection")]
-    Test(crate::fault::TestActionSpec),
+    Test(test::TestActionSpec),
 }
 
 /// A validated HTTP call.

@@ -74,7 +74,7 @@ pub struct ApiContext {
     pub max_jobs: Option<u64>,
     /// Contact with the control backend, when one is configured (its jobs
     /// are then read-only here).
-    pub backend: Option<Arc<crate::sync::Contact>>,
+    pub backend: Option<Arc<crate::backend::Contact>>,
 }
 
 /// HTTP-level limits.

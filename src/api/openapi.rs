@@ -86,7 +86,7 @@ const PUBLIC: &[&str] = &["/livez", "/readyz", "/metrics"];
 /// - links from a created job to the operations on it, for clients and
 ///   stateful testing.
 fn complete(doc: &mut Value) {
-    close_tagged_unions(doc);
+    crate::spec::close_tagged_unions(doc);
     doc["components"]["securitySchemes"] = json!({
         "bearer": {"type": "http", "scheme": "bearer", "description": "An API token (`--token`, `--tokens-file`); scopes read, write, admin."}
     });
@@ -151,34 +151,4 @@ fn complete(doc: &mut Value) {
         "GetRun": {"operationId": "get_run", "parameters": {"run": "$response.body#/id"}},
         "CancelRun": {"operationId": "cancel_run", "parameters": {"run": "$response.body#/id"}}
     });
-}
-
-/// See [`complete`]: copies each union variant's tag property into the
-/// variant struct it references.
-pub(crate) fn close_tagged_unions(doc: &mut Value) {
-    let mut tags: Vec<(String, Value)> = Vec::new();
-    if let Some(schemas) = doc["components"]["schemas"].as_object() {
-        for schema in schemas.values() {
-            for branch in schema["oneOf"].as_array().into_iter().flatten() {
-                let parts = branch["allOf"].as_array();
-                let target = parts.and_then(|p| p.iter().find_map(|s| s["$ref"].as_str()));
-                let tag = parts.and_then(|p| p.iter().find_map(|s| s["properties"].as_object()));
-                if let (Some(target), Some(tag)) = (target, tag) {
-                    let name = target.trim_start_matches("#/components/schemas/").to_owned();
-                    for (key, value) in tag {
-                        tags.push((format!("{name}/{key}"), value.clone()));
-                    }
-                }
-            }
-        }
-    }
-    for (at, value) in tags {
-        let (name, key) = at.split_once('/').unwrap_or_default();
-        let properties = doc
-            .pointer_mut(&format!("/components/schemas/{name}/properties"))
-            .and_then(Value::as_object_mut);
-        if let Some(properties) = properties {
-            properties.insert(key.to_owned(), value);
-        }
-    }
 }

@@ -293,7 +293,7 @@ pub struct Status {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BackendStatus {
     /// Last attempt, last contact, failures.
-    pub contact: crate::sync::ContactView,
+    pub contact: crate::backend::ContactView,
     /// Results and rejections waiting for upload.
     pub outbox_entries: u64,
     /// When the oldest of them was written.

@@ -9,6 +9,8 @@ mod command;
 mod http;
 mod output;
 pub mod shim;
+#[cfg(feature = "fault-injection")]
+mod test;
 
 /// The first argument that makes the cronguard binary act as the shim.
 pub const SHIM_ARG: &str = "__shim";
@@ -214,7 +216,7 @@ impl Executor {
             }
             #[cfg(feature = "fault-injection")]
             Action::Test(spec) => {
-                crate::fault::execute_test_action(spec, occurrence, &self.inner.clock, cancel).await
+                test::execute_test_action(spec, occurrence, &self.inner.clock, cancel).await
             }
         }
     }

@@ -576,8 +576,8 @@ impl Store {
     /// Queues a rejected backend job spec for upload.
     pub fn record_rejections(
         &self,
-        rejections: Vec<crate::sync::protocol::Rejection>,
-        summary: crate::sync::protocol::RejectionSummary,
+        rejections: Vec<crate::protocol::Rejection>,
+        summary: crate::protocol::RejectionSummary,
     ) -> Ack<()> {
         self.inner.write(|reply| writer::Op::RecordRejections {
             rejections,

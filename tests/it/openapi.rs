@@ -30,7 +30,7 @@ const BACKEND: &str = "openapi/backend.json";
 
 #[test]
 fn the_committed_backend_protocol_matches_the_code() {
-    let generated = cronguard::sync::protocol::backend_document();
+    let generated = cronguard::protocol::backend_document();
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(BACKEND);
     if std::env::var_os("UPDATE_OPENAPI").is_some() {
         std::fs::write(&path, &generated).expect("write openapi");

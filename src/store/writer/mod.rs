@@ -135,8 +135,8 @@ pub enum Op {
         reply: Reply<u64>,
     },
     RecordRejections {
-        rejections: Vec<crate::sync::protocol::Rejection>,
-        summary: crate::sync::protocol::RejectionSummary,
+        rejections: Vec<crate::protocol::Rejection>,
+        summary: crate::protocol::RejectionSummary,
         reply: Reply<()>,
     },
     OutboxDelete {

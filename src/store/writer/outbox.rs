@@ -2,11 +2,11 @@
 //! commit as the state they describe, so a crash can neither lose a result
 //! nor send one for a state that was never committed.
 
+use crate::protocol::{Rejection, RejectionSummary, RunResult};
 use crate::run::RunId;
 use crate::store::StoreError;
 use crate::store::rows::{self, RUN_COLUMNS, ms};
 use crate::store::sql::{Tx, first, values};
-use crate::sync::protocol::{Rejection, RejectionSummary, RunResult};
 use chrono::{DateTime, Utc};
 
 /// Queues the final state of run `id` (as now stored) for upload.

@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 use crate::store::Synchronous;
 
+mod backend;
+
 /// Every setting as given (all optional); flags and environment via clap,
 /// the file via serde.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
@@ -315,7 +317,7 @@ pub struct Config {
     /// Job quota.
     pub max_jobs: Option<u64>,
     /// The control backend, when configured.
-    pub backend: Option<crate::sync::BackendConfig>,
+    pub backend: Option<crate::backend::BackendConfig>,
     /// Whether this process owns its process tree: child subreaper, stray
     /// detection and zombie reaping. Set by `cronguard serve`, not a
     /// setting: an embedding process (the test suite) owns its own tree.
@@ -387,7 +389,7 @@ impl Config {
 
     /// Applies defaults and validates.
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
-        let backend = crate::sync::BackendConfig::from_settings(&s)?;
+        let backend = backend::backend(&s)?;
         let listen_text = s.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen = listen_text.parse().map_err(|_| ConfigError {
             setting: "listen",

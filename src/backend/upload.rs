@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use super::client::{BackendClient, CallError};
 use super::contact::{Contact, Direction};
 use super::metrics::SyncMetrics;
-use super::protocol::{Rejection, RejectionSummary, ResultBatch, RunResult};
 use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
+use crate::protocol::{Rejection, RejectionSummary, ResultBatch, RunResult};
 use crate::run::Incarnation;
 use crate::store::{OutboxEntry, Store, StoreError};
 

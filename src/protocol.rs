@@ -153,7 +153,7 @@ pub struct RejectionSummary {
 /// schema's tagged unions closed as in the public document.
 pub fn backend_document() -> String {
     let mut doc = serde_json::to_value(document()).unwrap_or_default();
-    crate::api::openapi::close_tagged_unions(&mut doc);
+    crate::spec::close_tagged_unions(&mut doc);
     let mut text = serde_json::to_string_pretty(&doc).unwrap_or_default();
     text.push('\n');
     text

@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 
-use super::protocol::{DesiredJobs, ResultBatch};
+use crate::protocol::{DesiredJobs, ResultBatch};
 use crate::run::Incarnation;
 
 /// Why a call failed (the label set of `cronguard_backend_failures_total`).

@@ -10,10 +10,9 @@
 //! metric and alert; liveness only with `--backend-contact-max-age`).
 
 pub mod client;
-mod config;
+pub mod config;
 pub mod contact;
 pub mod metrics;
-pub mod protocol;
 pub mod pull;
 pub mod upload;
 

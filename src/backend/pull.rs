@@ -32,12 +32,12 @@ use tokio_util::sync::CancellationToken;
 use super::client::{BackendClient, Pulled};
 use super::contact::{Contact, Direction};
 use super::metrics::SyncMetrics;
-use super::protocol::{Rejection, RejectionSummary};
 use crate::action::ActionPolicy;
 use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
 use crate::job::{Job, JobId, JobSpec, Source, check_name};
+use crate::protocol::{Rejection, RejectionSummary};
 use crate::store::{NewJob, Replacement, Store, StoreError};
 use crate::validation::{DecodeError, FieldError, decode_json};
 
