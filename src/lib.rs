@@ -1,18 +1,31 @@
 //! cronguard: a persistent, supervised job scheduler service.
 //!
-//! Data flows one way: `api` → `store` ← `engine` → `supervisor` →
-//! `executor` → `store`; `health` and `metrics` only read what the others
-//! publish.
+//! `ARCHITECTURE.md` draws the layers; a module uses only lower ones.
+//! Data flows one way: [`api`] → [`store`] → [`engine`] → [`supervisor`] →
+//! [`executor`] → [`store`]; [`health`] and [`metrics`] only publish what
+//! the others report.
 //!
-//! - [`schedule`], [`job`], [`action`], [`policy`], [`run`]: the domain,
-//!   parsed and validated (no I/O);
-//! - [`store`]: SQLite behind a narrow interface, group-committed writes;
-//! - [`engine`]: the timer heap that turns schedules into fires;
-//! - [`supervisor`]: owns every run's task, applies overlap policy, drains;
+//! - leaves: [`clock`] (injectable time), [`fault`] (fault-injection
+//!   hooks), [`health`] (heartbeats, readiness), [`secrets`],
+//!   [`shutdown`] (signals), [`spec`] (OpenAPI post-processing),
+//!   [`validation`] (field errors);
+//! - the domain, parsed and validated, no I/O: [`schedule`], [`policy`],
+//!   [`action`], [`job`], [`run`];
+//! - [`metrics`] (every metric), [`procfs`] (the process table),
+//!   [`protocol`] (the control backend's wire types);
+//! - [`store`]: the database, one writer with group commit;
 //! - [`executor`]: HTTP calls and child processes in process groups;
+//! - [`loops`]: the `Loop` abstraction and its restart supervision;
+//! - [`supervisor`]: owns every run's task, applies overlap policy, drains;
+//! - [`retention`]: keeps run history within its bounds;
 //! - [`orphans`]: accounting for work whose owner vanished;
+//! - [`cluster`]: replicas sharing one PostgreSQL database;
+//! - [`engine`]: the timer heap that turns schedules into fires;
+//! - [`backend`]: pulls desired jobs from the control backend, uploads
+//!   results;
 //! - [`api`]: the REST API, probes and metrics endpoint;
-//! - [`app`], [`config`], [`shutdown`]: wiring, settings, signals.
+//! - [`config`]: settings validated into typed configuration;
+//! - [`app`]: wiring, startup recovery, the shutdown order.
 #![deny(unsafe_code)]
 
 pub mod action;
@@ -27,6 +40,7 @@ pub mod executor;
 pub mod fault;
 pub mod health;
 pub mod job;
+pub mod loops;
 pub mod metrics;
 pub mod orphans;
 pub mod policy;

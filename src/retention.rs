@@ -7,6 +7,7 @@
 //! calls) interleave and nothing waits on a long delete. The loop is
 //! supervised and beats its heartbeat between batches.
 
+use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
+use crate::loops::{Loop, LoopCx, LoopError};
 use crate::run::RunId;
 use crate::store::{StorageFault, Store, StoreError};
 
@@ -50,7 +52,7 @@ impl Retention {
         shutdown: CancellationToken,
         heartbeat: Arc<Heartbeat>,
         faults: Arc<Faults>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), LoopError> {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Jobs with runs newer than this are checked against keep-last;
@@ -71,7 +73,7 @@ impl Retention {
                         Err(e) if StorageFault::outage(&e).is_some() => {
                             tracing::debug!(error = %e, "retention pass skipped: the database is out");
                         }
-                        Err(e) => return Err(e),
+                        Err(e) => return Err(e.into()),
                     }
                 }
             }
@@ -135,5 +137,19 @@ impl Retention {
         }
         *seen = newest.or(*seen);
         Ok(deleted)
+    }
+}
+
+impl Loop for Retention {
+    fn name(&self) -> &'static str {
+        "retention"
+    }
+
+    fn slack(&self) -> Duration {
+        self.interval
+    }
+
+    fn start(self: Arc<Self>, cx: LoopCx) -> BoxFuture<'static, Result<(), LoopError>> {
+        Box::pin(self.run(cx.stop, cx.beat, cx.faults))
     }
 }

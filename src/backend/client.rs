@@ -92,6 +92,7 @@ pub struct BackendClient {
     jobs_url: Url,
     results_url: Url,
     max_body: usize,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for BackendClient {
@@ -104,6 +105,11 @@ impl std::fmt::Debug for BackendClient {
 }
 
 impl BackendClient {
+    /// The longest a call may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// A client for the backend at `base` (`https://backend/api/`).
     pub fn new(
         base: &Url,
@@ -138,6 +144,7 @@ impl BackendClient {
             jobs_url: join("v1/jobs")?,
             results_url: join("v1/results")?,
             max_body,
+            timeout,
         })
     }
 

@@ -22,6 +22,7 @@
 //! - the `ETag` is kept only once a list applied completely, so a failed
 //!   or partial apply is retried in full at the next pull.
 
+use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,7 @@ use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
 use crate::job::{Job, JobId, JobSpec, Source, check_name};
+use crate::loops::{Loop, LoopCx, LoopError};
 use crate::protocol::{Rejection, RejectionSummary};
 use crate::store::{NewJob, Replacement, Store, StoreError};
 use crate::validation::{DecodeError, FieldError, decode_json};
@@ -164,7 +166,7 @@ impl Puller {
         shutdown: CancellationToken,
         heartbeat: Arc<Heartbeat>,
         faults: Arc<Faults>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), LoopError> {
         let mut state = PullState::default();
         let mut retry = Duration::from_secs(1);
         loop {
@@ -455,5 +457,20 @@ impl Puller {
             }
         }
         Ok(())
+    }
+}
+
+impl Loop for Puller {
+    fn name(&self) -> &'static str {
+        "backend_sync"
+    }
+
+    /// A call may take up to the backend timeout between two beats.
+    fn slack(&self) -> Duration {
+        self.client.timeout()
+    }
+
+    fn start(self: Arc<Self>, cx: LoopCx) -> BoxFuture<'static, Result<(), LoopError>> {
+        Box::pin(self.run(cx.stop, cx.beat, cx.faults))
     }
 }

@@ -16,6 +16,7 @@
 //! trims (a commit) when it is over the limit, so its own commits do not
 //! wake it again and again.
 
+use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use super::metrics::SyncMetrics;
 use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
+use crate::loops::{Loop, LoopCx, LoopError};
 use crate::protocol::{Rejection, RejectionSummary, ResultBatch, RunResult};
 use crate::run::Incarnation;
 use crate::store::{OutboxEntry, Store, StoreError};
@@ -76,7 +78,7 @@ impl Uploader {
         shutdown: CancellationToken,
         heartbeat: Arc<Heartbeat>,
         faults: Arc<Faults>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), LoopError> {
         let mut backoff = INITIAL_BACKOFF;
         let mut batch_size = self.batch;
         loop {
@@ -238,6 +240,21 @@ fn retry_wait(retry_after: Option<Duration>, backoff: Duration, cap: Duration) -
 fn jittered(backoff: Duration) -> Duration {
     let half = backoff / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+impl Loop for Uploader {
+    fn name(&self) -> &'static str {
+        "uploader"
+    }
+
+    /// A call may take up to the backend timeout between two beats.
+    fn slack(&self) -> Duration {
+        self.client.timeout()
+    }
+
+    fn start(self: Arc<Self>, cx: LoopCx) -> BoxFuture<'static, Result<(), LoopError>> {
+        Box::pin(self.run(cx.stop, cx.beat, cx.faults))
+    }
 }
 
 #[cfg(test)]

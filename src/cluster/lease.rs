@@ -8,6 +8,7 @@
 //! declared stopped is fenced: it fires nothing more and the service shuts
 //! down (the supervisor restarts it as a new incarnation).
 
+use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use super::Membership;
 use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
+use crate::loops::{Loop, LoopCx, LoopError};
 use crate::metrics::Metrics;
 use crate::orphans::{OrphanPolicy, Orphans};
 use crate::store::{JobChange, Store, StoreError};
@@ -100,7 +102,7 @@ impl Lease {
         stop: CancellationToken,
         heartbeat: Arc<Heartbeat>,
         faults: Arc<Faults>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), LoopError> {
         let every = self.lease() / 3;
         let mut last_renewed = self.clock.now();
         loop {
@@ -123,5 +125,15 @@ impl Lease {
                 () = self.clock.sleep_until(wake) => {}
             }
         }
+    }
+}
+
+impl Loop for Lease {
+    fn name(&self) -> &'static str {
+        "replica_lease"
+    }
+
+    fn start(self: Arc<Self>, cx: LoopCx) -> BoxFuture<'static, Result<(), LoopError>> {
+        Box::pin(self.run(cx.stop, cx.beat, cx.faults))
     }
 }

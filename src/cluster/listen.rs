@@ -8,6 +8,7 @@
 //! connection may have lost notifications: after reconnecting, the engine
 //! re-reads every job.
 
+use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
 use crate::job::JobId;
+use crate::loops::{Loop, LoopCx, LoopError};
 use crate::store::{JobChange, Store, StoreError};
 
 /// The listener's collaborators.
@@ -42,7 +44,7 @@ impl Listener {
         stop: CancellationToken,
         heartbeat: Arc<Heartbeat>,
         faults: Arc<Faults>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), LoopError> {
         let Some(mut listener) = self.store.listen().await? else {
             return Ok(());
         };
@@ -82,8 +84,8 @@ impl Listener {
                     }
                     None => {
                         return match receiving.await {
-                            Ok(result) => result,
-                            Err(e) => Err(StoreError::Corrupt(format!("listener task: {e}"))),
+                            Ok(result) => Ok(result?),
+                            Err(e) => Err(LoopError::task("notification receiver", e)),
                         };
                     }
                 },
@@ -96,6 +98,16 @@ impl Listener {
 /// Job ids from a payload (comma-separated); anything else is ignored.
 fn parse(payload: &str) -> Vec<JobId> {
     payload.split(',').filter_map(|id| id.parse().ok()).collect()
+}
+
+impl Loop for Listener {
+    fn name(&self) -> &'static str {
+        "replica_listener"
+    }
+
+    fn start(self: Arc<Self>, cx: LoopCx) -> BoxFuture<'static, Result<(), LoopError>> {
+        Box::pin(self.run(cx.stop, cx.beat, cx.faults))
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@
 //! change of ownership; jobs it gains are planned from their stored cursor.
 
 mod plan;
+mod running;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -36,6 +37,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use self::plan::{Due, MAX_SCAN, Plan, due_at, plan};
+pub use self::running::EngineLoop;
 use crate::clock::SharedClock;
 use crate::cluster::{Membership, Ownership};
 use crate::fault::Faults;

@@ -10,6 +10,7 @@
 //! submitted first. Task-side findings must be seen on two consecutive
 //! passes, which covers a task that ended between snapshot and check.
 
+use futures_util::future::BoxFuture;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use crate::clock::SharedClock;
 use crate::executor::ProcessTable;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
+use crate::loops::{Loop, LoopCx, LoopError};
 use crate::metrics::Metrics;
 use crate::procfs;
 use crate::run::{Incarnation, Outcome, RunId, RunStatus};
@@ -61,9 +63,12 @@ impl Reaper {
         shutdown: &CancellationToken,
         heartbeat: &Heartbeat,
         faults: &Faults,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), LoopError> {
         let mut sigchld = match self.processes {
-            Some(_) => Some(signal(SignalKind::child()).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+            Some(_) => Some(signal(SignalKind::child()).map_err(|source| LoopError::Signal {
+                signal: "SIGCHLD",
+                source,
+            })?),
             None => None,
         };
         let mut tick = tokio::time::interval(self.interval);
@@ -276,4 +281,18 @@ impl Reaper {
 
 fn stuck_slack() -> TimeDelta {
     TimeDelta::from_std(STUCK_SLACK).unwrap_or(TimeDelta::seconds(5))
+}
+
+impl Loop for Reaper {
+    fn name(&self) -> &'static str {
+        "reaper"
+    }
+
+    fn slack(&self) -> Duration {
+        self.interval
+    }
+
+    fn start(self: Arc<Self>, cx: LoopCx) -> BoxFuture<'static, Result<(), LoopError>> {
+        Box::pin(async move { self.run(&cx.stop, &cx.beat, &cx.faults).await })
+    }
 }

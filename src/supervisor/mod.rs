@@ -13,7 +13,7 @@
 //! update that starts it, and a skip is recorded even if nobody awaits it.
 
 mod admission;
-pub mod loops;
+mod running;
 mod task;
 mod unrecorded;
 
@@ -33,6 +33,7 @@ pub use self::task::{Begin, Planned, RunCancel, TaskContext, TaskEnd};
 use crate::fault::Faults;
 use crate::health::Heartbeat;
 use crate::job::{Job, JobId};
+use crate::loops::panic_message;
 use crate::run::{Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::{StorageFault, StoreError};
 
@@ -892,15 +893,4 @@ impl Supervisor {
 fn too_late(now: DateTime<Utc>, due: DateTime<Utc>, grace: Duration) -> bool {
     let late = now - due;
     late.to_std().is_ok_and(|late| late > grace)
-}
-
-/// The text of a panic payload.
-pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(non-text panic payload)".to_owned()
-    }
 }

@@ -1,9 +1,6 @@
-//! Supervised internal loops: restart on panic or return, give up loudly.
+//! Restart on panic or return, give up loudly.
 //!
-//! The failure cronguard exists to make visible is a scheduler whose main
-//! loop died while everything else kept running. So every long-lived loop
-//! (engine, run supervisor, orphan reaper, ...) runs under [`supervise`]:
-//! each incarnation of the loop is a spawned task, so a panic is caught as
+//! Each incarnation of the loop is a spawned task, so a panic is caught as
 //! a `JoinError`; a loop that panics or returns before shutdown is
 //! restarted after an exponential backoff and counted; a loop that fails
 //! more than its budget allows within the budget window is given up, which
