@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check with a real Prometheus server (Debian's `prometheus`):
 #  1. start cronguard (a build with the `fault-injection` feature, e.g. the
-#     binary `cargo test --all-features` leaves in target/debug);
+#     binary `cargo test` leaves in target/debug);
 #  2. `promtool check metrics` on a real scrape;
 #  3. Prometheus scrapes it every second with deploy/prometheus/alerts.yml;
 #  4. the engine loop is made to hang; the CronguardLoopStale expression

@@ -14,7 +14,7 @@ async fn the_committed_document_matches_the_code_and_is_served() {
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == generated,
-        "{COMMITTED} is out of date: run `UPDATE_OPENAPI=1 cargo test --all-features --test it openapi` and commit it"
+        "{COMMITTED} is out of date: run `UPDATE_OPENAPI=1 cargo test --test it openapi` and commit it"
     );
     let doc: serde_json::Value = serde_json::from_str(&generated).unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
@@ -38,7 +38,7 @@ fn the_committed_backend_protocol_matches_the_code() {
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == generated,
-        "{BACKEND} is out of date: run `UPDATE_OPENAPI=1 cargo test --all-features --test it openapi` and commit it"
+        "{BACKEND} is out of date: run `UPDATE_OPENAPI=1 cargo test --test it openapi` and commit it"
     );
     let doc: serde_json::Value = serde_json::from_str(&generated).unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
