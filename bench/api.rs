@@ -13,6 +13,8 @@
 //! Run: `cargo bench --bench api -- [--jobs 10000] [--connections 64]
 //! [--seconds 10] [--generator wrk|builtin]`.
 
+#![allow(clippy::unwrap_used)] // A benchmark that cannot measure stops with the reason.
+
 #[path = "common/mod.rs"]
 mod common;
 

@@ -30,6 +30,8 @@
 //! [--flood]`.
 //! Not a test: it asserts nothing.
 
+#![allow(clippy::unwrap_used)] // A benchmark that cannot measure stops with the reason.
+
 #[path = "common/mod.rs"]
 mod common;
 

@@ -4,6 +4,8 @@
 //!
 //! Run: `cargo bench --bench next_fire -- [--fires 200000]`.
 
+#![allow(clippy::unwrap_used)] // A benchmark that cannot measure stops with the reason.
+
 #[path = "common/mod.rs"]
 mod common;
 

@@ -8,6 +8,8 @@
 //!
 //! Run: `cargo bench --bench scale -- [--jobs 100000]`.
 
+#![allow(clippy::unwrap_used)] // A benchmark that cannot measure stops with the reason.
+
 #[path = "common/mod.rs"]
 mod common;
 

@@ -143,7 +143,7 @@ impl ManualClock {
     pub fn advance(&self, by: Duration) {
         let delta = TimeDelta::from_std(by).unwrap_or(TimeDelta::zero());
         let now = {
-            let mut guard = self.now.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = self.now.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             *guard += delta;
             *guard
         };
@@ -152,14 +152,14 @@ impl ManualClock {
 
     /// Sets the clock to `to` (forwards or backwards) and wakes sleepers.
     pub fn set(&self, to: DateTime<Utc>) {
-        *self.now.lock().unwrap_or_else(|e| e.into_inner()) = to;
+        *self.now.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = to;
         self.tick.send_replace(to);
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
-        *self.now.lock().unwrap_or_else(|e| e.into_inner())
+        *self.now.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn sleep_until(&self, deadline: DateTime<Utc>) -> BoxFuture<'static, ()> {

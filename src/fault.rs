@@ -47,13 +47,16 @@ mod enabled {
             self.used.store(true, Ordering::Release);
             self.armed
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(name.to_owned(), fault);
         }
 
         /// Disarms every fault (a hung loop stays hung).
         pub fn clear(&self) {
-            self.armed.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.armed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
         }
 
         /// Hangs or panics if a fault is armed for `name`.
@@ -62,7 +65,10 @@ mod enabled {
                 return;
             }
             let fault = {
-                let mut armed = self.armed.lock().unwrap_or_else(|e| e.into_inner());
+                let mut armed = self
+                    .armed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 match armed.get(name).copied() {
                     Some(Fault::Panic) => armed.remove(name),
                     other => other,

@@ -192,7 +192,10 @@ impl Health {
 
     /// Registers (or returns) the heartbeat of loop `name`.
     pub fn heartbeat(&self, name: &'static str, threshold: Duration) -> Arc<Heartbeat> {
-        let mut loops = self.loops.write().unwrap_or_else(|e| e.into_inner());
+        let mut loops = self
+            .loops
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         loops
             .entry(name)
             .or_insert_with(|| {
@@ -213,7 +216,7 @@ impl Health {
     pub fn heartbeats(&self) -> Vec<Arc<Heartbeat>> {
         self.loops
             .read()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
             .cloned()
             .collect()

@@ -26,7 +26,7 @@
 //! - [`api`]: the REST API, probes and metrics endpoint;
 //! - [`config`]: settings validated into typed configuration;
 //! - [`app`]: wiring, startup recovery, the shutdown order.
-#![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod action;
 pub mod api;

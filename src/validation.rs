@@ -169,7 +169,7 @@ fn field_in(message: &str) -> Option<String> {
 fn pointer(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
     let mut out = String::new();
-    for segment in path.iter() {
+    for segment in path {
         match segment {
             Segment::Seq { index } => {
                 out.push('/');

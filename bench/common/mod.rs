@@ -97,7 +97,7 @@ pub fn machine() -> String {
         .unwrap_or_default();
     format!(
         "machine: {} cores, {cpu}; commit {commit}; {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
     )
 }

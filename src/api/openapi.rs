@@ -60,7 +60,7 @@ pub fn document() -> String {
 }
 
 /// The document: generated from the handlers, then completed with what
-/// every operation shares (see [`complete`]).
+/// every operation shares (see `complete`).
 pub fn spec() -> Value {
     let (_, spec) = routes().split_for_parts();
     let mut doc = serde_json::to_value(&spec).unwrap_or(Value::Null);

@@ -25,7 +25,7 @@ use crate::validation::{FieldErrors, escape_pointer};
 pub fn redact(spec: &mut JobSpec) {
     match &mut spec.action {
         ActionSpec::Http(http) => {
-            for (name, value) in http.headers.iter_mut() {
+            for (name, value) in &mut http.headers {
                 if is_secret_header(name, &http.secret_headers) {
                     *value = REDACTED.to_owned();
                 }
@@ -101,7 +101,7 @@ pub fn unredact(spec: &mut JobSpec, stored: &JobSpec) -> Result<(), ApiError> {
                 ActionSpec::Http(old) => Some(&old.headers),
                 _ => None,
             };
-            for (name, value) in new.headers.iter_mut() {
+            for (name, value) in &mut new.headers {
                 let at = format!("/action/headers/{}", escape_pointer(name));
                 restore(at, value, old.and_then(|h| h.get(name)));
             }
@@ -111,7 +111,7 @@ pub fn unredact(spec: &mut JobSpec, stored: &JobSpec) -> Result<(), ApiError> {
                 ActionSpec::Command(old) => Some(&old.env),
                 _ => None,
             };
-            for (name, value) in new.env.iter_mut() {
+            for (name, value) in &mut new.env {
                 let at = format!("/action/env/{}", escape_pointer(name));
                 restore(at, value, old.and_then(|e| e.get(name)));
             }

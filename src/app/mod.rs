@@ -7,7 +7,7 @@
 //! exactly what production starts.
 //!
 //! Ownership: `run` owns every long-lived task and awaits each one; none is
-//! detached. The loops are declared in [`parts`] and owned by one
+//! detached. The loops are declared in `parts` and owned by one
 //! [`Loops`]; the shutdown order is the list of steps at the end of
 //! [`App::run`].
 

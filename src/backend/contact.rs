@@ -256,7 +256,10 @@ impl Contact {
             .with_label_values(&[direction.label()])
             .set(i64::try_from(n).unwrap_or(i64::MAX));
         self.metrics.backend_failure(reason);
-        *side.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        *side
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
     }
 
     /// Resolves when a direction succeeds after failures (see
@@ -314,7 +317,11 @@ impl Contact {
             last_attempt: at(side.last_attempt.load(Ordering::Relaxed)),
             last_success: at(side.last_success.load(Ordering::Relaxed)),
             consecutive_failures: side.consecutive_failures.load(Ordering::Relaxed),
-            last_error: side.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            last_error: side
+                .last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
             stale,
         }
     }

@@ -217,7 +217,7 @@ impl Puller {
 
     /// Reconciles the backend-owned jobs with `items`: deletes first (they
     /// free quota), then each item decoded, validated and written in
-    /// chunks of [`CHUNK`], so at most a chunk of definitions is held
+    /// chunks of `CHUNK`, so at most a chunk of definitions is held
     /// besides the list's raw text.
     pub async fn apply(
         &self,

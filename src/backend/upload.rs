@@ -20,7 +20,7 @@ use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 

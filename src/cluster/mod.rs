@@ -208,7 +208,10 @@ impl Membership {
                 owners: None,
             };
         }
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let state = self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let owners = if self.may_fire() && !state.leaving {
             state.owners.clone()
         } else {
@@ -224,14 +227,17 @@ impl Membership {
     pub fn replicas(&self) -> Vec<Replica> {
         self.state
             .read()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .replicas
             .clone()
     }
 
     /// Records a new view of the live set; whether ownership changed.
     fn update(&self, replicas: Vec<Replica>, active: bool) -> bool {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let mut state = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut owners: Vec<Incarnation> = replicas.iter().filter(|r| !r.leaving).map(|r| r.id).collect();
         owners.sort();
         let active = active && !state.leaving;
@@ -245,7 +251,10 @@ impl Membership {
     /// This replica stops taking jobs (shutdown); the others take them at
     /// their next look at the live set.
     pub fn leave(&self) {
-        self.state.write().unwrap_or_else(|e| e.into_inner()).leaving = true;
+        self.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .leaving = true;
         if self.lease.is_some() {
             self.active.store(false, Ordering::Release);
         }
@@ -254,7 +263,10 @@ impl Membership {
     /// The leader does the housekeeping of the set (declaring expired
     /// replicas stopped): the live owner with the smallest id.
     fn leads(&self) -> bool {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let state = self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.owners.first() == Some(&self.me) && !state.leaving
     }
 

@@ -64,7 +64,7 @@ pub struct ProcessTable(Arc<std::sync::Mutex<HashMap<i32, RunId>>>);
 impl ProcessTable {
     /// The table, locked.
     pub fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, RunId>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -245,7 +245,10 @@ where
     if !drained {
         let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut capture).await;
     }
-    let output = tail.lock().unwrap_or_else(|e| e.into_inner()).take_text();
+    let output = tail
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take_text();
 
     let (run_status, error) = match (end, &status) {
         (End::TimedOut, _) => (
@@ -303,11 +306,11 @@ async fn capture(stdout: Option<ChildStdout>, stderr: Option<ChildStderr>, tail:
     loop {
         tokio::select! {
             r = async { out.as_mut()?.read(&mut buf_out).await.ok() }, if out.is_some() => match r {
-                Some(n) if n > 0 => tail.lock().unwrap_or_else(|e| e.into_inner()).push(&buf_out[..n]),
+                Some(n) if n > 0 => tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(&buf_out[..n]),
                 _ => out = None,
             },
             r = async { err.as_mut()?.read(&mut buf_err).await.ok() }, if err.is_some() => match r {
-                Some(n) if n > 0 => tail.lock().unwrap_or_else(|e| e.into_inner()).push(&buf_err[..n]),
+                Some(n) if n > 0 => tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(&buf_err[..n]),
                 _ => err = None,
             },
             else => return,

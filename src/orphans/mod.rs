@@ -171,7 +171,10 @@ impl Orphans {
         if finding.kind == OrphanKind::StrayProcess && finding.remedy == Remedy::Killed {
             self.metrics.stray_killed();
         }
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if persists {
             state.current.push(finding.clone());
         }
@@ -182,7 +185,10 @@ impl Orphans {
 
     /// Drops current findings whose process is gone.
     pub fn refresh(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.current.retain(|f| match (f.pid, f.process_start_ticks) {
             (Some(pid), Some(ticks)) => procfs::is_same_live_process(pid, ticks),
             (Some(pid), None) => procfs::read(pid).is_some_and(|p| !p.is_zombie()),
@@ -200,7 +206,10 @@ impl Orphans {
 
     /// Current and recent findings.
     pub fn report(&self) -> OrphanReport {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         OrphanReport {
             current: state.current.clone(),
             recent: state.recent.iter().cloned().collect(),

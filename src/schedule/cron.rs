@@ -68,7 +68,7 @@ fn parsed(expr: &str) -> Result<(Arc<Cron>, bool), croner::errors::CronError> {
             sweep_at: 1024,
         })
     });
-    let mut interned = interned.lock().unwrap_or_else(|e| e.into_inner());
+    let mut interned = interned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(cron) = interned.table.get(expr).and_then(Weak::upgrade) {
         return Ok((cron, false));
     }

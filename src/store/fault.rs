@@ -152,7 +152,10 @@ pub struct Failing {
 impl Writability {
     /// A write failed; returns whether writes were fine until now.
     pub fn failed(&self, fault: StorageFault, detail: &str) -> bool {
-        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failing = self
+            .failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let first = failing.is_none();
         let since = failing.as_ref().map_or_else(Utc::now, |f| f.since);
         *failing = Some(Failing {
@@ -165,11 +168,17 @@ impl Writability {
 
     /// A commit went through; returns the failure it ends, if any.
     pub fn succeeded(&self) -> Option<Failing> {
-        self.failing.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// `None` while writes go through.
     pub fn failing(&self) -> Option<Failing> {
-        self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }

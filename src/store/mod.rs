@@ -6,7 +6,7 @@
 //! commit), so fires at thousands per second cost one fsync per batch and
 //! never meet `SQLITE_BUSY`; reads use a separate pool (read-only SQLite
 //! connections: WAL lets them run beside the writer). Statements are
-//! written once, in SQL both databases accept ([`sql`], [`reads`]). After a job write
+//! written once, in SQL both databases accept (`sql`, `reads`). After a job write
 //! commits, the writer publishes a [`JobChange`] in commit order, which is
 //! how the engine learns about creates, updates, pauses and deletes without
 //! polling and without races between concurrent API calls.

@@ -54,7 +54,11 @@ impl PointReader {
         key: &str,
         decode: impl FnOnce(&rusqlite::Row<'_>) -> Result<T, StoreError>,
     ) -> Result<Option<T>, StoreError> {
-        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let pooled = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
         let conn = match pooled {
             Some(conn) => conn,
             None => self.open()?,
@@ -66,7 +70,10 @@ impl PointReader {
             let found = stmt.query_row([key], |row| Ok(decode(row))).optional()?;
             found.transpose()
         })();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if idle.len() < KEEP {
             idle.push(conn);
         }

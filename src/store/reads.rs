@@ -247,7 +247,7 @@ impl Pool {
                 // One undecodable row must not keep every other job from
                 // firing; it is reported loudly instead.
                 Err(e) => {
-                    tracing::error!(job = %id, error = %e, "skipping a stored job that does not decode")
+                    tracing::error!(job = %id, error = %e, "skipping a stored job that does not decode");
                 }
             }
             Ok(())

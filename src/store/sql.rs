@@ -196,7 +196,9 @@ pub fn is_unique_violation(e: &StoreError) -> bool {
         StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
             f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
         }
-        StoreError::Database(e) => e.as_database_error().is_some_and(|d| d.is_unique_violation()),
+        StoreError::Database(e) => e
+            .as_database_error()
+            .is_some_and(sqlx::error::DatabaseError::is_unique_violation),
         _ => false,
     }
 }
@@ -209,7 +211,7 @@ pub fn is_foreign_key_violation(e: &StoreError) -> bool {
         }
         StoreError::Database(e) => e
             .as_database_error()
-            .is_some_and(|d| d.is_foreign_key_violation()),
+            .is_some_and(sqlx::error::DatabaseError::is_foreign_key_violation),
         _ => false,
     }
 }

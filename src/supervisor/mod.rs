@@ -456,7 +456,7 @@ impl Supervisor {
                     }
                 }
                 Err(StoreError::DuplicateFire) => {
-                    tracing::debug!(job = %run.job_id, scheduled_at = %run.scheduled_at, "fire already recorded")
+                    tracing::debug!(job = %run.job_id, scheduled_at = %run.scheduled_at, "fire already recorded");
                 }
                 Err(StoreError::NotFound) => {}
                 // The writer logs an outage of the database once; the row
@@ -694,7 +694,7 @@ impl Supervisor {
             Ok(TaskEnd::Finished(_)) => {}
             Ok(TaskEnd::NotStarted(e)) => match e {
                 StoreError::DuplicateFire => {
-                    tracing::debug!(run = %run_id, "fire already recorded by an earlier attempt")
+                    tracing::debug!(run = %run_id, "fire already recorded by an earlier attempt");
                 }
                 StoreError::NotFound => tracing::debug!(run = %run_id, "job deleted before its run started"),
                 StoreError::LimitReached => {
@@ -710,7 +710,7 @@ impl Supervisor {
                         .fire_not_run(RunStatus::Skipped, Reason::Overlap, 1);
                 }
                 StoreError::Fenced => {
-                    tracing::warn!(run = %run_id, "this replica was fenced; the fire is left to the others")
+                    tracing::warn!(run = %run_id, "this replica was fenced; the fire is left to the others");
                 }
                 e if StorageFault::outage(&e).is_some() => {
                     // The writer logs the outage once; the fires are
@@ -724,7 +724,7 @@ impl Supervisor {
                     }
                 }
                 e => {
-                    tracing::error!(run = %run_id, error = %e, "a run could not be recorded and did not start")
+                    tracing::error!(run = %run_id, error = %e, "a run could not be recorded and did not start");
                 }
             },
             // Aborted by `abort_all`, which recorded the run already.
@@ -746,7 +746,7 @@ impl Supervisor {
                     match ack.await {
                         Ok(()) | Err(StoreError::NotFound | StoreError::AlreadyFinal) => {}
                         Err(e) => {
-                            tracing::error!(run = %run_id, error = %e, "could not record an aborted run")
+                            tracing::error!(run = %run_id, error = %e, "could not record an aborted run");
                         }
                     }
                 });

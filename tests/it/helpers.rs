@@ -391,7 +391,7 @@ impl Receiver {
         let (tx, rx) = mpsc::unbounded_channel();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        async fn record(tx: &mpsc::UnboundedSender<Hit>, path: String, headers: HeaderMap, body: Bytes) {
+        fn record(tx: &mpsc::UnboundedSender<Hit>, path: String, headers: HeaderMap, body: Bytes) {
             let _ = tx.send(Hit {
                 at: Utc::now(),
                 path,
@@ -407,7 +407,7 @@ impl Receiver {
                      UrlPath(code): UrlPath<u16>,
                      headers: HeaderMap,
                      body: Bytes| async move {
-                        record(&tx, format!("/status/{code}"), headers, body).await;
+                        record(&tx, format!("/status/{code}"), headers, body);
                         StatusCode::from_u16(code).unwrap_or(StatusCode::OK)
                     },
                 ),
@@ -419,7 +419,7 @@ impl Receiver {
                      UrlPath(ms): UrlPath<u64>,
                      headers: HeaderMap,
                      body: Bytes| async move {
-                        record(&tx, format!("/sleep/{ms}"), headers, body).await;
+                        record(&tx, format!("/sleep/{ms}"), headers, body);
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                         "slept"
                     },
@@ -430,7 +430,7 @@ impl Receiver {
                  uri: axum::http::Uri,
                  headers: HeaderMap,
                  body: Bytes| async move {
-                    record(&tx, uri.path().to_owned(), headers, body).await;
+                    record(&tx, uri.path().to_owned(), headers, body);
                     "ok"
                 },
             )

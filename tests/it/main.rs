@@ -2,6 +2,8 @@
 //! per area. Every test talks HTTP to the real service on an ephemeral port,
 //! except `claims`, which drives the claim contract on the store itself.
 
+#![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the failure report.
+
 mod helpers;
 
 mod api;

@@ -96,7 +96,7 @@ pub(super) fn run_values(run: &Run) -> Vec<Value> {
         i64::from(run.fires),
         run.status.as_str(),
         run.trigger.as_str(),
-        run.reason.map(|r| r.as_str()),
+        run.reason.map(crate::run::Reason::as_str),
         ms(run.created_at),
         run.started_at.map(ms),
         run.ended_at.map(ms),
@@ -265,7 +265,7 @@ pub(super) fn finish(
         &sql,
         &values![
             o.status.as_str(),
-            o.reason.map(|r| r.as_str()),
+            o.reason.map(crate::run::Reason::as_str),
             ms(at),
             i64::from(o.attempts),
             o.exit_code,

@@ -37,7 +37,7 @@ fn flags(backend: &FakeBackend) -> Vec<String> {
         "400ms",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect()
 }
 
