@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::store::Conflict;
 use crate::store::{StorageFault, StoreError};
 use crate::supervisor::TriggerError;
 use crate::validation::{FieldError, FieldErrors};
@@ -288,28 +289,29 @@ impl From<FieldErrors> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound => Self::NotFound("job"),
-            StoreError::NameTaken(name) => Self::NameTaken(name),
-            StoreError::VersionMismatch { expected, current } => {
+            StoreError::Conflict(Conflict::NotFound) => Self::NotFound("job"),
+            StoreError::Conflict(Conflict::NameTaken(name)) => Self::NameTaken(name),
+            StoreError::Conflict(Conflict::VersionMismatch { expected, current }) => {
                 Self::PreconditionFailed { expected, current }
             }
-            StoreError::AlreadyFinal => Self::RunAlreadyFinal,
-            StoreError::Closed | StoreError::Fenced => Self::ShuttingDown,
+            StoreError::Conflict(Conflict::AlreadyFinal) => Self::RunAlreadyFinal,
+            StoreError::Closed | StoreError::Conflict(Conflict::Fenced) => Self::ShuttingDown,
             StoreError::Unavailable { fault, detail } => {
                 tracing::warn!(fault = fault.as_str(), %detail, "a write was refused by the database");
                 Self::StorageUnavailable(fault)
             }
-            e @ (StoreError::Database(_) | StoreError::Sqlite(_)) if StorageFault::outage(&e).is_some() => {
+            e @ StoreError::Database(_) if StorageFault::outage(&e).is_some() => {
                 tracing::warn!(error = %e, "the database failed a request");
                 Self::StorageUnavailable(StorageFault::outage(&e).unwrap_or(StorageFault::Other))
             }
-            e @ (StoreError::DuplicateFire
-            | StoreError::LimitReached
+            e @ (StoreError::Conflict(
+                Conflict::DuplicateFire | Conflict::LimitReached | Conflict::Overlap,
+            )
             | StoreError::Corrupt(_)
+            | StoreError::Encode { .. }
+            | StoreError::Schema { .. }
             | StoreError::Database(_)
-            | StoreError::Sqlite(_)
-            | StoreError::Migrate(_)
-            | StoreError::Overlap) => Self::Internal(e.to_string()),
+            | StoreError::Start { .. }) => Self::Internal(e.to_string()),
         }
     }
 }

@@ -15,6 +15,7 @@ use super::jobs::find;
 use super::{ApiContext, PageParams};
 use crate::job::JobId;
 use crate::run::{Outcome, Reason, Run, RunId, RunStatus};
+use crate::store::Conflict;
 use crate::store::{RunFilter, StoreError};
 
 /// A page of runs.
@@ -148,7 +149,7 @@ pub async fn cancel_run(
     if !ctx.supervisor.cancel(id).await {
         let outcome = Outcome::cancelled(Reason::Requested, "cancelled by request; no live task owned it");
         match ctx.store.finish_run(id, outcome, ctx.clock.now()).await {
-            Ok(()) | Err(StoreError::AlreadyFinal) => {}
+            Ok(()) | Err(StoreError::Conflict(Conflict::AlreadyFinal)) => {}
             Err(e) => return Err(e.into()),
         }
     }

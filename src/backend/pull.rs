@@ -40,6 +40,7 @@ use crate::health::Heartbeat;
 use crate::job::{Job, JobId, JobSpec, Source, check_name};
 use crate::loops::{Loop, LoopCx, LoopError};
 use crate::protocol::{Rejection, RejectionSummary};
+use crate::store::Conflict;
 use crate::store::{NewJob, Replacement, Store, StoreError};
 use crate::validation::{DecodeError, FieldError, decode_json};
 
@@ -258,7 +259,7 @@ impl Puller {
                         applied.deleted += 1;
                         tracing::info!(job = %job.id, name = %job.name(), "backend job deleted");
                     }
-                    Err(StoreError::NotFound) => {}
+                    Err(StoreError::Conflict(Conflict::NotFound)) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -443,7 +444,7 @@ impl Puller {
                     tracing::info!(job = %job.id, name = %job.name(), version = job.version, "backend job updated");
                 }
                 // A local job took the name since the list was read.
-                Err(StoreError::NameTaken(_)) => rejections.push(
+                Err(StoreError::Conflict(Conflict::NameTaken(_))) => rejections.push(
                     label,
                     &item,
                     vec![FieldError::new(
@@ -452,7 +453,9 @@ impl Puller {
                     )],
                 ),
                 // Changed or deleted through the API meanwhile.
-                Err(StoreError::VersionMismatch { .. } | StoreError::NotFound) => applied.retry = true,
+                Err(StoreError::Conflict(Conflict::VersionMismatch { .. } | Conflict::NotFound)) => {
+                    applied.retry = true;
+                }
                 Err(e) => return Err(e),
             }
         }

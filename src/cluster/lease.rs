@@ -23,6 +23,7 @@ use crate::health::Heartbeat;
 use crate::loops::{Loop, LoopCx, LoopError};
 use crate::metrics::Metrics;
 use crate::orphans::{OrphanPolicy, Orphans};
+use crate::store::Conflict;
 use crate::store::{JobChange, Store, StoreError};
 
 /// The lease loop's collaborators.
@@ -63,7 +64,7 @@ impl Lease {
                 tracing::error!(incarnation = %me, "this replica was declared stopped by another (its lease expired); fencing");
                 self.membership.fence();
                 let _ = self.changes.send(JobChange::Resync);
-                return Err(StoreError::Fenced);
+                return Err(StoreError::Conflict(Conflict::Fenced));
             }
             Err(e) => tracing::warn!(error = %e, "could not renew the replica lease"),
         }
@@ -109,7 +110,7 @@ impl Lease {
             heartbeat.beat();
             faults.checkpoint(heartbeat.name()).await;
             match self.round(&mut last_renewed).await {
-                Err(StoreError::Fenced) => {
+                Err(StoreError::Conflict(Conflict::Fenced)) => {
                     // Nothing to renew any more. The service is stopping
                     // (see `App::run`); the heartbeat of this loop goes
                     // stale meanwhile, and liveness says so.

@@ -20,7 +20,7 @@ use crate::fault::Faults;
 use crate::health::Heartbeat;
 use crate::job::JobId;
 use crate::loops::{Loop, LoopCx, LoopError};
-use crate::store::{JobChange, Store, StoreError};
+use crate::store::{JobChange, Store};
 
 /// The listener's collaborators.
 pub struct Listener {
@@ -57,10 +57,10 @@ impl Listener {
         // ticks beside it); it is aborted when this loop ends.
         let receiving = AbortOnDropHandle::new(tokio::spawn(async move {
             loop {
-                let message = match listener.try_recv().await {
-                    Ok(Some(n)) => Heard::Jobs(parse(n.payload())),
+                let message = match listener.next().await {
+                    Ok(Some(payload)) => Heard::Jobs(parse(&payload)),
                     Ok(None) => Heard::Reconnected,
-                    Err(e) => return Err(StoreError::from(e)),
+                    Err(e) => return Err(e),
                 };
                 if tx.send(message).is_err() {
                     return Ok(());

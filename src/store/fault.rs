@@ -75,9 +75,11 @@ impl StorageFault {
     pub fn of(e: &StoreError) -> Option<Self> {
         match e {
             StoreError::Unavailable { fault, .. } => Some(*fault),
-            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => Some(Self::of_sqlite(f.code)),
-            StoreError::Sqlite(_) => None,
-            StoreError::Database(e) => Some(Self::of_sqlx(e)),
+            StoreError::Database(e) => match (e.sqlite(), e.sqlx()) {
+                (Some(rusqlite::Error::SqliteFailure(f, _)), _) => Some(Self::of_sqlite(f.code)),
+                (_, Some(e)) => Some(Self::of_sqlx(e)),
+                _ => None,
+            },
             _ => None,
         }
     }

@@ -11,6 +11,7 @@
 //! how the engine learns about creates, updates, pauses and deletes without
 //! polling and without races between concurrent API calls.
 
+mod error;
 pub mod fault;
 mod point;
 mod postgres;
@@ -31,71 +32,13 @@ use tokio::sync::{mpsc, oneshot};
 use crate::job::{Job, JobDefinition, JobId, Source};
 use crate::run::{Incarnation, Outcome, Run, RunId, RunStatus};
 
+pub use self::error::{Conflict, Corruption, DatabaseError, StoreError};
 pub use self::fault::{Failing, StorageFault};
+pub use self::postgres::Notifications;
 pub use self::replicas::Replica;
 pub use self::sqlite::{SqliteOptions, Synchronous};
 pub use self::writer::JOB_CHANNEL;
 pub use self::writer::WriterTask;
-
-/// Everything that can go wrong in the store, by what the caller can do.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// No such job or run.
-    #[error("not found")]
-    NotFound,
-    /// Another job already has this name.
-    #[error("a job named `{0}` already exists")]
-    NameTaken(String),
-    /// Optimistic concurrency: the job changed since the caller read it.
-    #[error("job version is {current}, not the expected {expected}")]
-    VersionMismatch {
-        /// What the caller expected.
-        expected: i64,
-        /// What is stored.
-        current: i64,
-    },
-    /// A run for this job and scheduled instant already exists.
-    #[error("a run for this fire already exists")]
-    DuplicateFire,
-    /// The job reached its `max_runs`: the run was recorded as skipped.
-    #[error("the job reached its max_runs")]
-    LimitReached,
-    /// The run is already in a final state.
-    #[error("the run already ended")]
-    AlreadyFinal,
-    /// Replicas: this incarnation's lease expired and another replica took
-    /// its runs over; it may claim nothing more.
-    #[error("this replica's lease expired: it was declared stopped by another replica")]
-    Fenced,
-    /// Replicas: another replica runs the job, and its overlap policy
-    /// refused this fire (recorded as `skipped`).
-    #[error("a run of this job is live on another replica")]
-    Overlap,
-    /// The writer task is gone (shutting down).
-    #[error("the store is shut down")]
-    Closed,
-    /// Stored data that does not decode (corruption or a downgrade).
-    #[error("stored data is invalid: {0}")]
-    Corrupt(String),
-    /// The database could not be written: the disk is full, an I/O error,
-    /// a lock held elsewhere (the write did not happen).
-    #[error("the database cannot be written ({fault}): {detail}")]
-    Unavailable {
-        /// The cause.
-        fault: StorageFault,
-        /// The database's own message.
-        detail: String,
-    },
-    /// The database failed.
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    /// The database failed (on the writer's connection).
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// Applying migrations failed.
-    #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-}
 
 /// A committed change to a job, published in commit order.
 #[derive(Debug, Clone)]
@@ -280,9 +223,7 @@ impl Inner {
 fn expect_schema(applied: Option<i64>, migrator: &sqlx::migrate::Migrator) -> Result<(), StoreError> {
     let expected = migrator.iter().map(|m| m.version).max();
     if applied != expected {
-        return Err(StoreError::Corrupt(format!(
-            "schema version {applied:?}, this binary needs {expected:?}"
-        )));
+        return Err(StoreError::Schema { applied, expected });
     }
     Ok(())
 }
@@ -324,7 +265,7 @@ impl Store {
 
     // ---- jobs -----------------------------------------------------------
 
-    /// Inserts a job; fails with [`StoreError::NameTaken`] on a duplicate name.
+    /// Inserts a job; fails with [`StoreError::Conflict(Conflict::NameTaken)`] on a duplicate name.
     pub fn create_job(&self, job: NewJob) -> Ack<Arc<Job>> {
         self.inner.write(|reply| writer::Op::CreateJob { job, reply })
     }
@@ -406,7 +347,7 @@ impl Store {
     /// Inserts a run. A scheduled or catch-up run also moves the job's
     /// schedule cursor to its scheduled time, in the same transaction, so a
     /// restart resumes exactly after the last recorded fire. Fails with
-    /// [`StoreError::DuplicateFire`] if the fire was already recorded.
+    /// [`StoreError::Conflict(Conflict::DuplicateFire)`] if the fire was already recorded.
     pub fn insert_run(&self, run: Run) -> Ack<()> {
         self.inner.write(|reply| writer::Op::InsertRun {
             run,
@@ -417,7 +358,7 @@ impl Store {
 
     /// Inserts a starting run like [`Store::insert_run`]; with replicas,
     /// only while fewer than `guard` runs of its job are live on other
-    /// replicas (else it is recorded as skipped: [`StoreError::Overlap`]).
+    /// replicas (else it is recorded as skipped: [`StoreError::Conflict(Conflict::Overlap)`]).
     pub fn claim_run(&self, run: Run, guard: u32) -> Ack<()> {
         self.inner.write(|reply| writer::Op::InsertRun {
             run,
@@ -452,7 +393,7 @@ impl Store {
         })
     }
 
-    /// Records a run's final state; [`StoreError::AlreadyFinal`] if it had one.
+    /// Records a run's final state; [`StoreError::Conflict(Conflict::AlreadyFinal)`] if it had one.
     pub fn finish_run(&self, id: RunId, outcome: Outcome, at: DateTime<Utc>) -> Ack<()> {
         self.inner.write(|reply| writer::Op::FinishRun {
             id,
@@ -648,7 +589,7 @@ impl Store {
     }
 
     /// Listens for job changes announced by replicas (PostgreSQL only).
-    pub async fn listen(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+    pub async fn listen(&self) -> Result<Option<Notifications>, StoreError> {
         match &self.inner.backend {
             Backend::Sqlite(_) => Ok(None),
             Backend::Postgres(remote) => remote.listen().await.map(Some),

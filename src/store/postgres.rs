@@ -100,10 +100,10 @@ impl Remote {
     }
 
     /// A listener on the channel where replicas announce job changes.
-    pub(super) async fn listen(&self) -> Result<sqlx::postgres::PgListener, StoreError> {
+    pub(super) async fn listen(&self) -> Result<Notifications, StoreError> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
         listener.listen(super::JOB_CHANNEL).await?;
-        Ok(listener)
+        Ok(Notifications(listener))
     }
 
     /// The database's size on disk.
@@ -133,14 +133,20 @@ impl PgWrite {
                 let made = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| StoreError::Corrupt(format!("writer runtime: {e}")))
+                    .map_err(|source| StoreError::Start {
+                        what: "writer runtime",
+                        source,
+                    })
                     .and_then(|runtime| {
                         let conn = runtime.block_on(PgConnection::connect_with(&options))?;
                         Ok(Self { runtime, conn })
                     });
                 let _ = tx.send(made);
             })
-            .map_err(|e| StoreError::Corrupt(format!("writer thread: {e}")))?;
+            .map_err(|source| StoreError::Start {
+                what: "writer thread",
+                source,
+            })?;
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 }
@@ -180,5 +186,16 @@ impl WriteConn for PgWrite {
         if let Err(e) = runtime.block_on(conn.close()) {
             tracing::warn!(error = %e, "closing the database connection failed");
         }
+    }
+}
+
+/// Job changes announced by other replicas, as they arrive.
+pub struct Notifications(sqlx::postgres::PgListener);
+
+impl Notifications {
+    /// The next announcement's payload; `None` when the connection was lost
+    /// and made again (announcements in between were missed).
+    pub async fn next(&mut self) -> Result<Option<String>, StoreError> {
+        Ok(self.0.try_recv().await?.map(|n| n.payload().to_owned()))
     }
 }

@@ -10,7 +10,7 @@ use sqlx::Row as _;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 
-use super::rows::{self, Columns, JOB_COLUMNS, RUN_COLUMNS};
+use super::rows::{self, Columns, JOB_COLUMNS, RUN_COLUMNS, parse};
 use super::sql::Value;
 use super::{JobFilter, LastOutcomes, OutboxEntry, Page, RunFilter, StoreError};
 use crate::job::{Job, JobId, Timing};
@@ -322,7 +322,10 @@ impl Pool {
             let mut q = Query::new("SELECT id, status FROM runs WHERE id IN ");
             q.list(chunk.iter().map(ToString::to_string));
             for row in self.all(q).await? {
-                let status = row.text(1)?.parse().map_err(StoreError::Corrupt)?;
+                let status = row
+                    .text(1)?
+                    .parse()
+                    .map_err(|e| StoreError::corrupt("runs.status", e))?;
                 out.insert(parse(&row.text(0)?, "run id")?, status);
             }
         }
@@ -413,11 +416,6 @@ impl Pool {
             .await?;
         Ok(())
     }
-}
-
-fn parse<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, StoreError> {
-    text.parse()
-        .map_err(|_| StoreError::Corrupt(format!("{what} {text}")))
 }
 
 /// Keeps a decoded job; one undecodable row must not keep every other job

@@ -80,10 +80,9 @@ impl Pool {
             .map(|row| {
                 let id = row.text(0)?;
                 Ok(Replica {
-                    id: Incarnation(
-                        id.parse()
-                            .map_err(|_| StoreError::Corrupt(format!("incarnation id {id}")))?,
-                    ),
+                    id: Incarnation(id.parse().map_err(|_| {
+                        StoreError::corrupt("incarnation id", format!("`{id}` does not parse"))
+                    })?),
                     host: row.text(1)?,
                     pid: row.int(2)?,
                     started_at: instant(row.int(3)?)?,

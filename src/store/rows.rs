@@ -35,13 +35,13 @@ pub trait Columns {
     /// A text column.
     fn text(&self, i: usize) -> Result<String, StoreError> {
         self.opt_text(i)?
-            .ok_or_else(|| StoreError::Corrupt(format!("column {i} is NULL")))
+            .ok_or_else(|| StoreError::corrupt(format!("column {i}"), "NULL where a value is required"))
     }
 
     /// An integer column.
     fn int(&self, i: usize) -> Result<i64, StoreError> {
         self.opt_int(i)?
-            .ok_or_else(|| StoreError::Corrupt(format!("column {i} is NULL")))
+            .ok_or_else(|| StoreError::corrupt(format!("column {i}"), "NULL where a value is required"))
     }
 }
 
@@ -76,23 +76,25 @@ pub fn ms(t: DateTime<Utc>) -> i64 {
 
 /// From Unix milliseconds.
 pub fn instant(ms: i64) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("instant {ms}")))
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| StoreError::corrupt("instant", format!("{ms} ms is out of range")))
 }
 
 fn opt_instant(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
     ms.map(instant).transpose()
 }
 
-fn parse<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, StoreError> {
+/// `text` parsed as the value named `what`.
+pub(super) fn parse<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, StoreError> {
     text.parse()
-        .map_err(|_| StoreError::Corrupt(format!("{what} `{text}`")))
+        .map_err(|_| StoreError::corrupt(what, format!("`{text}` does not parse")))
 }
 
 /// The spec as stored: `paused` lives in its own column.
 pub fn spec_json(spec: &JobSpec) -> Result<String, StoreError> {
     let mut spec = spec.clone();
     spec.paused = None;
-    serde_json::to_string(&spec).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::to_string(&spec).map_err(|e| StoreError::encode("job spec", e))
 }
 
 /// Decodes a job row selected with [`JOB_COLUMNS`].
@@ -105,21 +107,23 @@ pub fn job(row: &(impl Columns + ?Sized)) -> Result<Job, StoreError> {
     let id = row.text(0)?;
     let spec_text = row.text(1)?;
     let spec: JobSpec =
-        serde_json::from_str(&spec_text).map_err(|e| StoreError::Corrupt(format!("job {id} spec: {e}")))?;
+        serde_json::from_str(&spec_text).map_err(|e| StoreError::corrupt(format!("job {id} spec"), e))?;
     let def = spec
         .validate(&ActionPolicy {
             commands_enabled: true,
             loading: true,
             ..ActionPolicy::default()
         })
-        .map_err(|e| StoreError::Corrupt(format!("job {id} spec: {e}")))?;
+        .map_err(|e| StoreError::corrupt(format!("job {id} spec"), e))?;
     let source = row.text(4)?;
     Ok(Job {
         id: parse::<JobId>(&id, "job id")?,
         def,
         paused: row.int(2)? != 0,
         pause_note: row.opt_text(3)?,
-        source: Source::parse(&source).ok_or_else(|| StoreError::Corrupt(format!("source {source}")))?,
+        source: Source::parse(&source).ok_or_else(|| {
+            StoreError::corrupt(format!("job {id} source"), format!("`{source}` is no source"))
+        })?,
         version: row.int(5)?,
         created_at: instant(row.int(6)?)?,
         updated_at: instant(row.int(7)?)?,
@@ -165,7 +169,7 @@ pub fn run(row: &(impl Columns + ?Sized)) -> Result<Run, StoreError> {
         incarnation: Incarnation(parse(&incarnation, "incarnation")?),
         attempt_log: match row.opt_text(21)? {
             Some(text) => {
-                serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("attempt log: {e}")))?
+                serde_json::from_str(&text).map_err(|e| StoreError::corrupt("runs.attempt_log", e))?
             }
             None => Vec::new(),
         },

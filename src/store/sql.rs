@@ -193,12 +193,15 @@ impl Tx for rusqlite::Connection {
 /// Whether `e` is a violation of a UNIQUE constraint, on either database.
 pub fn is_unique_violation(e: &StoreError) -> bool {
     match e {
-        StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
-            f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-        }
-        StoreError::Database(e) => e
-            .as_database_error()
-            .is_some_and(sqlx::error::DatabaseError::is_unique_violation),
+        StoreError::Database(e) => match (e.sqlite(), e.sqlx()) {
+            (Some(rusqlite::Error::SqliteFailure(f, _)), _) => {
+                f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            }
+            (_, Some(e)) => e
+                .as_database_error()
+                .is_some_and(sqlx::error::DatabaseError::is_unique_violation),
+            _ => false,
+        },
         _ => false,
     }
 }
@@ -206,12 +209,15 @@ pub fn is_unique_violation(e: &StoreError) -> bool {
 /// Whether `e` is a violation of a foreign key, on either database.
 pub fn is_foreign_key_violation(e: &StoreError) -> bool {
     match e {
-        StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
-            f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY
-        }
-        StoreError::Database(e) => e
-            .as_database_error()
-            .is_some_and(sqlx::error::DatabaseError::is_foreign_key_violation),
+        StoreError::Database(e) => match (e.sqlite(), e.sqlx()) {
+            (Some(rusqlite::Error::SqliteFailure(f, _)), _) => {
+                f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY
+            }
+            (_, Some(e)) => e
+                .as_database_error()
+                .is_some_and(sqlx::error::DatabaseError::is_foreign_key_violation),
+            _ => false,
+        },
         _ => false,
     }
 }

@@ -29,12 +29,13 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use self::admission::{Admission, admit};
-pub use self::task::{Begin, Planned, RunCancel, TaskContext, TaskEnd};
+pub use self::task::{Begin, NotStarted, Planned, RunCancel, TaskContext, TaskEnd};
 use crate::fault::Faults;
 use crate::health::Heartbeat;
 use crate::job::{Job, JobId};
 use crate::loops::panic_message;
 use crate::run::{Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
+use crate::store::Conflict;
 use crate::store::{StorageFault, StoreError};
 
 /// A request to run, or to account for, one fire of a job.
@@ -455,10 +456,10 @@ impl Supervisor {
                         metrics.fire_not_run(run.status, reason, run.fires);
                     }
                 }
-                Err(StoreError::DuplicateFire) => {
+                Err(StoreError::Conflict(Conflict::DuplicateFire)) => {
                     tracing::debug!(job = %run.job_id, scheduled_at = %run.scheduled_at, "fire already recorded");
                 }
-                Err(StoreError::NotFound) => {}
+                Err(StoreError::Conflict(Conflict::NotFound)) => {}
                 // The writer logs an outage of the database once; the row
                 // is written again once it takes writes (a client that
                 // asked gets the error instead).
@@ -645,7 +646,7 @@ impl Supervisor {
         let ack = self.ctx.store.finish_run(run_id, outcome, self.ctx.clock.now());
         self.recorders.spawn(async move {
             if let Err(e) = ack.await
-                && !matches!(e, StoreError::NotFound)
+                && !matches!(e, StoreError::Conflict(Conflict::NotFound))
             {
                 tracing::error!(run = %run_id, error = %e, "could not record the end of a queued run");
             }
@@ -692,30 +693,32 @@ impl Supervisor {
         let mut live = self.live.remove(&run_id);
         match end {
             Ok(TaskEnd::Finished(_)) => {}
-            Ok(TaskEnd::NotStarted(e)) => match e {
-                StoreError::DuplicateFire => {
+            Ok(TaskEnd::NotStarted(why)) => match why {
+                NotStarted::Conflict(Conflict::DuplicateFire) => {
                     tracing::debug!(run = %run_id, "fire already recorded by an earlier attempt");
                 }
-                StoreError::NotFound => tracing::debug!(run = %run_id, "job deleted before its run started"),
-                StoreError::LimitReached => {
+                NotStarted::Conflict(Conflict::NotFound) => {
+                    tracing::debug!(run = %run_id, "job deleted before its run started");
+                }
+                NotStarted::Conflict(Conflict::LimitReached) => {
                     tracing::info!(run = %run_id, "the job reached its max_runs; fire recorded as skipped");
                     self.ctx
                         .metrics
                         .fire_not_run(RunStatus::Skipped, Reason::LimitReached, 1);
                 }
-                StoreError::Overlap => {
+                NotStarted::Conflict(Conflict::Overlap) => {
                     tracing::info!(run = %run_id, "a run of the job is live on another replica; fire recorded as skipped");
                     self.ctx
                         .metrics
                         .fire_not_run(RunStatus::Skipped, Reason::Overlap, 1);
                 }
-                StoreError::Fenced => {
+                NotStarted::Conflict(Conflict::Fenced) => {
                     tracing::warn!(run = %run_id, "this replica was fenced; the fire is left to the others");
                 }
-                e if StorageFault::outage(&e).is_some() => {
+                NotStarted::Outage(fault) => {
                     // The writer logs the outage once; the fires are
                     // counted here and recorded when it ends.
-                    tracing::debug!(run = %run_id, error = %e, "the database refused a run; it did not start");
+                    tracing::debug!(run = %run_id, fault = fault.as_str(), "the database refused a run; it did not start");
                     if let Some(live) = live.as_ref().filter(|l| l.trigger != Trigger::Manual) {
                         self.unrecorded.add(live.job.clone(), live.scheduled_at);
                         self.ctx
@@ -723,7 +726,10 @@ impl Supervisor {
                             .fire_not_run(RunStatus::Missed, Reason::StoreUnavailable, 1);
                     }
                 }
-                e => {
+                NotStarted::Conflict(c) => {
+                    tracing::error!(run = %run_id, error = %c, "a run could not be recorded and did not start");
+                }
+                NotStarted::Failed(e) => {
                     tracing::error!(run = %run_id, error = %e, "a run could not be recorded and did not start");
                 }
             },
@@ -744,7 +750,7 @@ impl Supervisor {
                 let ack = self.ctx.store.finish_run(run_id, outcome, now);
                 self.recorders.spawn(async move {
                     match ack.await {
-                        Ok(()) | Err(StoreError::NotFound | StoreError::AlreadyFinal) => {}
+                        Ok(()) | Err(StoreError::Conflict(Conflict::NotFound | Conflict::AlreadyFinal)) => {}
                         Err(e) => {
                             tracing::error!(run = %run_id, error = %e, "could not record an aborted run");
                         }

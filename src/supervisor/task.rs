@@ -18,6 +18,7 @@ use crate::clock::SharedClock;
 use crate::executor::{Executor, Limits, Occurrence};
 use crate::job::Job;
 use crate::run::{Attempt, Outcome, Reason, Run, RunId, RunStatus, Trigger};
+use crate::store::Conflict;
 use crate::store::{Ack, StorageFault, Store, StoreError};
 
 /// A run's cancellation: the token and why it was pulled.
@@ -71,7 +72,28 @@ pub enum TaskEnd {
     /// The run was recorded as started and then finished.
     Finished(RunStatus),
     /// The run could not be recorded as started; nothing was executed.
-    NotStarted(StoreError),
+    NotStarted(NotStarted),
+}
+
+/// Why a run was not recorded as started.
+#[derive(Debug)]
+pub enum NotStarted {
+    /// The store refused the claim (a duplicate, a limit, a fence…).
+    Conflict(Conflict),
+    /// The database is out of service.
+    Outage(StorageFault),
+    /// Any other failure, in words.
+    Failed(String),
+}
+
+impl From<&StoreError> for NotStarted {
+    fn from(e: &StoreError) -> Self {
+        match (e, StorageFault::outage(e)) {
+            (StoreError::Conflict(c), _) => Self::Conflict(c.clone()),
+            (_, Some(fault)) => Self::Outage(fault),
+            (e, None) => Self::Failed(e.to_string()),
+        }
+    }
 }
 
 /// One run, ready to start.
@@ -109,28 +131,22 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
     } = planned;
     let Begin::Submitted(ack) = begin;
     if let Err(e) = ack.await {
+        let why = NotStarted::from(&e);
         if let Some((reply, mut run)) = reply {
             let answer = match e {
                 // Recorded as skipped, as a local overlap would be.
-                StoreError::Overlap => {
+                StoreError::Conflict(Conflict::Overlap) => {
                     run.status = RunStatus::Skipped;
                     run.reason = Some(Reason::Overlap);
                     run.started_at = None;
                     run.ended_at = Some(run.created_at);
                     Ok(run)
                 }
-                StoreError::Fenced => Err(TriggerError::Store(StoreError::Fenced)),
-                _ => Err(TriggerError::Store(match StorageFault::outage(&e) {
-                    Some(fault) => StoreError::Unavailable {
-                        fault,
-                        detail: e.to_string(),
-                    },
-                    None => StoreError::Corrupt(e.to_string()),
-                })),
+                e => Err(TriggerError::Store(e)),
             };
             let _ = reply.send(answer);
         }
-        return TaskEnd::NotStarted(e);
+        return TaskEnd::NotStarted(why);
     }
     let started_at = ctx.clock.now();
     if let Some((reply, run)) = reply {
@@ -155,7 +171,7 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
     let ended_at = ctx.clock.now();
     match ctx.store.finish_run(run_id, outcome, ended_at).await {
         // The job (and its history) was deleted while the run was going.
-        Ok(()) | Err(StoreError::NotFound) => {}
+        Ok(()) | Err(StoreError::Conflict(Conflict::NotFound)) => {}
         Err(e) => tracing::error!(run = %run_id, error = %e, "could not record the end of a run"),
     }
     ctx.metrics.run_finished(trigger, status, started_at, ended_at);

@@ -10,6 +10,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use cronguard::action::ActionPolicy;
 use cronguard::job::{JobId, JobSpec};
 use cronguard::run::{Incarnation, Outcome, Run, RunId, RunStatus, Trigger};
+use cronguard::store::Conflict;
 use cronguard::store::{NewJob, SqliteOptions, Store, StoreError};
 use serde_json::json;
 
@@ -117,7 +118,7 @@ fn each_claim_answer_on_a_shared_database() {
             .expect("first claim");
         assert!(matches!(
             store.claim_run(fire(id, "once", at(1), b), 10).await,
-            Err(StoreError::DuplicateFire)
+            Err(StoreError::Conflict(Conflict::DuplicateFire))
         ));
         // A refused claim leaves the cursor and the count as they were.
         assert_eq!(counters(&pool, id).await, (at(1), 1));
@@ -128,7 +129,7 @@ fn each_claim_answer_on_a_shared_database() {
         let skipped = fire(id, "once", at(2), b);
         assert!(matches!(
             store.claim_run(skipped.clone(), 1).await,
-            Err(StoreError::Overlap)
+            Err(StoreError::Conflict(Conflict::Overlap))
         ));
         let row = store.get_run(skipped.id).await.expect("read").expect("recorded");
         assert_eq!(row.status, RunStatus::Skipped);
@@ -144,7 +145,7 @@ fn each_claim_answer_on_a_shared_database() {
         let late = fire(gone, "gone", at(5), a);
         assert!(matches!(
             store.claim_run(late.clone(), 1).await,
-            Err(StoreError::NotFound)
+            Err(StoreError::Conflict(Conflict::NotFound))
         ));
         assert!(store.get_run(late.id).await.expect("read").is_none());
 
@@ -154,7 +155,7 @@ fn each_claim_answer_on_a_shared_database() {
         let fenced = fire(id, "once", at(7), a);
         assert!(matches!(
             store.claim_run(fenced.clone(), 10).await,
-            Err(StoreError::Fenced)
+            Err(StoreError::Conflict(Conflict::Fenced))
         ));
         assert!(store.get_run(fenced.id).await.expect("read").is_none());
         store
@@ -211,8 +212,14 @@ fn successes_ending_together_each_get_their_answer() {
             answers[0].is_ok() && answers[1].is_ok() && answers[4].is_ok(),
             "{answers:?}"
         );
-        assert!(matches!(answers[2], Err(StoreError::AlreadyFinal)), "{answers:?}");
-        assert!(matches!(answers[3], Err(StoreError::NotFound)), "{answers:?}");
+        assert!(
+            matches!(answers[2], Err(StoreError::Conflict(Conflict::AlreadyFinal))),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(answers[3], Err(StoreError::Conflict(Conflict::NotFound))),
+            "{answers:?}"
+        );
         let row = store.get_run(runs[2].id).await.expect("read").expect("row");
         assert_eq!(
             (row.status, row.exit_code, row.output.as_deref(), row.ended_at),

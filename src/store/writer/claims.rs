@@ -6,6 +6,7 @@
 use super::Applied;
 use super::runs::{self, INSERT_RUN, RUN_VALUES};
 use crate::run::{Reason, Run, RunStatus};
+use crate::store::Conflict;
 use crate::store::StoreError;
 use crate::store::rows::ms;
 use crate::store::sql::{Tx, Value, first, values};
@@ -22,7 +23,7 @@ pub struct Shared {
 /// The first statement locks the job's row (`FOR NO KEY UPDATE`, the lock
 /// an `UPDATE` takes: run inserts' foreign-key checks do not wait on it),
 /// so a concurrent delete on
-/// another replica makes this [`StoreError::NotFound`] and claims of one
+/// another replica makes this [`StoreError::Conflict(Conflict::NotFound)`] and claims of one
 /// job by two replicas are serialised; for a scheduled or catch-up fire
 /// it also moves the cursor and counts the start (the common case of
 /// every fire), and returns the cursor it had so that a refused claim can
@@ -30,10 +31,10 @@ pub struct Shared {
 /// then taken after the lock, so the overlap guard sees the runs another
 /// replica committed while this one waited (one statement would check a
 /// snapshot from before the wait). The insert requires that this
-/// incarnation was not declared stopped ([`StoreError::Fenced`]) and, with
+/// incarnation was not declared stopped ([`StoreError::Conflict(Conflict::Fenced)`]) and, with
 /// a guard, that the job has fewer live runs on other replicas than the
 /// guard: otherwise the fire is recorded as `skipped` (`overlap`) and
-/// reported as [`StoreError::Overlap`].
+/// reported as [`StoreError::Conflict(Conflict::Overlap)`].
 pub(super) fn claim(c: &mut dyn Tx, run: &Run, outbox: bool, guard: Option<u32>) -> Applied<()> {
     let counted = runs::counts_toward_limit(run.trigger);
     let starting = counted && run.status == RunStatus::Running;
@@ -53,7 +54,7 @@ pub(super) fn claim(c: &mut dyn Tx, run: &Run, outbox: bool, guard: Option<u32>)
         |row| Ok((row.opt_int(0)?, row.int(1)?, row.opt_int(2)?)),
     )?;
     let Some((cursor, started, max)) = locked else {
-        return Err(StoreError::NotFound);
+        return Err(StoreError::Conflict(Conflict::NotFound));
     };
     let mut values = runs::run_values(run);
     let mut sql = format!(
@@ -108,10 +109,10 @@ fn contested(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
     )?
     .unwrap_or((0, 0));
     if claimed > 0 {
-        return Err(StoreError::DuplicateFire);
+        return Err(StoreError::Conflict(Conflict::DuplicateFire));
     }
     if alive == 0 {
-        return Err(StoreError::Fenced);
+        return Err(StoreError::Conflict(Conflict::Fenced));
     }
     let mut skipped = run.clone();
     skipped.status = RunStatus::Skipped;
@@ -120,5 +121,5 @@ fn contested(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
     skipped.ended_at = Some(run.created_at);
     skipped.error = Some("a run of this job is live on another replica".to_owned());
     claim(c, &skipped, outbox, None)?;
-    Err(StoreError::Overlap)
+    Err(StoreError::Conflict(Conflict::Overlap))
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::load_job;
 use crate::job::{Job, JobDefinition, JobId};
+use crate::store::Conflict;
 use crate::store::rows::{ms, spec_json};
 use crate::store::sql::{Tx, all, is_unique_violation, values};
 use crate::store::{NewJob, Replacement, StoreError};
@@ -63,7 +64,7 @@ pub(super) fn create(c: &mut dyn Tx, job: NewJob) -> Result<Arc<Job>, StoreError
         ],
     );
     match result {
-        Err(e) if is_unique_violation(&e) => return Err(StoreError::NameTaken(name)),
+        Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict(Conflict::NameTaken(name))),
         r => r?,
     };
     if !job.def.spec.labels.is_empty() {
@@ -90,10 +91,10 @@ pub(super) fn replace(c: &mut dyn Tx, r: Replacement) -> Result<Arc<Job>, StoreE
     if let Some(expected) = r.expected_version
         && expected != current.version
     {
-        return Err(StoreError::VersionMismatch {
+        return Err(StoreError::Conflict(Conflict::VersionMismatch {
             expected,
             current: current.version,
-        });
+        }));
     }
     let paused = r.paused.unwrap_or(current.paused);
     // A new schedule, or a resume, starts from now: changes apply to the
@@ -125,7 +126,7 @@ pub(super) fn replace(c: &mut dyn Tx, r: Replacement) -> Result<Arc<Job>, StoreE
         ],
     );
     match result {
-        Err(e) if is_unique_violation(&e) => return Err(StoreError::NameTaken(name)),
+        Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict(Conflict::NameTaken(name))),
         r => r?,
     };
     write_labels(c, r.id, &r.def)?;
@@ -173,7 +174,7 @@ pub(super) fn delete(c: &mut dyn Tx, id: JobId, at: DateTime<Utc>, outbox: bool)
         for run in live {
             let run = run
                 .parse()
-                .map_err(|_| StoreError::Corrupt(format!("run id {run}")))?;
+                .map_err(|_| StoreError::corrupt("run id", format!("`{run}` does not parse")))?;
             super::outbox::record_run(c, run, at)?;
         }
     }
@@ -185,7 +186,7 @@ pub(super) fn delete(c: &mut dyn Tx, id: JobId, at: DateTime<Utc>, outbox: bool)
     )?;
     let deleted = c.execute("DELETE FROM jobs WHERE id = $1", &values![id.to_string()])?;
     if deleted == 0 {
-        Err(StoreError::NotFound)
+        Err(StoreError::Conflict(Conflict::NotFound))
     } else {
         Ok(())
     }

@@ -32,6 +32,7 @@ use super::sql::{Tx, first, savepoint, values};
 use super::{JobChange, NewJob, Replacement, StoreError};
 use crate::job::{Job, JobId};
 use crate::run::{Attempt, Incarnation, Outcome, Run, RunId, RunStatus};
+use crate::store::Conflict;
 
 /// Most operations committed in one transaction. Small enough that the
 /// first runs of a burst of fires start after a short commit while the
@@ -219,11 +220,9 @@ fn pending<T: Send + 'static>(reply: Reply<T>, applied: Applied<T>) -> Pending {
         JobChange::Removed(id) => Some(*id),
         JobChange::Stale(_) | JobChange::Resync => None,
     });
-    let database_error = matches!(result, Err(StoreError::Database(_) | StoreError::Sqlite(_)));
+    let database_error = matches!(result, Err(StoreError::Database(_)));
     let storage_fault = match &result {
-        Err(e @ (StoreError::Database(_) | StoreError::Sqlite(_))) => {
-            StorageFault::outage(e).map(|f| (f, e.to_string()))
-        }
+        Err(e @ StoreError::Database(_)) => StorageFault::outage(e).map(|f| (f, e.to_string())),
         _ => None,
     };
     let finish = Box::new(
@@ -833,5 +832,6 @@ fn apply(tx: &mut dyn Tx, op: Op, outbox: bool, shared: bool) -> Pending {
 fn load_job(c: &mut dyn Tx, id: JobId) -> Result<Job, StoreError> {
     static SQL: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| format!("SELECT {} FROM jobs WHERE id = $1", super::rows::JOB_COLUMNS));
-    first(c, &SQL, &values![id.to_string()], |row| super::rows::job(row))?.ok_or(StoreError::NotFound)
+    first(c, &SQL, &values![id.to_string()], |row| super::rows::job(row))?
+        .ok_or(StoreError::Conflict(Conflict::NotFound))
 }

@@ -19,7 +19,7 @@ pub(super) fn record_run(c: &mut dyn Tx, id: RunId, at: DateTime<Utc>) -> Result
     )?;
     let Some(run) = found else { return Ok(()) };
     let payload =
-        serde_json::to_string(&RunResult::from_run(&run)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        serde_json::to_string(&RunResult::from_run(&run)).map_err(|e| StoreError::encode("run result", e))?;
     insert(c, "result", &id.to_string(), &payload, at)
 }
 
@@ -31,10 +31,10 @@ pub(super) fn record_rejections(
     summary: &RejectionSummary,
 ) -> Result<(), StoreError> {
     for rejection in rejections {
-        let payload = serde_json::to_string(rejection).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let payload = serde_json::to_string(rejection).map_err(|e| StoreError::encode("rejection", e))?;
         insert(c, "rejection", &rejection.job, &payload, rejection.rejected_at)?;
     }
-    let payload = serde_json::to_string(summary).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let payload = serde_json::to_string(summary).map_err(|e| StoreError::encode("rejection summary", e))?;
     insert(c, "rejection_summary", "*", &payload, summary.rejected_at)
 }
 

@@ -9,6 +9,7 @@ use super::claims::Shared;
 use super::{Applied, load_job};
 use crate::job::JobId;
 use crate::run::{Attempt, Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
+use crate::store::Conflict;
 use crate::store::rows::{self, RUN_COLUMNS, attempt_log_json, ms};
 use crate::store::sql::{Tx, Value, all, first, is_foreign_key_violation, values};
 use crate::store::{JobChange, StoreError};
@@ -21,7 +22,7 @@ pub(super) fn counts_toward_limit(trigger: Trigger) -> bool {
 
 fn job_id(text: &str) -> Result<JobId, StoreError> {
     text.parse()
-        .map_err(|_| StoreError::Corrupt(format!("job id {text}")))
+        .map_err(|_| StoreError::corrupt("job id", format!("`{text}` does not parse")))
 }
 
 /// Claims one start under the job's `max_runs`. `Ok(Some(change))` when
@@ -35,7 +36,7 @@ fn claim_start(c: &mut dyn Tx, job: JobId) -> Result<Option<JobChange>, StoreErr
         |row| Ok((row.int(0)?, row.opt_int(1)?)),
     )?;
     let Some((started, max)) = claimed else {
-        return Err(StoreError::LimitReached);
+        return Err(StoreError::Conflict(Conflict::LimitReached));
     };
     if max == Some(started) {
         let job = load_job(c, job)?;
@@ -65,7 +66,7 @@ pub(super) const RUN_VALUES: &str =
 
 /// Inserts a run; a scheduled fire also moves the job's cursor. A starting
 /// scheduled run over the job's `max_runs` is stored as skipped and
-/// reported as [`StoreError::LimitReached`].
+/// reported as [`StoreError::Conflict(Conflict::LimitReached)`].
 ///
 /// On a shared database (`shared`) this is a claim: see
 /// [`super::claims::claim`].
@@ -77,10 +78,10 @@ pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool, shared: Option<Sha
         &format!("{INSERT_RUN} VALUES ({RUN_VALUES}) ON CONFLICT DO NOTHING"),
         &run_values(run),
     ) {
-        Ok(0) => return Err(StoreError::DuplicateFire),
+        Ok(0) => return Err(StoreError::Conflict(Conflict::DuplicateFire)),
         Ok(_) => {}
         // The job was deleted between the fire and this insert.
-        Err(e) if is_foreign_key_violation(&e) => return Err(StoreError::NotFound),
+        Err(e) if is_foreign_key_violation(&e) => return Err(StoreError::Conflict(Conflict::NotFound)),
         Err(e) => return Err(e),
     }
     counters(c, run, outbox)
@@ -137,7 +138,7 @@ fn counters(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
 
 /// After counting a start (`started` of the job's `max`): over the limit,
 /// the count goes back and the run is stored as skipped
-/// ([`StoreError::LimitReached`]); at it, the engine is told the job is
+/// ([`StoreError::Conflict(Conflict::LimitReached)`]); at it, the engine is told the job is
 /// done.
 pub(super) fn limit(c: &mut dyn Tx, run: &Run, started: i64, max: Option<i64>, outbox: bool) -> Applied<()> {
     match max {
@@ -147,7 +148,7 @@ pub(super) fn limit(c: &mut dyn Tx, run: &Run, started: i64, max: Option<i64>, o
                 &values![run.job_id.to_string()],
             )?;
             skip_for_limit(c, run.id, run.created_at, outbox)?;
-            Err(StoreError::LimitReached)
+            Err(StoreError::Conflict(Conflict::LimitReached))
         }
         Some(max) if started == max => {
             let job = load_job(c, run.job_id)?;
@@ -169,16 +170,18 @@ pub(super) fn start(c: &mut dyn Tx, id: RunId, at: DateTime<Utc>, outbox: bool) 
     let Some((job, trigger)) = row else {
         return Err(final_or_missing(c, id));
     };
-    let trigger: Trigger = trigger.parse().map_err(StoreError::Corrupt)?;
+    let trigger: Trigger = trigger
+        .parse()
+        .map_err(|e| StoreError::corrupt("runs.trigger", e))?;
     let job = job_id(&job)?;
     if !counts_toward_limit(trigger) {
         return Ok(((), None));
     }
     match claim_start(c, job) {
         Ok(change) => Ok(((), change)),
-        Err(StoreError::LimitReached) => {
+        Err(StoreError::Conflict(Conflict::LimitReached)) => {
             skip_for_limit(c, id, at, outbox)?;
-            Err(StoreError::LimitReached)
+            Err(StoreError::Conflict(Conflict::LimitReached))
         }
         Err(e) => Err(e),
     }
@@ -226,8 +229,8 @@ pub(super) fn final_or_missing(c: &mut dyn Tx, id: RunId) -> StoreError {
         |_| Ok(()),
     );
     match found {
-        Ok(Some(())) => StoreError::AlreadyFinal,
-        Ok(None) => StoreError::NotFound,
+        Ok(Some(())) => StoreError::Conflict(Conflict::AlreadyFinal),
+        Ok(None) => StoreError::Conflict(Conflict::NotFound),
         Err(e) => e,
     }
 }
@@ -346,7 +349,7 @@ pub(super) fn finish_successes<'a>(
         .iter()
         .map(|id| {
             id.parse()
-                .map_err(|_| StoreError::Corrupt(format!("run id {id}")))
+                .map_err(|_| StoreError::corrupt("run id", format!("`{id}` does not parse")))
         })
         .collect()
 }
