@@ -14,12 +14,15 @@ use cronguard::store::Conflict;
 use cronguard::store::{NewJob, SqliteOptions, Store, StoreError};
 use serde_json::json;
 
-use crate::helpers::{any_pool, database_for, t0};
+use crate::helpers::{Database, any_pool, database_for, t0};
 use crate::replicas::on_postgres;
 
 /// A fresh shared store with its writer running, and two live replicas.
-async fn shared_store(dir: &std::path::Path) -> (Store, sqlx::AnyPool, Incarnation, Incarnation) {
-    let database = database_for(dir).await;
+async fn shared_store(
+    dir: &std::path::Path,
+    db: &Database,
+) -> (Store, sqlx::AnyPool, Incarnation, Incarnation) {
+    let database = database_for(dir, db).await;
     let pool = any_pool(&database).await;
     let (changes, _) = tokio::sync::mpsc::unbounded_channel();
     let (store, writer) = Store::open(&SqliteOptions::new(database), changes)
@@ -104,9 +107,9 @@ fn fire(job: JobId, name: &str, at: DateTime<Utc>, by: Incarnation) -> Run {
 
 #[test]
 fn each_claim_answer_on_a_shared_database() {
-    on_postgres("each_claim_answer_on_a_shared_database", || async {
+    on_postgres("each_claim_answer_on_a_shared_database", |db| async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, pool, a, b) = shared_store(dir.path()).await;
+        let (store, pool, a, b) = shared_store(dir.path(), &db).await;
         let at = |s: i64| t0() + TimeDelta::seconds(s);
 
         // Claimed once: the second replica's claim of the same fire is a
@@ -171,71 +174,74 @@ fn each_claim_answer_on_a_shared_database() {
 /// unknown; the job's failure count resets.
 #[test]
 fn successes_ending_together_each_get_their_answer() {
-    on_postgres("successes_ending_together_each_get_their_answer", || async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (store, pool, a, _) = shared_store(dir.path()).await;
-        let at = |s: i64| t0() + TimeDelta::seconds(s);
-        let id = job(&store, "many").await;
-        let runs: Vec<Run> = (1..=4).map(|s| fire(id, "many", at(s), a)).collect();
-        for run in &runs {
-            store.claim_run(run.clone(), 10).await.expect("claim");
-        }
-        store
-            .finish_run(runs[3].id, Outcome::failed("boom"), at(5))
-            .await
-            .expect("the last one failed first");
-        sqlx::query("UPDATE jobs SET consecutive_failures = 2 WHERE id = $1")
-            .bind(id.to_string())
-            .execute(&pool)
-            .await
-            .expect("failures so far");
-        let success = |code: i32| Outcome {
-            status: RunStatus::Succeeded,
-            reason: None,
-            attempts: 1,
-            exit_code: Some(code),
-            http_status: None,
-            error: None,
-            output: Some(format!("out {code}\n")),
-            attempt_log: Vec::new(),
-        };
-        // Submitted without waiting in between: one writer batch.
-        let acks = vec![
-            store.finish_run(runs[0].id, success(0), at(6)),
-            store.finish_run(runs[1].id, success(0), at(6)),
-            store.finish_run(runs[3].id, success(0), at(6)),
-            store.finish_run(RunId::new(), success(0), at(6)),
-            store.finish_run(runs[2].id, success(3), at(7)),
-        ];
-        let answers = futures_util::future::join_all(acks).await;
-        assert!(
-            answers[0].is_ok() && answers[1].is_ok() && answers[4].is_ok(),
-            "{answers:?}"
-        );
-        assert!(
-            matches!(answers[2], Err(StoreError::Conflict(Conflict::AlreadyFinal))),
-            "{answers:?}"
-        );
-        assert!(
-            matches!(answers[3], Err(StoreError::Conflict(Conflict::NotFound))),
-            "{answers:?}"
-        );
-        let row = store.get_run(runs[2].id).await.expect("read").expect("row");
-        assert_eq!(
-            (row.status, row.exit_code, row.output.as_deref(), row.ended_at),
-            (RunStatus::Succeeded, Some(3), Some("out 3\n"), Some(at(7)))
-        );
-        let last = store.get_run(runs[3].id).await.expect("read").expect("row");
-        assert_eq!(
-            (last.status, last.error.as_deref()),
-            (RunStatus::Failed, Some("boom"))
-        );
-        let (failures,): (i64,) = sqlx::query_as("SELECT consecutive_failures FROM jobs WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_one(&pool)
-            .await
-            .expect("read");
-        assert_eq!(failures, 0);
-        store.close().await.expect("close");
-    });
+    on_postgres(
+        "successes_ending_together_each_get_their_answer",
+        |db| async move {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (store, pool, a, _) = shared_store(dir.path(), &db).await;
+            let at = |s: i64| t0() + TimeDelta::seconds(s);
+            let id = job(&store, "many").await;
+            let runs: Vec<Run> = (1..=4).map(|s| fire(id, "many", at(s), a)).collect();
+            for run in &runs {
+                store.claim_run(run.clone(), 10).await.expect("claim");
+            }
+            store
+                .finish_run(runs[3].id, Outcome::failed("boom"), at(5))
+                .await
+                .expect("the last one failed first");
+            sqlx::query("UPDATE jobs SET consecutive_failures = 2 WHERE id = $1")
+                .bind(id.to_string())
+                .execute(&pool)
+                .await
+                .expect("failures so far");
+            let success = |code: i32| Outcome {
+                status: RunStatus::Succeeded,
+                reason: None,
+                attempts: 1,
+                exit_code: Some(code),
+                http_status: None,
+                error: None,
+                output: Some(format!("out {code}\n")),
+                attempt_log: Vec::new(),
+            };
+            // Submitted without waiting in between: one writer batch.
+            let acks = vec![
+                store.finish_run(runs[0].id, success(0), at(6)),
+                store.finish_run(runs[1].id, success(0), at(6)),
+                store.finish_run(runs[3].id, success(0), at(6)),
+                store.finish_run(RunId::new(), success(0), at(6)),
+                store.finish_run(runs[2].id, success(3), at(7)),
+            ];
+            let answers = futures_util::future::join_all(acks).await;
+            assert!(
+                answers[0].is_ok() && answers[1].is_ok() && answers[4].is_ok(),
+                "{answers:?}"
+            );
+            assert!(
+                matches!(answers[2], Err(StoreError::Conflict(Conflict::AlreadyFinal))),
+                "{answers:?}"
+            );
+            assert!(
+                matches!(answers[3], Err(StoreError::Conflict(Conflict::NotFound))),
+                "{answers:?}"
+            );
+            let row = store.get_run(runs[2].id).await.expect("read").expect("row");
+            assert_eq!(
+                (row.status, row.exit_code, row.output.as_deref(), row.ended_at),
+                (RunStatus::Succeeded, Some(3), Some("out 3\n"), Some(at(7)))
+            );
+            let last = store.get_run(runs[3].id).await.expect("read").expect("row");
+            assert_eq!(
+                (last.status, last.error.as_deref()),
+                (RunStatus::Failed, Some("boom"))
+            );
+            let (failures,): (i64,) = sqlx::query_as("SELECT consecutive_failures FROM jobs WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_one(&pool)
+                .await
+                .expect("read");
+            assert_eq!(failures, 0);
+            store.close().await.expect("close");
+        },
+    );
 }

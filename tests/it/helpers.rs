@@ -78,12 +78,67 @@ pub struct TestApp {
     task: Option<JoinHandle<Result<(), cronguard::app::AppError>>>,
 }
 
-thread_local! {
-    /// Set by the `postgres` suite: apps started on this thread use a fresh
-    /// database on this PostgreSQL server instead of a SQLite file. (A
-    /// `#[tokio::test]` runs its body on the test's own thread.)
-    pub static ON_POSTGRES: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+/// The database a test's apps run on, passed in [`Options`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file in the app's directory.
+    #[default]
+    Sqlite,
+    /// A fresh database on this PostgreSQL server.
+    Postgres(String),
 }
+
+impl Database {
+    /// PostgreSQL, if a server answers (see [`postgres_server`], which
+    /// blocks: it runs beside the test's runtime).
+    pub async fn postgres() -> Option<Self> {
+        tokio::task::spawn_blocking(postgres_server)
+            .await
+            .ok()
+            .flatten()
+            .map(Self::Postgres)
+    }
+}
+
+/// Says on stderr that a PostgreSQL test did not run (libtest hides the
+/// `eprintln!` of passing tests; CI fails on this line).
+pub fn skipped_without_postgres(test: &str) {
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("\nSKIPPED postgres::{test}: no PostgreSQL reachable (set CRONGUARD_TEST_POSTGRES)\n")
+            .as_bytes(),
+    );
+}
+
+/// Defines a test that runs on SQLite and again on PostgreSQL, as
+/// `NAME::sqlite` and `NAME::postgres`: the body gets the [`Database`] to
+/// pass to every app it starts. Without a reachable PostgreSQL server the
+/// second says SKIPPED (which CI refuses) and passes.
+macro_rules! on_both_databases {
+    ($(#[$attr:meta])* async fn $name:ident($db:ident: Database) $body:block) => {
+        pub(crate) mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            use crate::helpers::Database;
+
+            async fn body($db: Database) $body
+
+            $(#[$attr])*
+            async fn sqlite() {
+                body(Database::Sqlite).await;
+            }
+
+            $(#[$attr])*
+            async fn postgres() {
+                match Database::postgres().await {
+                    Some(db) => body(db).await,
+                    None => crate::helpers::skipped_without_postgres(module_path!()),
+                }
+            }
+        }
+    };
+}
+pub(crate) use on_both_databases;
 
 /// The PostgreSQL server for tests, if one answers: `CRONGUARD_TEST_POSTGRES`
 /// or the machine's default. Checked once; databases left by earlier runs
@@ -126,8 +181,8 @@ pub fn postgres_server() -> Option<String> {
 /// The database URL for an app whose state lives in `dir`: the SQLite file
 /// there, or on PostgreSQL a fresh database whose URL is remembered in
 /// `dir` (so that a restart on the same `dir` finds the same data).
-pub async fn database_for(dir: &Path) -> String {
-    let Some(server) = ON_POSTGRES.with(|on| on.borrow().clone()) else {
+pub async fn database_for(dir: &Path, database: &Database) -> String {
+    let Database::Postgres(server) = database else {
         return format!("sqlite://{}", dir.join("cronguard.db").display());
     };
     let remembered = dir.join("postgres-url");
@@ -136,7 +191,7 @@ pub async fn database_for(dir: &Path) -> String {
     }
     use sqlx::Connection;
     let name = format!("cronguard_test_{}", uuid::Uuid::now_v7().simple());
-    let mut conn = sqlx::PgConnection::connect(&server)
+    let mut conn = sqlx::PgConnection::connect(server)
         .await
         .expect("connect to CRONGUARD_TEST_POSTGRES");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -163,6 +218,7 @@ pub struct Options {
     pub settings: Settings,
     pub clock: SharedClock,
     pub dir: Option<Arc<tempfile::TempDir>>,
+    pub database: Database,
 }
 
 impl Default for Options {
@@ -171,6 +227,7 @@ impl Default for Options {
             settings: Settings::default(),
             clock: Arc::new(SystemClock),
             dir: None,
+            database: Database::Sqlite,
         }
     }
 }
@@ -180,6 +237,14 @@ impl Options {
         let mut o = Self::default();
         o.settings.enable_command_jobs = Some(true);
         o
+    }
+
+    /// The same options on `database`.
+    pub fn on(self, database: &Database) -> Self {
+        Self {
+            database: database.clone(),
+            ..self
+        }
     }
 
     pub fn manual_clock(clock: &ManualClock) -> Self {
@@ -212,7 +277,7 @@ impl TestApp {
             .dir
             .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("tempdir")));
         let db = dir.path().join("cronguard.db");
-        let database = database_for(dir.path()).await;
+        let database = database_for(dir.path(), &options.database).await;
         let mut settings = options.settings;
         settings.listen.get_or_insert_with(|| "127.0.0.1:0".into());
         settings.database = Some(database.clone());

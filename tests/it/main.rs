@@ -16,7 +16,6 @@ mod http_edge;
 mod observability;
 mod openapi;
 mod policies;
-mod postgres;
 mod replicas;
 mod restart;
 mod scheduling;

@@ -14,37 +14,32 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Binary, Hit, ON_POSTGRES, Receiver, any_pool, database_for, every_second, http_job, postgres_server,
-    within,
+    Binary, Database, Hit, Receiver, any_pool, database_for, every_second, http_job, postgres_server,
+    skipped_without_postgres, within,
 };
 
-/// Runs `test` with the PostgreSQL server, or says SKIPPED.
+/// Runs `test` on a PostgreSQL server, or says SKIPPED.
 pub(crate) fn on_postgres<F, Fut>(name: &str, test: F)
 where
-    F: FnOnce() -> Fut,
+    F: FnOnce(Database) -> Fut,
     Fut: Future<Output = ()>,
 {
     let Some(server) = postgres_server() else {
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            format!("\nSKIPPED postgres::{name}: no PostgreSQL reachable (set CRONGUARD_TEST_POSTGRES)\n")
-                .as_bytes(),
-        );
+        skipped_without_postgres(name);
         return;
     };
-    ON_POSTGRES.with(|on| *on.borrow_mut() = Some(server));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(test());
+    runtime.block_on(test(Database::Postgres(server)));
 }
 
 /// A fresh database, a receiver and `n` replicas on the database.
-async fn cluster(n: usize) -> (tempfile::TempDir, String, Receiver, Vec<Binary>) {
+async fn cluster(db: &Database, n: usize) -> (tempfile::TempDir, String, Receiver, Vec<Binary>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let database = database_for(dir.path()).await;
+    let database = database_for(dir.path(), db).await;
     let receiver = Receiver::start().await;
     let mut replicas = Vec::new();
     for _ in 0..n {
@@ -187,9 +182,9 @@ async fn collect(receiver: &mut Receiver, until: DateTime<Utc>, settle: Duration
 fn three_replicas_fire_each_second_of_each_job_exactly_once() {
     on_postgres(
         "three_replicas_fire_each_second_of_each_job_exactly_once",
-        || async {
+        |db| async move {
             const JOBS: usize = 200;
-            let (_dir, database, mut receiver, replicas) = cluster(3).await;
+            let (_dir, database, mut receiver, replicas) = cluster(&db, 3).await;
             let [a, b, c] = <[Binary; 3]>::try_from(replicas).unwrap_or_else(|_| unreachable!());
             create_jobs(&b, JOBS, &receiver.url("/hit")).await;
             converged(&[&a, &b, &c], 3, JOBS as u64).await;
@@ -257,9 +252,9 @@ fn three_replicas_fire_each_second_of_each_job_exactly_once() {
 fn kill_minus_nine_every_ten_seconds_loses_fires_only_within_the_takeover_bound() {
     on_postgres(
         "kill_minus_nine_every_ten_seconds_loses_fires_only_within_the_takeover_bound",
-        || async {
+        |db| async move {
             const JOBS: usize = 100;
-            let (dir, database, mut receiver, mut replicas) = cluster(3).await;
+            let (dir, database, mut receiver, mut replicas) = cluster(&db, 3).await;
             create_jobs(&replicas[0], JOBS, &receiver.url("/hit")).await;
             converged(&[&replicas[0], &replicas[1], &replicas[2]], 3, JOBS as u64).await;
             let from = whole_second_after(Duration::from_secs(1));
@@ -386,8 +381,8 @@ fn kill_minus_nine_every_ten_seconds_loses_fires_only_within_the_takeover_bound(
 fn pause_update_and_delete_on_one_replica_take_effect_on_all_within_a_second() {
     on_postgres(
         "pause_update_and_delete_on_one_replica_take_effect_on_all_within_a_second",
-        || async {
-            let (_dir, _database, mut receiver, replicas) = cluster(3).await;
+        |db| async move {
+            let (_dir, _database, mut receiver, replicas) = cluster(&db, 3).await;
             converged(&[&replicas[0], &replicas[1], &replicas[2]], 3, 0).await;
             let mut jobs = Vec::new();
             for i in 0..6 {
@@ -474,8 +469,8 @@ fn pause_update_and_delete_on_one_replica_take_effect_on_all_within_a_second() {
 /// records nothing over the takeover and exits non-zero.
 #[test]
 fn a_replica_that_lost_its_lease_is_fenced() {
-    on_postgres("a_replica_that_lost_its_lease_is_fenced", || async {
-        let (dir, database, mut receiver, mut replicas) = cluster(1).await;
+    on_postgres("a_replica_that_lost_its_lease_is_fenced", |db| async move {
+        let (dir, database, mut receiver, mut replicas) = cluster(&db, 1).await;
         let mut a = replicas.remove(0);
         // A alone: it owns the job and starts a long run.
         let spec = json!({
@@ -531,8 +526,8 @@ fn a_replica_that_lost_its_lease_is_fenced() {
 /// overlap.
 #[test]
 fn the_overlap_policy_holds_across_a_hand_over() {
-    on_postgres("the_overlap_policy_holds_across_a_hand_over", || async {
-        let (_dir, database, mut receiver, mut replicas) = cluster(2).await;
+    on_postgres("the_overlap_policy_holds_across_a_hand_over", |db| async move {
+        let (_dir, database, mut receiver, mut replicas) = cluster(&db, 2).await;
         converged(&[&replicas[0], &replicas[1]], 2, 0).await;
         let mut spec = http_job("long", every_second(), &receiver.url("/sleep/4000"));
         spec["action"]["timeout"] = json!("30s");
@@ -631,8 +626,8 @@ async fn an_unreachable_database_stops_startup_with_its_cause() {
 fn a_replica_rereads_every_job_after_losing_its_notification_connection() {
     on_postgres(
         "a_replica_rereads_every_job_after_losing_its_notification_connection",
-        || async {
-            let (_dir, database, mut receiver, mut replicas) = cluster(1).await;
+        |db| async move {
+            let (_dir, database, mut receiver, mut replicas) = cluster(&db, 1).await;
             let (code, job) = replicas[0]
                 .post(
                     "/v1/jobs",

@@ -9,198 +9,206 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-#[tokio::test]
-pub(crate) async fn an_every_second_job_fires_at_each_whole_second_with_its_identity() {
-    let mut receiver = Receiver::start().await;
-    let app = TestApp::spawn().await;
-    let job = app
-        .create(http_job("tick", every_second(), &receiver.url("/tick")))
-        .await;
-    let job_id = job["id"].as_str().unwrap().to_owned();
+on_both_databases! {
+    #[tokio::test]
+    async fn an_every_second_job_fires_at_each_whole_second_with_its_identity(db: Database) {
+        let mut receiver = Receiver::start().await;
+        let app = TestApp::start(Options::default().on(&db)).await;
+        let job = app
+            .create(http_job("tick", every_second(), &receiver.url("/tick")))
+            .await;
+        let job_id = job["id"].as_str().unwrap().to_owned();
 
-    let mut hits = Vec::new();
-    for _ in 0..3 {
-        hits.push(receiver.next_on("/tick").await);
-    }
-    let mut previous = None;
-    for hit in &hits {
-        let scheduled = hit.scheduled_at();
-        assert_eq!(scheduled.nanosecond(), 0, "fires are on whole seconds");
-        assert!(
-            hit.at >= scheduled,
-            "never early: arrived {} for {}",
-            hit.at,
-            scheduled
-        );
-        if let Some(previous) = previous {
+        let mut hits = Vec::new();
+        for _ in 0..3 {
+            hits.push(receiver.next_on("/tick").await);
+        }
+        let mut previous = None;
+        for hit in &hits {
+            let scheduled = hit.scheduled_at();
+            assert_eq!(scheduled.nanosecond(), 0, "fires are on whole seconds");
+            assert!(
+                hit.at >= scheduled,
+                "never early: arrived {} for {}",
+                hit.at,
+                scheduled
+            );
+            if let Some(previous) = previous {
+                assert_eq!(
+                    scheduled - previous,
+                    TimeDelta::seconds(1),
+                    "consecutive seconds, no gap, no duplicate"
+                );
+            }
+            previous = Some(scheduled);
+            assert_eq!(hit.header("x-cronguard-job"), job_id);
+            assert_eq!(hit.header("x-cronguard-job-name"), "tick");
+            assert_eq!(hit.header("x-cronguard-attempt"), "1");
+            let run = app.final_run(hit.header("x-cronguard-run")).await;
+            assert_eq!(run["status"], "succeeded", "{run}");
+            assert_eq!(run["http_status"], 200);
+            assert_eq!(run["trigger"], "schedule");
             assert_eq!(
-                scheduled - previous,
-                TimeDelta::seconds(1),
-                "consecutive seconds, no gap, no duplicate"
+                chrono::DateTime::parse_from_rfc3339(run["scheduled_at"].as_str().unwrap()).unwrap(),
+                scheduled
             );
         }
-        previous = Some(scheduled);
-        assert_eq!(hit.header("x-cronguard-job"), job_id);
-        assert_eq!(hit.header("x-cronguard-job-name"), "tick");
-        assert_eq!(hit.header("x-cronguard-attempt"), "1");
-        let run = app.final_run(hit.header("x-cronguard-run")).await;
-        assert_eq!(run["status"], "succeeded", "{run}");
-        assert_eq!(run["http_status"], 200);
-        assert_eq!(run["trigger"], "schedule");
-        assert_eq!(
-            chrono::DateTime::parse_from_rfc3339(run["scheduled_at"].as_str().unwrap()).unwrap(),
-            scheduled
-        );
+        let runs = app.runs("tick").await;
+        assert!(runs.len() >= 3);
+        app.stop().await;
     }
-    let runs = app.runs("tick").await;
-    assert!(runs.len() >= 3);
-    app.stop().await;
 }
 
-#[tokio::test]
-pub(crate) async fn http_failures_and_timeouts_are_recorded() {
-    let mut receiver = Receiver::start().await;
-    let app = TestApp::spawn().await;
-    let yearly = json!({"kind": "cron", "expr": "0 0 1 1 *"});
-    app.create(http_job("fails", yearly.clone(), &receiver.url("/status/503")))
-        .await;
-    let mut slow = http_job("slow", yearly.clone(), &receiver.url("/sleep/5000"));
-    slow["action"]["timeout"] = json!("200ms");
-    app.create(slow).await;
-    app.create(http_job("refused", yearly, "http://127.0.0.1:9/closed"))
-        .await;
+on_both_databases! {
+    #[tokio::test]
+    async fn http_failures_and_timeouts_are_recorded(db: Database) {
+        let mut receiver = Receiver::start().await;
+        let app = TestApp::start(Options::default().on(&db)).await;
+        let yearly = json!({"kind": "cron", "expr": "0 0 1 1 *"});
+        app.create(http_job("fails", yearly.clone(), &receiver.url("/status/503")))
+            .await;
+        let mut slow = http_job("slow", yearly.clone(), &receiver.url("/sleep/5000"));
+        slow["action"]["timeout"] = json!("200ms");
+        app.create(slow).await;
+        app.create(http_job("refused", yearly, "http://127.0.0.1:9/closed"))
+            .await;
 
-    let (_, run) = app.post_empty("/v1/jobs/fails/trigger").await;
-    let run = app.final_run(run["id"].as_str().unwrap()).await;
-    assert_eq!(
-        (run["status"].as_str(), run["http_status"].as_u64()),
-        (Some("failed"), Some(503)),
-        "{run}"
-    );
-    receiver.next_on("/status/503").await;
+        let (_, run) = app.post_empty("/v1/jobs/fails/trigger").await;
+        let run = app.final_run(run["id"].as_str().unwrap()).await;
+        assert_eq!(
+            (run["status"].as_str(), run["http_status"].as_u64()),
+            (Some("failed"), Some(503)),
+            "{run}"
+        );
+        receiver.next_on("/status/503").await;
 
-    let (_, run) = app.post_empty("/v1/jobs/slow/trigger").await;
-    let run = app.final_run(run["id"].as_str().unwrap()).await;
-    assert_eq!(run["status"], "timed_out", "{run}");
+        let (_, run) = app.post_empty("/v1/jobs/slow/trigger").await;
+        let run = app.final_run(run["id"].as_str().unwrap()).await;
+        assert_eq!(run["status"], "timed_out", "{run}");
 
-    let (_, run) = app.post_empty("/v1/jobs/refused/trigger").await;
-    let run = app.final_run(run["id"].as_str().unwrap()).await;
-    assert_eq!(run["status"], "failed", "{run}");
-    assert!(run["error"].as_str().unwrap().contains("connect"), "{run}");
-    app.stop().await;
+        let (_, run) = app.post_empty("/v1/jobs/refused/trigger").await;
+        let run = app.final_run(run["id"].as_str().unwrap()).await;
+        assert_eq!(run["status"], "failed", "{run}");
+        assert!(run["error"].as_str().unwrap().contains("connect"), "{run}");
+        app.stop().await;
+    }
 }
 
-#[tokio::test]
-pub(crate) async fn pause_stops_fires_and_resume_restarts_from_now() {
-    let clock = ManualClock::new(t0());
-    let mut receiver = Receiver::start().await;
-    let app = TestApp::start(Options::manual_clock(&clock)).await;
-    app.create(http_job(
-        "p",
-        json!({"kind": "interval", "every": "1s"}),
-        &receiver.url("/p"),
-    ))
-    .await;
-
-    clock.advance(Duration::from_secs(1));
-    let first = receiver.next_on("/p").await;
-    assert_eq!(first.scheduled_at(), t0() + TimeDelta::seconds(1));
-
-    let (status, job) = app
-        .post("/v1/jobs/p/pause", json!({"note": "maintenance window"}))
+on_both_databases! {
+    #[tokio::test]
+    async fn pause_stops_fires_and_resume_restarts_from_now(db: Database) {
+        let clock = ManualClock::new(t0());
+        let mut receiver = Receiver::start().await;
+        let app = TestApp::start(Options::manual_clock(&clock).on(&db)).await;
+        app.create(http_job(
+            "p",
+            json!({"kind": "interval", "every": "1s"}),
+            &receiver.url("/p"),
+        ))
         .await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        (job["paused"].as_bool(), job["pause_note"].as_str()),
-        (Some(true), Some("maintenance window"))
-    );
-    assert!(job["next_fire_at"].is_null());
-    let paused_at = clock.now();
-    clock.advance(Duration::from_secs(5));
-    let resumed_at = clock.now();
-    let (status, job) = app.post_empty("/v1/jobs/p/resume").await;
-    assert_eq!(status, 200);
-    assert!(job["pause_note"].is_null());
-    assert_eq!(
-        job["next_fire_at"],
-        json!((resumed_at + TimeDelta::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-    );
-    clock.advance(Duration::from_secs(1));
-    let next = receiver.next_on("/p").await;
-    assert_eq!(
-        next.scheduled_at(),
-        resumed_at + TimeDelta::seconds(1),
-        "resumes from now, no replay"
-    );
 
-    app.final_run(next.header("x-cronguard-run")).await;
-    let runs = app.runs("p").await;
-    let in_pause = runs.iter().filter(|r| {
-        let at = chrono::DateTime::parse_from_rfc3339(r["scheduled_at"].as_str().unwrap())
-            .unwrap()
-            .to_utc();
-        at > paused_at && at <= resumed_at
-    });
-    assert_eq!(in_pause.count(), 0, "no run for fires due while paused: {runs:?}");
-    assert_eq!(runs.len(), 2, "{runs:?}");
-    app.stop().await;
+        clock.advance(Duration::from_secs(1));
+        let first = receiver.next_on("/p").await;
+        assert_eq!(first.scheduled_at(), t0() + TimeDelta::seconds(1));
+
+        let (status, job) = app
+            .post("/v1/jobs/p/pause", json!({"note": "maintenance window"}))
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            (job["paused"].as_bool(), job["pause_note"].as_str()),
+            (Some(true), Some("maintenance window"))
+        );
+        assert!(job["next_fire_at"].is_null());
+        let paused_at = clock.now();
+        clock.advance(Duration::from_secs(5));
+        let resumed_at = clock.now();
+        let (status, job) = app.post_empty("/v1/jobs/p/resume").await;
+        assert_eq!(status, 200);
+        assert!(job["pause_note"].is_null());
+        assert_eq!(
+            job["next_fire_at"],
+            json!((resumed_at + TimeDelta::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        );
+        clock.advance(Duration::from_secs(1));
+        let next = receiver.next_on("/p").await;
+        assert_eq!(
+            next.scheduled_at(),
+            resumed_at + TimeDelta::seconds(1),
+            "resumes from now, no replay"
+        );
+
+        app.final_run(next.header("x-cronguard-run")).await;
+        let runs = app.runs("p").await;
+        let in_pause = runs.iter().filter(|r| {
+            let at = chrono::DateTime::parse_from_rfc3339(r["scheduled_at"].as_str().unwrap())
+                .unwrap()
+                .to_utc();
+            at > paused_at && at <= resumed_at
+        });
+        assert_eq!(in_pause.count(), 0, "no run for fires due while paused: {runs:?}");
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        app.stop().await;
+    }
 }
 
-#[tokio::test]
-pub(crate) async fn trigger_runs_now_and_cancel_ends_a_live_run() {
-    let mut receiver = Receiver::start().await;
-    let app = TestApp::spawn().await;
-    let mut slow = http_job(
-        "slow",
-        json!({"kind": "cron", "expr": "0 0 1 1 *"}),
-        &receiver.url("/sleep/20000"),
-    );
-    slow["paused"] = json!(true);
-    app.create(slow).await;
+on_both_databases! {
+    #[tokio::test]
+    async fn trigger_runs_now_and_cancel_ends_a_live_run(db: Database) {
+        let mut receiver = Receiver::start().await;
+        let app = TestApp::start(Options::default().on(&db)).await;
+        let mut slow = http_job(
+            "slow",
+            json!({"kind": "cron", "expr": "0 0 1 1 *"}),
+            &receiver.url("/sleep/20000"),
+        );
+        slow["paused"] = json!(true);
+        app.create(slow).await;
 
-    let (status, run) = app.post_empty("/v1/jobs/slow/trigger").await;
-    assert_eq!(status, 202, "{run}");
-    assert_eq!(
-        (run["status"].as_str(), run["trigger"].as_str()),
-        (Some("running"), Some("manual"))
-    );
-    let hit = receiver.next_on("/sleep/20000").await;
-    let id = run["id"].as_str().unwrap();
-    assert_eq!(hit.header("x-cronguard-run"), id);
+        let (status, run) = app.post_empty("/v1/jobs/slow/trigger").await;
+        assert_eq!(status, 202, "{run}");
+        assert_eq!(
+            (run["status"].as_str(), run["trigger"].as_str()),
+            (Some("running"), Some("manual"))
+        );
+        let hit = receiver.next_on("/sleep/20000").await;
+        let id = run["id"].as_str().unwrap();
+        assert_eq!(hit.header("x-cronguard-run"), id);
 
-    // Overlap policy `skip` applies to manual triggers too.
-    let (status, second) = app.post_empty("/v1/jobs/slow/trigger").await;
-    assert_eq!(status, 202);
-    assert_eq!(
-        (second["status"].as_str(), second["reason"].as_str()),
-        (Some("skipped"), Some("overlap"))
-    );
+        // Overlap policy `skip` applies to manual triggers too.
+        let (status, second) = app.post_empty("/v1/jobs/slow/trigger").await;
+        assert_eq!(status, 202);
+        assert_eq!(
+            (second["status"].as_str(), second["reason"].as_str()),
+            (Some("skipped"), Some("overlap"))
+        );
 
-    // Unless the request forces it.
-    let (status, forced) = app.post_empty("/v1/jobs/slow/trigger?force=true").await;
-    assert_eq!(status, 202);
-    assert_eq!(forced["status"], "running", "{forced}");
-    let (status, _) = app
-        .post_empty(&format!("/v1/runs/{}/cancel", forced["id"].as_str().unwrap()))
-        .await;
-    assert_eq!(status, 202);
-    app.final_run(forced["id"].as_str().unwrap()).await;
+        // Unless the request forces it.
+        let (status, forced) = app.post_empty("/v1/jobs/slow/trigger?force=true").await;
+        assert_eq!(status, 202);
+        assert_eq!(forced["status"], "running", "{forced}");
+        let (status, _) = app
+            .post_empty(&format!("/v1/runs/{}/cancel", forced["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(status, 202);
+        app.final_run(forced["id"].as_str().unwrap()).await;
 
-    let (status, _) = app.post_empty(&format!("/v1/runs/{id}/cancel")).await;
-    assert_eq!(status, 202);
-    let run = app.final_run(id).await;
-    assert_eq!(
-        (run["status"].as_str(), run["reason"].as_str()),
-        (Some("cancelled"), Some("requested")),
-        "{run}"
-    );
-    let (status, problem) = app.post_empty(&format!("/v1/runs/{id}/cancel")).await;
-    assert_eq!(
-        (status.as_u16(), problem["type"].as_str()),
-        (409, Some("urn:cronguard:problem:run-final"))
-    );
+        let (status, _) = app.post_empty(&format!("/v1/runs/{id}/cancel")).await;
+        assert_eq!(status, 202);
+        let run = app.final_run(id).await;
+        assert_eq!(
+            (run["status"].as_str(), run["reason"].as_str()),
+            (Some("cancelled"), Some("requested")),
+            "{run}"
+        );
+        let (status, problem) = app.post_empty(&format!("/v1/runs/{id}/cancel")).await;
+        assert_eq!(
+            (status.as_u16(), problem["type"].as_str()),
+            (409, Some("urn:cronguard:problem:run-final"))
+        );
 
-    let (_, runs) = app.get("/v1/runs?status=skipped,cancelled").await;
-    assert_eq!(runs["items"].as_array().unwrap().len(), 3);
-    app.stop().await;
+        let (_, runs) = app.get("/v1/runs?status=skipped,cancelled").await;
+        assert_eq!(runs["items"].as_array().unwrap().len(), 3);
+        app.stop().await;
+    }
 }
