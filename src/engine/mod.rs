@@ -26,9 +26,9 @@
 
 mod plan;
 mod running;
+mod timers;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::plan::{Due, MAX_SCAN, Plan, due_at, plan};
 pub use self::running::EngineLoop;
+use self::timers::Timers;
 use crate::clock::SharedClock;
 use crate::cluster::{Membership, Ownership};
 use crate::fault::Faults;
@@ -53,21 +54,6 @@ use crate::supervisor::{Fire, SupervisorHandle};
 /// fires fall on whole seconds, and the loads for second T + 2.5 then run
 /// between the fires of T and T + 1 instead of beside them.
 pub const PREFETCH: Duration = Duration::from_millis(2500);
-
-struct Entry {
-    timing: Timing,
-    /// The whole job, while it is about to fire.
-    job: Option<Arc<Job>>,
-    /// The last nominal fire handed over (or the store's cursor).
-    cursor: DateTime<Utc>,
-    /// Generation of the live heap item; older items are stale.
-    generation: u64,
-    /// The nominal fire the live heap item stands for.
-    next: Option<DateTime<Utc>>,
-}
-
-/// A heap of `(instant, generation, job)`, earliest first.
-type Heap = BinaryHeap<Reverse<(DateTime<Utc>, u64, JobId)>>;
 
 /// What the engine works with.
 #[derive(Clone)]
@@ -92,15 +78,8 @@ pub struct EngineContext {
 pub struct Engine {
     ctx: EngineContext,
     heartbeat: Arc<Heartbeat>,
-    /// Active jobs (some may have no fire left, e.g. a once-job that ran).
-    jobs: HashMap<JobId, Entry>,
-    /// Paused jobs, counted and remembered for their metric series.
-    paused: HashMap<JobId, Option<Arc<str>>>,
-    /// Due instants.
-    heap: Heap,
-    /// Instants at which a job not in memory must be loaded.
-    prefetch: Heap,
-    generation: u64,
+    /// Every job scheduled here and when it fires next.
+    timers: Timers,
     /// Which jobs are scheduled here, as of the last (re)load.
     ownership: Ownership,
 }
@@ -117,11 +96,7 @@ impl Engine {
             ownership,
             ctx,
             heartbeat,
-            jobs: HashMap::new(),
-            paused: HashMap::new(),
-            heap: BinaryHeap::new(),
-            prefetch: BinaryHeap::new(),
-            generation: 0,
+            timers: Timers::default(),
         }
     }
 
@@ -147,10 +122,10 @@ impl Engine {
             self.fire_due(now).await?;
             self.fetch_upcoming(now).await?;
             self.heartbeat.beat();
-            let next = self.next_due();
+            let next = self.timers.next_due();
             self.ctx.metrics.set_next_fire(next);
             let idle = now + delta(self.ctx.interval);
-            let wake = [next, self.next_prefetch()]
+            let wake = [next, self.timers.next_prefetch()]
                 .into_iter()
                 .flatten()
                 .fold(idle, DateTime::min);
@@ -178,7 +153,7 @@ impl Engine {
 
     /// Logs and counts a step of the wall clock (once per step).
     fn clock_stepped(&mut self, step: crate::clock::Step, now: DateTime<Utc>) {
-        let next = self.next_due();
+        let next = self.timers.next_due();
         match step {
             crate::clock::Step::Backward(by) => {
                 self.ctx.metrics.clock_step("backward");
@@ -208,10 +183,7 @@ impl Engine {
         while changes.try_recv().is_ok() {}
         self.ownership = self.ctx.membership.ownership();
         let timings = self.ctx.store.load_timings().await?;
-        self.jobs.clear();
-        self.paused.clear();
-        self.heap.clear();
-        self.prefetch.clear();
+        self.timers.clear();
         self.restore_monitored(&timings).await?;
         let now = self.ctx.clock.now();
         let mut due = Vec::new();
@@ -252,30 +224,12 @@ impl Engine {
     }
 
     fn publish_counts(&self) {
-        self.ctx.metrics.set_jobs(self.jobs.len(), self.paused.len());
-        self.ctx
-            .membership
-            .set_owned_jobs(self.jobs.len() + self.paused.len());
+        let (active, paused) = self.timers.counts();
+        self.ctx.metrics.set_jobs(active, paused);
+        self.ctx.membership.set_owned_jobs(active + paused);
     }
 
-    /// Forgets a job's per-job series if its name (or monitoring) changes.
-    fn forget_series(&self, old: Option<&Arc<str>>, new: Option<&Arc<str>>) {
-        if let Some(old) = old
-            && new != Some(old)
-        {
-            self.ctx.metrics.forget_job(old);
-        }
-    }
-
-    /// The monitored name a job had, if any.
-    fn monitored(&self, id: JobId) -> Option<Arc<str>> {
-        match self.jobs.get(&id) {
-            Some(e) => e.timing.monitor.clone(),
-            None => self.paused.get(&id).cloned().flatten(),
-        }
-    }
-
-    /// Puts a job on the heap from its cursor; fires due now go to `due`.
+    /// Schedules a job this replica owns (and lets go of one it does not).
     fn schedule(
         &mut self,
         timing: Timing,
@@ -284,87 +238,11 @@ impl Engine {
         reason: Reason,
         due: &mut Vec<(JobId, Due)>,
     ) {
-        let id = timing.id;
-        if !self.ownership.owns(id) {
-            return self.disown(id);
-        }
-        self.forget_series(self.monitored(id).as_ref(), timing.monitor.as_ref());
-        if timing.paused {
-            self.jobs.remove(&id);
-            if let Some(name) = &timing.monitor {
-                self.ctx.metrics.job_expected_by(name, None);
-            }
-            self.paused.insert(id, timing.monitor);
-            return;
-        }
-        self.paused.remove(&id);
-        // The engine may be ahead of the stored cursor (fires handed over
-        // but not yet committed); never go back behind what it handed over.
-        let cursor = self
-            .jobs
-            .get(&id)
-            .map_or(timing.cursor_at, |e| e.cursor.max(timing.cursor_at));
-        let first = timing.next_after(cursor);
-        self.jobs.insert(
-            id,
-            Entry {
-                timing,
-                job,
-                cursor,
-                generation: 0,
-                next: None,
-            },
-        );
-        if let Some(first) = first {
-            self.advance(id, first, now, reason, due);
-        }
-    }
-
-    /// Plans job `id` from the nominal fire `first` up to `now` and pushes
-    /// its next fire on the heap.
-    fn advance(
-        &mut self,
-        id: JobId,
-        first: DateTime<Utc>,
-        now: DateTime<Utc>,
-        reason: Reason,
-        due: &mut Vec<(JobId, Due)>,
-    ) {
-        let Some(entry) = self.jobs.get_mut(&id) else {
-            return;
-        };
-        let planned = plan(&entry.timing, first, now, reason);
-        if let Some(last) = planned.fires.last() {
-            entry.cursor = last
-                .missed
-                .map_or(last.scheduled_at, |m| m.until)
-                .max(entry.cursor);
-        }
-        due.extend(planned.fires.into_iter().map(|d| (id, d)));
-        entry.next = planned.next;
-        let next_due = entry.next.map(|n| due_at(&entry.timing, n));
-        if let Some(name) = &entry.timing.monitor {
-            // A dead man's switch: the next fire plus its grace.
-            let grace = delta(entry.timing.misfire_grace);
-            self.ctx
-                .metrics
-                .job_expected_by(name, next_due.map(|d| d + grace));
-        }
-        let Some(next_due) = next_due else {
-            entry.job = None;
-            return;
-        };
-        self.generation += 1;
-        entry.generation = self.generation;
-        self.heap.push(Reverse((next_due, entry.generation, id)));
-        // Keep the whole job only if it fires again soon; otherwise load
-        // it again shortly before its next fire.
-        if next_due > now + delta(PREFETCH * 2) {
-            entry.job = None;
-        }
-        if entry.job.is_none() {
-            let at = next_due - delta(PREFETCH);
-            self.prefetch.push(Reverse((at, entry.generation, id)));
+        if self.ownership.owns(timing.id) {
+            self.timers
+                .schedule(timing, job, now, reason, &self.ctx.metrics, due);
+        } else {
+            self.timers.remove(timing.id, &self.ctx.metrics);
         }
     }
 
@@ -418,39 +296,29 @@ impl Engine {
         let now = self.ctx.clock.now();
         let mut due = Vec::new();
         let mut present = HashSet::with_capacity(timings.len());
-        let before = self.jobs.len() + self.paused.len();
+        let before = self.timers.ids().len();
         for timing in timings {
             present.insert(timing.id);
             self.schedule(timing, None, now, Reason::Downtime, &mut due);
         }
         let gone: Vec<JobId> = self
-            .jobs
-            .keys()
-            .chain(self.paused.keys())
+            .timers
+            .ids()
+            .into_iter()
             .filter(|id| !present.contains(id))
-            .copied()
             .collect();
         for id in gone {
             self.apply(JobChange::Removed(id));
         }
         let fires = self.with_jobs(due).await?;
         tracing::info!(
-            owned = self.jobs.len() + self.paused.len(),
+            owned = self.timers.ids().len(),
             before,
             due = fires.len(),
             "owned jobs re-planned"
         );
         self.ctx.supervisor.fire(fires);
         Ok(())
-    }
-
-    /// Stops scheduling a job another replica owns now. Its runs here go
-    /// on (the owner's claims see them: the overlap policy holds).
-    fn disown(&mut self, id: JobId) {
-        let previous = self.monitored(id);
-        self.jobs.remove(&id);
-        self.paused.remove(&id);
-        self.forget_series(previous.as_ref(), None);
     }
 
     fn apply(&mut self, change: JobChange) {
@@ -469,10 +337,7 @@ impl Engine {
                 self.ctx.supervisor.fire(fires);
             }
             JobChange::Removed(id) => {
-                let previous = self.monitored(id);
-                self.jobs.remove(&id);
-                self.paused.remove(&id);
-                self.forget_series(previous.as_ref(), None);
+                self.timers.remove(id, &self.ctx.metrics);
                 self.ctx.supervisor.job_removed(id);
             }
             JobChange::Stale(_) | JobChange::Resync => {
@@ -481,34 +346,9 @@ impl Engine {
         }
     }
 
-    /// The earliest due instant, dropping stale heap items on the way.
-    fn next_due(&mut self) -> Option<DateTime<Utc>> {
-        let jobs = &self.jobs;
-        live_top(&mut self.heap, |id, g| {
-            jobs.get(&id).is_some_and(|e| e.generation == g)
-        })
-    }
-
-    /// When the next job must be loaded.
-    fn next_prefetch(&mut self) -> Option<DateTime<Utc>> {
-        let jobs = &self.jobs;
-        live_top(&mut self.prefetch, |id, g| {
-            jobs.get(&id)
-                .is_some_and(|e| e.generation == g && e.job.is_none())
-        })
-    }
-
     /// Loads the jobs due within [`PREFETCH`] that are not in memory.
     async fn fetch_upcoming(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
-        let mut ids = Vec::new();
-        while let Some(at) = self.next_prefetch() {
-            if at > now {
-                break;
-            }
-            if let Some(Reverse((_, _, id))) = self.prefetch.pop() {
-                ids.push(id);
-            }
-        }
+        let ids = self.timers.take_prefetch(now);
         self.attach(ids).await
     }
 
@@ -518,9 +358,7 @@ impl Engine {
             return Ok(());
         }
         for job in self.ctx.store.get_jobs(&ids).await? {
-            if let Some(entry) = self.jobs.get_mut(&job.id) {
-                entry.job = Some(job);
-            }
+            self.timers.attach(job);
         }
         Ok(())
     }
@@ -531,42 +369,25 @@ impl Engine {
         let mut missing: Vec<JobId> = due
             .iter()
             .map(|(id, _)| *id)
-            .filter(|id| self.jobs.get(id).is_some_and(|e| e.job.is_none()))
+            .filter(|id| self.timers.needs_job(*id))
             .collect();
         missing.dedup();
         self.attach(missing.clone()).await?;
         let mut fires = Vec::with_capacity(due.len());
         for (id, d) in due {
-            if let Some(job) = self.jobs.get(&id).and_then(|e| e.job.as_ref()) {
+            if let Some(job) = self.timers.job(id) {
                 fires.push(fire(job, d));
             }
         }
         // Loaded just for these fires: let go of those not due again soon.
         let soon = self.ctx.clock.now() + delta(PREFETCH * 2);
-        for id in missing {
-            if let Some(entry) = self.jobs.get_mut(&id)
-                && entry.next.is_none_or(|n| due_at(&entry.timing, n) > soon)
-            {
-                entry.job = None;
-            }
-        }
+        self.timers.release_unless_due_by(&missing, soon);
         Ok(fires)
     }
 
     async fn fire_due(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
         let mut due = Vec::new();
-        while let Some(at) = self.next_due() {
-            if at > now {
-                break;
-            }
-            let Some(Reverse((_, _, id))) = self.heap.pop() else {
-                break;
-            };
-            let Some(first) = self.jobs.get_mut(&id).and_then(|e| e.next.take()) else {
-                continue;
-            };
-            self.advance(id, first, now, Reason::Misfire, &mut due);
-        }
+        self.timers.take_due(now, &self.ctx.metrics, &mut due);
         if !due.is_empty() {
             if !self.ctx.membership.may_fire() {
                 // The lease ran out: these jobs are the others' to fire
@@ -582,17 +403,6 @@ impl Engine {
         }
         Ok(())
     }
-}
-
-/// The earliest live item of `heap`, dropping stale ones on the way.
-fn live_top(heap: &mut Heap, live: impl Fn(JobId, u64) -> bool) -> Option<DateTime<Utc>> {
-    while let Some(Reverse((at, generation, id))) = heap.peek() {
-        if live(*id, *generation) {
-            return Some(*at);
-        }
-        heap.pop();
-    }
-    None
 }
 
 fn fire(job: &Arc<Job>, d: Due) -> Fire {
