@@ -13,6 +13,7 @@
 
 mod claims;
 mod jobs;
+mod lanes;
 mod outbox;
 mod runs;
 
@@ -26,6 +27,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use self::lanes::Lanes;
 use super::fault::{StorageFault, Writability};
 use super::rows::ms;
 use super::sql::{Tx, first, savepoint, values};
@@ -416,14 +418,11 @@ impl Writer {
                 let _ = self.conn.query("PRAGMA wal_autocheckpoint = 1000", &[], ignore);
             }
         }
-        let mut lanes = Lanes {
-            limit: if self.conn.shared() {
-                MAX_SHARED_BATCH
-            } else {
-                MAX_BATCH
-            },
-            ..Lanes::default()
-        };
+        let mut lanes = Lanes::new(if self.conn.shared() {
+            MAX_SHARED_BATCH
+        } else {
+            MAX_BATCH
+        });
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
             heartbeat.beat();
@@ -567,67 +566,6 @@ impl Writer {
 pub struct CommitError {
     fault: StorageFault,
     detail: String,
-}
-
-/// Queued operations in two lanes. Run starts are on the critical path of
-/// a fire (the action waits for its row), so they are committed first;
-/// everything else (run ends, API writes, housekeeping) follows as soon as
-/// no start waits. Order within a lane is submission order. Reordering
-/// across lanes is safe: a caller that needs an order awaits the first
-/// write's acknowledgement before submitting the second.
-#[derive(Default)]
-struct Lanes {
-    starts: std::collections::VecDeque<Op>,
-    rest: std::collections::VecDeque<Op>,
-    /// Batches of starts in a row while other writes waited.
-    passed: u32,
-    /// Most operations per batch.
-    limit: usize,
-}
-
-impl Lanes {
-    fn push(&mut self, op: Op) {
-        if matches!(op, Op::InsertRun { .. } | Op::StartRun { .. }) {
-            self.starts.push_back(op);
-        } else {
-            self.rest.push_back(op);
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.starts.is_empty() && self.rest.is_empty()
-    }
-
-    fn len(&self) -> usize {
-        self.starts.len() + self.rest.len()
-    }
-
-    /// Moves the next batch into `batch`: starts first, but never more
-    /// than four batches of starts in a row while other writes wait; a
-    /// batch ends after a `Close`.
-    fn fill(&mut self, batch: &mut Vec<Op>) {
-        // A `Close` waits for every start queued before it.
-        let closing = matches!(self.rest.front(), Some(Op::Close { .. }));
-        let starts_first = !self.starts.is_empty() && (self.rest.is_empty() || self.passed < 4 || closing);
-        self.passed = if starts_first && !self.rest.is_empty() {
-            self.passed + 1
-        } else {
-            0
-        };
-        let lane = if starts_first {
-            &mut self.starts
-        } else {
-            &mut self.rest
-        };
-        while batch.len() < self.limit {
-            let Some(op) = lane.pop_front() else { break };
-            let close = matches!(op, Op::Close { .. });
-            batch.push(op);
-            if close {
-                break;
-            }
-        }
-    }
 }
 
 /// Checkpoints the WAL every [`CHECKPOINT_EVERY`] (passive: never waits
