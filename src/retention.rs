@@ -89,13 +89,13 @@ impl Retention {
     ) -> Result<u64, StoreError> {
         let now = self.clock.now();
         let ago = |d: Duration| now - TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX);
-        let overrides = self.store.history_overrides().await?;
+        let overrides = self.store.history().overrides().await?;
         let mut deleted = 0;
 
         // Age, service default (jobs with their own max age excluded).
         if let Some(age) = self.defaults.max_age {
             loop {
-                let n = self.store.prune_old(ago(age), BATCH).await?;
+                let n = self.store.history().prune_old(ago(age), BATCH).await?;
                 deleted += n;
                 heartbeat.beat();
                 if n < u64::from(BATCH) || shutdown.is_cancelled() {
@@ -106,7 +106,7 @@ impl Retention {
 
         // Count (and per-job age) for jobs with new runs, plus every job
         // with its own max age (its runs age even without new ones).
-        let (touched, newest) = self.store.jobs_with_runs_since(*seen).await?;
+        let (touched, newest) = self.store.history().jobs_with_runs_since(*seen).await?;
         let mut jobs = touched;
         jobs.extend(
             overrides
@@ -124,7 +124,11 @@ impl Retention {
                 continue;
             }
             loop {
-                let n = self.store.prune_job(job, keep_last, older_than, BATCH).await?;
+                let n = self
+                    .store
+                    .history()
+                    .prune_job(job, keep_last, older_than, BATCH)
+                    .await?;
                 deleted += n;
                 heartbeat.beat();
                 if n < u64::from(BATCH) || shutdown.is_cancelled() {

@@ -154,7 +154,8 @@ fn owned_here(ctx: &ApiContext, job: &Job) -> Result<(), ApiError> {
 
 pub(super) async fn find(ctx: &ApiContext, key: &str) -> Result<Job, ApiError> {
     ctx.store
-        .get_job(&JobKey::parse(key))
+        .jobs()
+        .get(&JobKey::parse(key))
         .await?
         .ok_or(ApiError::NotFound("job"))
 }
@@ -180,7 +181,7 @@ pub async fn create_job(
     let paused = spec.paused.unwrap_or(false);
     let def = validate(&ctx, spec, true)?;
     if let Some(max) = ctx.max_jobs {
-        let (active, paused) = ctx.store.count_jobs().await?;
+        let (active, paused) = ctx.store.jobs().count().await?;
         if active + paused >= max {
             return Err(ApiError::QuotaExceeded(format!(
                 "this server holds at most {max} jobs (--max-jobs)"
@@ -189,7 +190,8 @@ pub async fn create_job(
     }
     let job = ctx
         .store
-        .create_job(NewJob {
+        .jobs()
+        .create(NewJob {
             id: JobId::new(),
             def,
             paused,
@@ -248,7 +250,7 @@ pub async fn list_jobs(
         source,
     };
     let page = PageParams::<JobId>::parse(&params)?;
-    let found = ctx.store.list_jobs(&filter, page.cursor, page.limit).await?;
+    let found = ctx.store.jobs().list(&filter, page.cursor, page.limit).await?;
     Ok(Json(JobPage {
         items: found.items.iter().map(JobView::from_job).collect(),
         next_cursor: found.next,
@@ -324,7 +326,8 @@ pub async fn replace_job(
     let def = validate(&ctx, spec, schedule_changed)?;
     let job = ctx
         .store
-        .replace_job(Replacement {
+        .jobs()
+        .replace(Replacement {
             id: current.id,
             expected_version,
             def,
@@ -351,7 +354,7 @@ pub async fn delete_job(
 ) -> Result<StatusCode, ApiError> {
     let job = find(&ctx, &key).await?;
     owned_here(&ctx, &job)?;
-    ctx.store.delete_job(job.id, ctx.clock.now()).await?;
+    ctx.store.jobs().delete(job.id, ctx.clock.now()).await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.delete", job = %job.id, name = %job.name(), "job deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -375,7 +378,11 @@ pub async fn pause_job(
         check_note(note)?;
     }
     let job = find(&ctx, &key).await?;
-    let job = ctx.store.set_paused(job.id, true, note, ctx.clock.now()).await?;
+    let job = ctx
+        .store
+        .jobs()
+        .set_paused(job.id, true, note, ctx.clock.now())
+        .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.pause", job = %job.id, name = %job.name(), note = job.pause_note.as_deref(), "job paused");
     Ok(job_response(StatusCode::OK, &job))
 }
@@ -394,7 +401,11 @@ pub async fn resume_job(
     PathParam(key): PathParam,
 ) -> Result<Response, ApiError> {
     let job = find(&ctx, &key).await?;
-    let job = ctx.store.set_paused(job.id, false, None, ctx.clock.now()).await?;
+    let job = ctx
+        .store
+        .jobs()
+        .set_paused(job.id, false, None, ctx.clock.now())
+        .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.resume", job = %job.id, name = %job.name(), "job resumed");
     Ok(job_response(StatusCode::OK, &job))
 }

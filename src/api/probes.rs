@@ -206,7 +206,7 @@ pub async fn metrics(State(ctx): State<Arc<ApiContext>>) -> Result<Response, Api
     // The outbox gauges must show results piling up even while no upload
     // is attempted (the uploader waiting out a backoff, or hung).
     if let Some(contact) = &ctx.backend
-        && let Ok((entries, oldest)) = ctx.store.outbox_stats().await
+        && let Ok((entries, oldest)) = ctx.store.outbox().stats().await
     {
         contact.set_outbox(entries, oldest, ctx.clock.now());
     }
@@ -340,11 +340,11 @@ pub struct StoreStatus {
 pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, ApiError> {
     let h = &ctx.health;
     let snapshot = ctx.supervisor.snapshot().await;
-    let (active, paused) = ctx.store.count_jobs().await?;
+    let (active, paused) = ctx.store.jobs().count().await?;
     let orphans = ctx.orphans.report();
     let backend = match &ctx.backend {
         Some(contact) => {
-            let (outbox_entries, outbox_oldest) = ctx.store.outbox_stats().await?;
+            let (outbox_entries, outbox_oldest) = ctx.store.outbox().stats().await?;
             Some(BackendStatus {
                 contact: contact.view(ctx.clock.now()),
                 outbox_entries,
@@ -384,7 +384,7 @@ pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, 
 async fn replica_set(ctx: &ApiContext) -> Result<crate::cluster::ReplicaSet, ApiError> {
     let m = &ctx.membership;
     let replicas = if ctx.store.shared() {
-        let running = ctx.store.running_by_incarnation().await?;
+        let running = ctx.store.incarnations().running_by().await?;
         m.replicas()
             .into_iter()
             .map(|r| crate::cluster::ReplicaView {

@@ -76,7 +76,8 @@ impl Cx {
     pub async fn recover(&self) -> Result<Arc<Lease>, AppError> {
         let now = self.clock.now();
         self.store
-            .register_incarnation(self.incarnation, self.membership.host().to_owned(), now)
+            .incarnations()
+            .register(self.incarnation, self.membership.host().to_owned(), now)
             .await?;
         let expired_before = self
             .membership
@@ -247,7 +248,7 @@ impl Cx {
             limit: b.outbox_limit,
             batch: b.upload_batch,
             max_backoff: b.max_backoff,
-            signal: self.store.outbox_signal(),
+            signal: self.store.outbox().signal(),
         };
         Ok((puller, uploader))
     }
@@ -304,7 +305,11 @@ impl Cx {
         tracing::info!("shutting down: readiness is failing, draining runs");
         self.membership.leave();
         if self.store.shared()
-            && let Err(e) = self.store.leave(self.incarnation, self.clock.now()).await
+            && let Err(e) = self
+                .store
+                .incarnations()
+                .leave(self.incarnation, self.clock.now())
+                .await
         {
             tracing::warn!(error = %e, "could not record that this replica leaves");
         }
@@ -315,7 +320,8 @@ impl Cx {
     pub async fn close(self, writer: JoinHandle<()>) {
         if let Err(e) = self
             .store
-            .stop_incarnation(self.incarnation, self.clock.now())
+            .incarnations()
+            .stop(self.incarnation, self.clock.now())
             .await
         {
             tracing::warn!(error = %e, "could not record the stop of this incarnation");

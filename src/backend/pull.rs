@@ -229,7 +229,8 @@ impl Puller {
         let now = self.clock.now();
         let existing: HashMap<String, Arc<Job>> = self
             .store
-            .load_jobs()
+            .jobs()
+            .load_all()
             .await?
             .into_iter()
             .map(|j| (j.name().to_owned(), j))
@@ -252,7 +253,10 @@ impl Puller {
             .filter(|j| j.source == Source::Backend && !listed.contains(j.name()))
             .collect();
         for chunk in deletes.chunks(CHUNK) {
-            let acks: Vec<_> = chunk.iter().map(|j| self.store.delete_job(j.id, now)).collect();
+            let acks: Vec<_> = chunk
+                .iter()
+                .map(|j| self.store.jobs().delete(j.id, now))
+                .collect();
             for (job, result) in chunk.iter().zip(futures_util::future::join_all(acks).await) {
                 match result {
                     Ok(()) => {
@@ -336,7 +340,7 @@ impl Puller {
                     errors,
                 })
                 .collect();
-            self.store.record_rejections(detailed, summary).await?;
+            self.store.outbox().record_rejections(detailed, summary).await?;
         }
         state.reported = (rejections.total > 0).then_some(digest);
         self.metrics.applied("created", applied.created);
@@ -426,8 +430,8 @@ impl Puller {
         for (label, item, write) in chunk {
             let created = matches!(write, Write::Create(_));
             acks.push(match write {
-                Write::Create(job) => self.store.create_job(job),
-                Write::Replace(r) => self.store.replace_job(r),
+                Write::Create(job) => self.store.jobs().create(job),
+                Write::Replace(r) => self.store.jobs().replace(r),
             });
             meta.push((label, item, created));
         }

@@ -85,7 +85,7 @@ impl Uploader {
             heartbeat.beat();
             faults.checkpoint(heartbeat.name()).await;
             if self.refresh_gauges().await? > self.limit {
-                let dropped = self.store.outbox_trim(self.limit).await?;
+                let dropped = self.store.outbox().trim(self.limit).await?;
                 if dropped > 0 {
                     self.metrics.dropped(dropped);
                     tracing::error!(
@@ -96,7 +96,7 @@ impl Uploader {
                 }
                 self.refresh_gauges().await?;
             }
-            let entries = self.store.outbox_peek(batch_size as u32).await?;
+            let entries = self.store.outbox().peek(batch_size as u32).await?;
             let empty = entries.is_empty();
             let Some(prepared) = self.prepare(entries).await? else {
                 if !empty {
@@ -116,7 +116,7 @@ impl Uploader {
             match sent {
                 Ok(()) => {
                     self.contact.success(Direction::Push, self.clock.now());
-                    self.store.outbox_delete(prepared.seqs).await?;
+                    self.store.outbox().delete(prepared.seqs).await?;
                     self.metrics
                         .uploaded("result", prepared.batch.results.len() as u64);
                     self.metrics
@@ -180,7 +180,7 @@ impl Uploader {
             }
         }
         if !unreadable.is_empty() {
-            let n = self.store.outbox_delete(unreadable).await?;
+            let n = self.store.outbox().delete(unreadable).await?;
             self.metrics.dropped(n);
         }
         Ok((!seqs.is_empty()).then_some(Prepared { batch, seqs }))
@@ -189,7 +189,7 @@ impl Uploader {
     /// Reads the outbox's size into the contact state and its gauges;
     /// returns the number of entries.
     async fn refresh_gauges(&self) -> Result<u64, StoreError> {
-        let (entries, oldest) = self.store.outbox_stats().await?;
+        let (entries, oldest) = self.store.outbox().stats().await?;
         self.contact.set_outbox(entries, oldest, self.clock.now());
         Ok(entries)
     }

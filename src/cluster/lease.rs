@@ -55,7 +55,7 @@ impl Lease {
     pub async fn round(&self, last_renewed: &mut DateTime<Utc>) -> Result<(), StoreError> {
         let me = self.membership.me;
         let now = self.clock.now();
-        match self.store.heartbeat(me, now).await {
+        match self.store.incarnations().heartbeat(me, now).await {
             Ok(true) => {
                 *last_renewed = now;
                 self.metrics.lease_renewed(now);
@@ -70,7 +70,7 @@ impl Lease {
         }
         let lease = TimeDelta::from_std(self.lease()).unwrap_or(TimeDelta::MAX);
         let active = now - *last_renewed < lease;
-        let replicas = match self.store.replicas(now - lease).await {
+        let replicas = match self.store.incarnations().live(now - lease).await {
             Ok(replicas) => replicas,
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the replica set");
@@ -88,7 +88,11 @@ impl Lease {
         }
         self.metrics.set_replicas(count);
         if active && self.membership.leads() {
-            let runs = self.store.orphan_foreign_runs(me, now, Some(now - lease)).await?;
+            let runs = self
+                .store
+                .runs()
+                .orphan_foreign(me, now, Some(now - lease))
+                .await?;
             if !runs.is_empty() {
                 tracing::warn!(runs = runs.len(), "took over the live runs of expired replicas");
             }

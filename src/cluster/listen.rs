@@ -45,7 +45,7 @@ impl Listener {
         heartbeat: Arc<Heartbeat>,
         faults: Arc<Faults>,
     ) -> Result<(), LoopError> {
-        let Some(mut listener) = self.store.listen().await? else {
+        let Some(mut listener) = self.store.incarnations().listen().await? else {
             return Ok(());
         };
         // Changes made while no listener ran (startup, or a restart of

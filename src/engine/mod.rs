@@ -182,7 +182,7 @@ impl Engine {
         // Changes committed before the load are in it; drop their notices.
         while changes.try_recv().is_ok() {}
         self.ownership = self.ctx.membership.ownership();
-        let timings = self.ctx.store.load_timings().await?;
+        let timings = self.ctx.store.jobs().timings().await?;
         self.timers.clear();
         self.restore_monitored(&timings).await?;
         let now = self.ctx.clock.now();
@@ -209,7 +209,7 @@ impl Engine {
             return Ok(());
         }
         let ids: Vec<JobId> = monitored.iter().map(|(id, _)| *id).collect();
-        let outcomes = self.ctx.store.last_outcomes(&ids).await?;
+        let outcomes = self.ctx.store.runs().last_outcomes(&ids).await?;
         for (id, name) in monitored {
             if let Some((success, failure)) = outcomes.get(&id) {
                 if let Some(at) = success {
@@ -275,7 +275,7 @@ impl Engine {
     async fn refresh(&mut self, mut ids: Vec<JobId>) -> Result<(), StoreError> {
         ids.sort_unstable();
         ids.dedup();
-        let jobs = self.ctx.store.get_jobs(&ids).await?;
+        let jobs = self.ctx.store.jobs().get_many(&ids).await?;
         let found: HashSet<JobId> = jobs.iter().map(|j| j.id).collect();
         for job in jobs {
             self.apply(JobChange::Upserted(job));
@@ -292,7 +292,7 @@ impl Engine {
     /// of the others, and drops jobs deleted unheard.
     async fn resync(&mut self) -> Result<(), StoreError> {
         self.ownership = self.ctx.membership.ownership();
-        let timings = self.ctx.store.load_timings().await?;
+        let timings = self.ctx.store.jobs().timings().await?;
         let now = self.ctx.clock.now();
         let mut due = Vec::new();
         let mut present = HashSet::with_capacity(timings.len());
@@ -357,7 +357,7 @@ impl Engine {
         if ids.is_empty() {
             return Ok(());
         }
-        for job in self.ctx.store.get_jobs(&ids).await? {
+        for job in self.ctx.store.jobs().get_many(&ids).await? {
             self.timers.attach(job);
         }
         Ok(())

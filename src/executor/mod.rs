@@ -196,7 +196,11 @@ impl Executor {
                 let store = self.inner.store.clone();
                 let run_id = occurrence.run_id;
                 let on_spawn = move |p: ProcessInfo| async move {
-                    if let Err(e) = store.record_process(run_id, p.pid, p.pgid, p.start_ticks).await {
+                    if let Err(e) = store
+                        .runs()
+                        .record_process(run_id, p.pid, p.pgid, p.start_ticks)
+                        .await
+                    {
                         tracing::warn!(error = %e, "could not record the run's process");
                     }
                 };

@@ -229,7 +229,7 @@ pub async fn reconcile_previous_incarnations(
     expired_before: Option<DateTime<Utc>>,
     policy: OrphanPolicy,
 ) -> Result<Vec<Run>, StoreError> {
-    let runs = store.orphan_foreign_runs(current, now, expired_before).await?;
+    let runs = store.runs().orphan_foreign(current, now, expired_before).await?;
     handle_previous_incarnation_runs(&runs, orphans, now, policy);
     let handled: HashSet<RunId> = runs.iter().map(|r| r.id).collect();
     handle_escaped(store, orphans, now, policy, &handled).await?;
@@ -257,7 +257,7 @@ pub async fn handle_escaped(
         return Ok(());
     }
     let ids: Vec<RunId> = by_run.iter().map(|(run, _)| *run).collect();
-    let statuses = store.run_statuses(&ids).await?;
+    let statuses = store.runs().statuses(&ids).await?;
     for (run, procs) in by_run {
         let Some(status) = statuses.get(&run).filter(|s| s.is_final()) else {
             continue;

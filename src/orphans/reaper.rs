@@ -110,7 +110,7 @@ impl Reaper {
     /// One full pass; `false` once the supervisor is gone (shutdown).
     pub async fn pass(&self, suspects: &mut HashSet<RunId>) -> Result<bool, StoreError> {
         // Order matters: database first, then the supervisor (see above).
-        let recorded = self.store.live_runs(self.incarnation).await?;
+        let recorded = self.store.runs().live(self.incarnation).await?;
         let Some(snapshot) = self.supervisor.snapshot().await else {
             return Ok(false);
         };
@@ -125,7 +125,12 @@ impl Reaper {
         // Kind 2: recorded live here, owned by no task.
         for (run, job) in recorded.into_iter().filter(|(run, _)| !owned.contains(run)) {
             let error = "no task of this incarnation owned this live run (found by the orphan reaper)";
-            if self.store.orphan_run_if_live(run, now, error.to_owned()).await? {
+            if self
+                .store
+                .runs()
+                .orphan_if_live(run, now, error.to_owned())
+                .await?
+            {
                 self.orphans.record(
                     Finding {
                         kind: OrphanKind::RunWithoutTask,
@@ -144,7 +149,7 @@ impl Reaper {
 
         // Kind 3: tasks whose run is gone or final, or that are stuck.
         let ids: Vec<RunId> = snapshot.running.iter().map(|r| r.run).collect();
-        let statuses = self.store.run_statuses(&ids).await?;
+        let statuses = self.store.runs().statuses(&ids).await?;
         let mut still_suspect = HashSet::new();
         for live in &snapshot.running {
             let problem = match statuses.get(&live.run) {

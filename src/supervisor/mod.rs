@@ -17,6 +17,7 @@ mod running;
 mod task;
 mod unrecorded;
 
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -442,7 +443,7 @@ impl Supervisor {
 
     /// Records a decision row; replies with it once committed.
     fn record(&mut self, run: Run, reply: Option<oneshot::Sender<Result<Run, TriggerError>>>) {
-        let ack = self.ctx.store.insert_run(run.clone());
+        let ack = self.ctx.store.runs().insert(run.clone());
         let metrics = self.ctx.metrics.clone();
         let refused = self.refused_tx.clone();
         self.recorders.spawn(async move {
@@ -549,7 +550,7 @@ impl Supervisor {
 
     /// Starts now, or queues behind the global limit. `guard` (all but
     /// forced runs): how many runs of the job other replicas may have live
-    /// for this one to start (see [`crate::store::Store::claim_run`]).
+    /// for this one to start (see [`crate::store::Runs::claim`]).
     fn start_or_backlog(
         &mut self,
         run_id: RunId,
@@ -560,8 +561,8 @@ impl Supervisor {
         if self.live.len() < self.config.max_running {
             let row = self.new_row(run_id, &fire, RunStatus::Running, None);
             let ack = match guard {
-                Some(guard) => self.ctx.store.claim_run(row.clone(), guard),
-                None => self.ctx.store.insert_run(row.clone()),
+                Some(guard) => self.ctx.store.runs().claim(row.clone(), guard),
+                None => self.ctx.store.runs().insert(row.clone()),
             };
             let begin = Begin::Submitted(ack);
             let reply = reply.map(|r| (r, row));
@@ -636,14 +637,18 @@ impl Supervisor {
                 .fire_not_run(RunStatus::Missed, Reason::Misfire, 1);
             return self.finish_unstarted(w.run_id, outcome);
         }
-        let begin = Begin::Submitted(self.ctx.store.start_run(w.run_id, now));
+        let begin = Begin::Submitted(self.ctx.store.runs().start(w.run_id, now));
         self.spawn(w.run_id, w.fire, begin, w.cancel, None);
     }
 
     /// Records the end of a run that never started (queued, then dropped).
     fn finish_unstarted(&mut self, run_id: RunId, mut outcome: Outcome) {
         outcome.attempts = 0;
-        let ack = self.ctx.store.finish_run(run_id, outcome, self.ctx.clock.now());
+        let ack = self
+            .ctx
+            .store
+            .runs()
+            .finish(run_id, outcome, self.ctx.clock.now());
         self.recorders.spawn(async move {
             if let Err(e) = ack.await
                 && !matches!(e, StoreError::Conflict(Conflict::NotFound))
@@ -747,7 +752,7 @@ impl Supervisor {
                         .metrics
                         .run_finished(live.trigger, outcome.status, live.started_at, now);
                 }
-                let ack = self.ctx.store.finish_run(run_id, outcome, now);
+                let ack = self.ctx.store.runs().finish(run_id, outcome, now);
                 self.recorders.spawn(async move {
                     match ack.await {
                         Ok(()) | Err(StoreError::Conflict(Conflict::NotFound | Conflict::AlreadyFinal)) => {}
@@ -770,7 +775,11 @@ impl Supervisor {
                         .metrics
                         .run_finished(live.trigger, RunStatus::Failed, live.started_at, now);
                 }
-                let ack = self.ctx.store.finish_run(run_id, Outcome::failed(message), now);
+                let ack = self
+                    .ctx
+                    .store
+                    .runs()
+                    .finish(run_id, Outcome::failed(message), now);
                 self.recorders.spawn(async move {
                     if let Err(e) = ack.await {
                         tracing::error!(run = %run_id, error = %e, "could not record a panicked run");
@@ -882,7 +891,7 @@ impl Supervisor {
             self.ctx
                 .metrics
                 .run_finished(live.trigger, RunStatus::Cancelled, live.started_at, now);
-            let ack = self.ctx.store.finish_run(
+            let ack = self.ctx.store.runs().finish(
                 run_id,
                 Outcome::cancelled(Reason::Shutdown, "killed at shutdown"),
                 now,

@@ -169,7 +169,7 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
 
     let status = outcome.status;
     let ended_at = ctx.clock.now();
-    match ctx.store.finish_run(run_id, outcome, ended_at).await {
+    match ctx.store.runs().finish(run_id, outcome, ended_at).await {
         // The job (and its history) was deleted while the run was going.
         Ok(()) | Err(StoreError::Conflict(Conflict::NotFound)) => {}
         Err(e) => tracing::error!(run = %run_id, error = %e, "could not record the end of a run"),
@@ -270,7 +270,12 @@ async fn attempts(
             %retry_at,
             "attempt failed; retrying"
         );
-        if let Err(e) = ctx.store.record_attempt(run_id, attempt, log.clone()).await {
+        if let Err(e) = ctx
+            .store
+            .runs()
+            .record_attempt(run_id, attempt, log.clone())
+            .await
+        {
             tracing::warn!(error = %e, "could not record an attempt");
         }
         tokio::select! {

@@ -37,7 +37,8 @@ async fn shared_store(
     let (a, b) = (Incarnation::new(), Incarnation::new());
     for me in [a, b] {
         store
-            .register_incarnation(me, "test".into(), t0())
+            .incarnations()
+            .register(me, "test".into(), t0())
             .await
             .expect("register");
     }
@@ -65,7 +66,8 @@ async fn job(store: &Store, name: &str) -> JobId {
     .expect("spec");
     let def = spec.validate(&ActionPolicy::default()).expect("valid");
     let job = store
-        .create_job(NewJob {
+        .jobs()
+        .create(NewJob {
             id: JobId::new(),
             def,
             paused: false,
@@ -116,11 +118,12 @@ fn each_claim_answer_on_a_shared_database() {
         // duplicate, whatever its guard.
         let id = job(&store, "once").await;
         store
-            .claim_run(fire(id, "once", at(1), a), 1)
+            .runs()
+            .claim(fire(id, "once", at(1), a), 1)
             .await
             .expect("first claim");
         assert!(matches!(
-            store.claim_run(fire(id, "once", at(1), b), 10).await,
+            store.runs().claim(fire(id, "once", at(1), b), 10).await,
             Err(StoreError::Conflict(Conflict::DuplicateFire))
         ));
         // A refused claim leaves the cursor and the count as they were.
@@ -131,38 +134,45 @@ fn each_claim_answer_on_a_shared_database() {
         // with room for one more (guard 2) it goes through.
         let skipped = fire(id, "once", at(2), b);
         assert!(matches!(
-            store.claim_run(skipped.clone(), 1).await,
+            store.runs().claim(skipped.clone(), 1).await,
             Err(StoreError::Conflict(Conflict::Overlap))
         ));
-        let row = store.get_run(skipped.id).await.expect("read").expect("recorded");
+        let row = store
+            .runs()
+            .get(skipped.id)
+            .await
+            .expect("read")
+            .expect("recorded");
         assert_eq!(row.status, RunStatus::Skipped);
         assert_eq!(row.reason, Some(cronguard::run::Reason::Overlap));
         store
-            .claim_run(fire(id, "once", at(3), b), 2)
+            .runs()
+            .claim(fire(id, "once", at(3), b), 2)
             .await
             .expect("room for two");
 
         // Deleted between its fire and its claim: not found, nothing written.
         let gone = job(&store, "gone").await;
-        store.delete_job(gone, at(4)).await.expect("delete");
+        store.jobs().delete(gone, at(4)).await.expect("delete");
         let late = fire(gone, "gone", at(5), a);
         assert!(matches!(
-            store.claim_run(late.clone(), 1).await,
+            store.runs().claim(late.clone(), 1).await,
             Err(StoreError::Conflict(Conflict::NotFound))
         ));
-        assert!(store.get_run(late.id).await.expect("read").is_none());
+        assert!(store.runs().get(late.id).await.expect("read").is_none());
 
         // Fenced: once a replica is declared stopped, its claims fail and
         // record nothing; the live replica's still go through.
-        store.stop_incarnation(a, at(6)).await.expect("stop a");
+        store.incarnations().stop(a, at(6)).await.expect("stop a");
         let fenced = fire(id, "once", at(7), a);
         assert!(matches!(
-            store.claim_run(fenced.clone(), 10).await,
+            store.runs().claim(fenced.clone(), 10).await,
             Err(StoreError::Conflict(Conflict::Fenced))
         ));
-        assert!(store.get_run(fenced.id).await.expect("read").is_none());
+        assert!(store.runs().get(fenced.id).await.expect("read").is_none());
         store
-            .claim_run(fire(id, "once", at(7), b), 10)
+            .runs()
+            .claim(fire(id, "once", at(7), b), 10)
             .await
             .expect("b claims it");
         store.close().await.expect("close");
@@ -183,10 +193,11 @@ fn successes_ending_together_each_get_their_answer() {
             let id = job(&store, "many").await;
             let runs: Vec<Run> = (1..=4).map(|s| fire(id, "many", at(s), a)).collect();
             for run in &runs {
-                store.claim_run(run.clone(), 10).await.expect("claim");
+                store.runs().claim(run.clone(), 10).await.expect("claim");
             }
             store
-                .finish_run(runs[3].id, Outcome::failed("boom"), at(5))
+                .runs()
+                .finish(runs[3].id, Outcome::failed("boom"), at(5))
                 .await
                 .expect("the last one failed first");
             sqlx::query("UPDATE jobs SET consecutive_failures = 2 WHERE id = $1")
@@ -206,11 +217,11 @@ fn successes_ending_together_each_get_their_answer() {
             };
             // Submitted without waiting in between: one writer batch.
             let acks = vec![
-                store.finish_run(runs[0].id, success(0), at(6)),
-                store.finish_run(runs[1].id, success(0), at(6)),
-                store.finish_run(runs[3].id, success(0), at(6)),
-                store.finish_run(RunId::new(), success(0), at(6)),
-                store.finish_run(runs[2].id, success(3), at(7)),
+                store.runs().finish(runs[0].id, success(0), at(6)),
+                store.runs().finish(runs[1].id, success(0), at(6)),
+                store.runs().finish(runs[3].id, success(0), at(6)),
+                store.runs().finish(RunId::new(), success(0), at(6)),
+                store.runs().finish(runs[2].id, success(3), at(7)),
             ];
             let answers = futures_util::future::join_all(acks).await;
             assert!(
@@ -225,12 +236,12 @@ fn successes_ending_together_each_get_their_answer() {
                 matches!(answers[3], Err(StoreError::Conflict(Conflict::NotFound))),
                 "{answers:?}"
             );
-            let row = store.get_run(runs[2].id).await.expect("read").expect("row");
+            let row = store.runs().get(runs[2].id).await.expect("read").expect("row");
             assert_eq!(
                 (row.status, row.exit_code, row.output.as_deref(), row.ended_at),
                 (RunStatus::Succeeded, Some(3), Some("out 3\n"), Some(at(7)))
             );
-            let last = store.get_run(runs[3].id).await.expect("read").expect("row");
+            let last = store.runs().get(runs[3].id).await.expect("read").expect("row");
             assert_eq!(
                 (last.status, last.error.as_deref()),
                 (RunStatus::Failed, Some("boom"))

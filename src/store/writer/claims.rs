@@ -23,7 +23,7 @@ pub struct Shared {
 /// The first statement locks the job's row (`FOR NO KEY UPDATE`, the lock
 /// an `UPDATE` takes: run inserts' foreign-key checks do not wait on it),
 /// so a concurrent delete on
-/// another replica makes this [`StoreError::Conflict(Conflict::NotFound)`] and claims of one
+/// another replica makes this [`Conflict::NotFound`] and claims of one
 /// job by two replicas are serialised; for a scheduled or catch-up fire
 /// it also moves the cursor and counts the start (the common case of
 /// every fire), and returns the cursor it had so that a refused claim can
@@ -31,10 +31,10 @@ pub struct Shared {
 /// then taken after the lock, so the overlap guard sees the runs another
 /// replica committed while this one waited (one statement would check a
 /// snapshot from before the wait). The insert requires that this
-/// incarnation was not declared stopped ([`StoreError::Conflict(Conflict::Fenced)`]) and, with
+/// incarnation was not declared stopped ([`Conflict::Fenced`]) and, with
 /// a guard, that the job has fewer live runs on other replicas than the
 /// guard: otherwise the fire is recorded as `skipped` (`overlap`) and
-/// reported as [`StoreError::Conflict(Conflict::Overlap)`].
+/// reported as [`Conflict::Overlap`].
 pub(super) fn claim(c: &mut dyn Tx, run: &Run, outbox: bool, guard: Option<u32>) -> Applied<()> {
     let counted = runs::counts_toward_limit(run.trigger);
     let starting = counted && run.status == RunStatus::Running;

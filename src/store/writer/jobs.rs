@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
-use super::load_job;
+use super::{Pending, Reply, load_job, pending, upserted};
 use crate::job::{Job, JobDefinition, JobId};
 use crate::store::Conflict;
+use crate::store::JobChange;
 use crate::store::rows::{ms, spec_json};
+use crate::store::sql::savepoint;
 use crate::store::sql::{Tx, all, is_unique_violation, values};
 use crate::store::{NewJob, Replacement, StoreError};
 use chrono::{DateTime, Utc};
@@ -189,5 +191,57 @@ pub(super) fn delete(c: &mut dyn Tx, id: JobId, at: DateTime<Utc>, outbox: bool)
         Err(StoreError::Conflict(Conflict::NotFound))
     } else {
         Ok(())
+    }
+}
+
+/// Job writes, as the store queues them.
+pub enum JobOp {
+    Create {
+        job: NewJob,
+        reply: Reply<Arc<Job>>,
+    },
+    Replace {
+        replacement: Replacement,
+        reply: Reply<Arc<Job>>,
+    },
+    SetPaused {
+        id: JobId,
+        paused: bool,
+        note: Option<String>,
+        now: DateTime<Utc>,
+        reply: Reply<Arc<Job>>,
+    },
+    Delete {
+        id: JobId,
+        at: DateTime<Utc>,
+        reply: Reply<()>,
+    },
+}
+
+/// Applies one JobOp inside the batch's transaction.
+pub(super) fn apply(tx: &mut dyn Tx, op: JobOp, outbox: bool) -> Pending {
+    match op {
+        JobOp::Create { job, reply } => {
+            let result = savepoint(tx, |c| create(c, job));
+            pending(reply, result.map(upserted))
+        }
+        JobOp::Replace { replacement, reply } => {
+            let result = savepoint(tx, |c| replace(c, replacement));
+            pending(reply, result.map(upserted))
+        }
+        JobOp::SetPaused {
+            id,
+            paused,
+            note,
+            now,
+            reply,
+        } => {
+            let result = savepoint(tx, |c| set_paused(c, id, paused, note, now));
+            pending(reply, result.map(upserted))
+        }
+        JobOp::Delete { id, at, reply } => {
+            let result = delete(tx, id, at, outbox);
+            pending(reply, result.map(|()| ((), Some(JobChange::Removed(id)))))
+        }
     }
 }

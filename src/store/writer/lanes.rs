@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use super::Op;
+use super::{Op, RunOp};
 
 /// Queued operations in two lanes. Run starts are on the critical path of
 /// a fire (the action waits for its row), so they are committed first;
@@ -31,7 +31,7 @@ impl Lanes {
     }
 
     pub fn push(&mut self, op: Op) {
-        if matches!(op, Op::InsertRun { .. } | Op::StartRun { .. }) {
+        if matches!(op, Op::Runs(RunOp::Insert { .. } | RunOp::Start { .. })) {
             self.starts.push_back(op);
         } else {
             self.rest.push_back(op);
@@ -91,11 +91,11 @@ mod tests {
         let (reply, _) = oneshot::channel();
         let n: i64 = label[1..].parse().unwrap_or(0);
         match &label[..1] {
-            "s" => Op::StartRun {
+            "s" => Op::Runs(RunOp::Start {
                 id: RunId(uuid::Uuid::from_u128(n as u128)),
                 at: at(n),
                 reply,
-            },
+            }),
             "w" => Op::Probe { at: at(n), reply },
             _ => {
                 let (reply, _) = oneshot::channel();
@@ -106,7 +106,7 @@ mod tests {
 
     fn label(op: &Op) -> String {
         match op {
-            Op::StartRun { at, .. } => format!("s{}", at.timestamp()),
+            Op::Runs(RunOp::Start { at, .. }) => format!("s{}", at.timestamp()),
             Op::Probe { at, .. } => format!("w{}", at.timestamp()),
             Op::Close { .. } => "close".into(),
             _ => "?".into(),

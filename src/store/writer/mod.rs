@@ -12,6 +12,8 @@
 //! batch down with it.
 
 mod claims;
+mod history;
+mod incarnations;
 mod jobs;
 mod lanes;
 mod outbox;
@@ -27,13 +29,18 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::history::HistoryOp;
+pub use self::incarnations::IncarnationOp;
+pub use self::jobs::JobOp;
 use self::lanes::Lanes;
+pub use self::outbox::OutboxOp;
+pub use self::runs::RunOp;
 use super::fault::{StorageFault, Writability};
 use super::rows::ms;
-use super::sql::{Tx, first, savepoint, values};
-use super::{JobChange, NewJob, Replacement, StoreError};
+use super::sql::{Tx, first, values};
+use super::{JobChange, StoreError};
 use crate::job::{Job, JobId};
-use crate::run::{Attempt, Incarnation, Outcome, Run, RunId, RunStatus};
+use crate::run::{Outcome, RunId, RunStatus};
 use crate::store::Conflict;
 
 /// Most operations committed in one transaction. Small enough that the
@@ -54,116 +61,21 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// One queued write.
 pub enum Op {
-    CreateJob {
-        job: NewJob,
-        reply: Reply<Arc<Job>>,
-    },
-    ReplaceJob {
-        replacement: Replacement,
-        reply: Reply<Arc<Job>>,
-    },
-    SetPaused {
-        id: JobId,
-        paused: bool,
-        note: Option<String>,
-        now: DateTime<Utc>,
-        reply: Reply<Arc<Job>>,
-    },
-    DeleteJob {
-        id: JobId,
-        at: DateTime<Utc>,
-        reply: Reply<()>,
-    },
-    InsertRun {
-        run: Run,
-        /// Replicas: start only while fewer runs of the job than this are
-        /// live on other replicas (the overlap policy across replicas).
-        guard: Option<u32>,
-        reply: Reply<()>,
-    },
-    StartRun {
-        id: RunId,
-        at: DateTime<Utc>,
-        reply: Reply<()>,
-    },
-    RecordAttempt {
-        id: RunId,
-        attempts: u32,
-        log: Vec<Attempt>,
-        reply: Reply<()>,
-    },
-    RecordProcess {
-        id: RunId,
-        pid: i32,
-        pgid: i32,
-        start_ticks: Option<u64>,
-        reply: Reply<()>,
-    },
-    FinishRun {
-        id: RunId,
-        outcome: Outcome,
-        at: DateTime<Utc>,
-        reply: Reply<()>,
-    },
-    OrphanRunIfLive {
-        id: RunId,
-        at: DateTime<Utc>,
-        error: String,
-        reply: Reply<bool>,
-    },
-    OrphanForeignRuns {
-        current: Incarnation,
-        at: DateTime<Utc>,
-        /// Replicas: only runs of incarnations whose last heartbeat is not
-        /// later than this (their lease expired), which are marked stopped.
-        expired_before: Option<DateTime<Utc>>,
-        reply: Reply<Vec<Run>>,
-    },
-    RegisterIncarnation {
-        id: Incarnation,
-        host: String,
-        at: DateTime<Utc>,
-        reply: Reply<()>,
-    },
-    PruneJob {
-        job: JobId,
-        keep_last: Option<u32>,
-        older_than: Option<DateTime<Utc>>,
-        limit: u32,
-        reply: Reply<u64>,
-    },
-    PruneOld {
-        older_than: DateTime<Utc>,
-        limit: u32,
-        reply: Reply<u64>,
-    },
-    RecordRejections {
-        rejections: Vec<crate::protocol::Rejection>,
-        summary: crate::protocol::RejectionSummary,
-        reply: Reply<()>,
-    },
-    OutboxDelete {
-        seqs: Vec<i64>,
-        reply: Reply<u64>,
-    },
-    OutboxTrim {
-        limit: u64,
-        reply: Reply<u64>,
-    },
+    /// See [`JobOp`] (boxed: a job is large, and job writes are rare
+    /// beside the run writes every fire makes).
+    Jobs(Box<JobOp>),
+    /// See [`RunOp`].
+    Runs(RunOp),
+    /// See [`HistoryOp`].
+    History(HistoryOp),
+    /// See [`OutboxOp`].
+    Outbox(OutboxOp),
+    /// See [`IncarnationOp`].
+    Incarnations(IncarnationOp),
     /// Commit what came before, acknowledge, and stop.
-    Close {
-        reply: Reply<()>,
-    },
+    Close { reply: Reply<()> },
     /// Write one row, to learn whether the database takes writes.
-    Probe {
-        at: DateTime<Utc>,
-        reply: Reply<()>,
-    },
-    StopIncarnation {
-        id: Incarnation,
-        at: DateTime<Utc>,
-        reply: Reply<()>,
-    },
+    Probe { at: DateTime<Utc>, reply: Reply<()> },
 }
 
 /// Replies and publishes once the commit is known (its error, if any).
@@ -173,7 +85,7 @@ impl Op {
     /// A successful run's end: on a shared database neighbours of this
     /// kind end in one statement ([`finish_successes`]).
     fn is_success_finish(&self) -> bool {
-        matches!(self, Self::FinishRun { outcome, .. } if outcome.status == RunStatus::Succeeded)
+        matches!(self, Self::Runs(RunOp::Finish { outcome, .. }) if outcome.status == RunStatus::Succeeded)
     }
 
     /// Whether the operation may fail in the database for reasons other
@@ -186,11 +98,13 @@ impl Op {
     fn may_fail(&self) -> bool {
         !matches!(
             self,
-            Self::InsertRun { .. }
-                | Self::StartRun { .. }
-                | Self::FinishRun { .. }
-                | Self::RecordProcess { .. }
-                | Self::RecordAttempt { .. }
+            Self::Runs(
+                RunOp::Insert { .. }
+                    | RunOp::Start { .. }
+                    | RunOp::Finish { .. }
+                    | RunOp::RecordProcess { .. }
+                    | RunOp::RecordAttempt { .. }
+            )
         )
     }
 }
@@ -464,7 +378,7 @@ impl Writer {
             // queued run stays after every insert (its row may be one).
             batch.sort_by_key(|op| {
                 match op {
-                    Op::InsertRun { run, .. } => Some(run.job_id),
+                    Op::Runs(RunOp::Insert { run, .. }) => Some(run.job_id),
                     _ => None,
                 }
                 .map_or((1, None), |id| (0, Some(id)))
@@ -590,12 +504,12 @@ fn finish_successes(tx: &mut dyn Tx, group: Vec<Op>, outbox: bool) -> Vec<Pendin
     let finishes: Vec<(RunId, Outcome, DateTime<Utc>, Reply<()>)> = group
         .into_iter()
         .filter_map(|op| match op {
-            Op::FinishRun {
+            Op::Runs(RunOp::Finish {
                 id,
                 outcome,
                 at,
                 reply,
-            } => Some((id, outcome, at, reply)),
+            }) => Some((id, outcome, at, reply)),
             _ => None,
         })
         .collect();
@@ -654,107 +568,11 @@ fn notify(tx: &mut dyn Tx, changed: impl Iterator<Item = JobId>) -> Result<(), S
 
 fn apply(tx: &mut dyn Tx, op: Op, outbox: bool, shared: bool) -> Pending {
     match op {
-        Op::CreateJob { job, reply } => {
-            let result = savepoint(tx, |c| jobs::create(c, job));
-            pending(reply, result.map(upserted))
-        }
-        Op::ReplaceJob { replacement, reply } => {
-            let result = savepoint(tx, |c| jobs::replace(c, replacement));
-            pending(reply, result.map(upserted))
-        }
-        Op::SetPaused {
-            id,
-            paused,
-            note,
-            now,
-            reply,
-        } => {
-            let result = savepoint(tx, |c| jobs::set_paused(c, id, paused, note, now));
-            pending(reply, result.map(upserted))
-        }
-        Op::DeleteJob { id, at, reply } => {
-            let result = jobs::delete(tx, id, at, outbox);
-            pending(reply, result.map(|()| ((), Some(JobChange::Removed(id)))))
-        }
-        Op::InsertRun { run, guard, reply } => pending(
-            reply,
-            runs::insert(tx, &run, outbox, shared.then_some(claims::Shared { guard })),
-        ),
-        Op::StartRun { id, at, reply } => pending(reply, runs::start(tx, id, at, outbox)),
-        Op::RecordAttempt {
-            id,
-            attempts,
-            log,
-            reply,
-        } => pending(reply, plain(runs::record_attempt(tx, id, attempts, &log))),
-        Op::RecordProcess {
-            id,
-            pid,
-            pgid,
-            start_ticks,
-            reply,
-        } => pending(reply, plain(runs::record_process(tx, id, pid, pgid, start_ticks))),
-        Op::FinishRun {
-            id,
-            outcome,
-            at,
-            reply,
-        } => pending(reply, runs::finish(tx, id, outcome, at, outbox, shared)),
-        Op::OrphanForeignRuns {
-            current,
-            at,
-            expired_before,
-            reply,
-        } => pending(
-            reply,
-            plain(runs::orphan_foreign(tx, current, at, expired_before, outbox)),
-        ),
-        Op::OrphanRunIfLive { id, at, error, reply } => {
-            pending(reply, plain(runs::orphan_if_live(tx, id, at, &error, outbox)))
-        }
-        Op::RegisterIncarnation { id, host, at, reply } => {
-            let result = tx.execute(
-                "INSERT INTO incarnations (id, pid, version, started_at, heartbeat_at, host) \
-                 VALUES ($1, $2, $3, $4, $4, $5)",
-                &values![
-                    id.to_string(),
-                    i64::from(std::process::id()),
-                    env!("CARGO_PKG_VERSION"),
-                    ms(at),
-                    host,
-                ],
-            );
-            pending(reply, plain(result.map(|_| ())))
-        }
-        Op::StopIncarnation { id, at, reply } => {
-            let result = tx.execute(
-                "UPDATE incarnations SET stopped_at = $1 WHERE id = $2",
-                &values![ms(at), id.to_string()],
-            );
-            pending(reply, plain(result.map(|_| ())))
-        }
-        Op::PruneJob {
-            job,
-            keep_last,
-            older_than,
-            limit,
-            reply,
-        } => pending(
-            reply,
-            plain(runs::prune_job(tx, job, keep_last, older_than, limit)),
-        ),
-        Op::PruneOld {
-            older_than,
-            limit,
-            reply,
-        } => pending(reply, plain(runs::prune_old(tx, older_than, limit))),
-        Op::RecordRejections {
-            rejections,
-            summary,
-            reply,
-        } => pending(reply, plain(outbox::record_rejections(tx, &rejections, &summary))),
-        Op::OutboxDelete { seqs, reply } => pending(reply, plain(outbox::delete(tx, &seqs))),
-        Op::OutboxTrim { limit, reply } => pending(reply, plain(outbox::trim(tx, limit))),
+        Op::Jobs(op) => jobs::apply(tx, *op, outbox),
+        Op::Runs(op) => runs::apply(tx, op, outbox, shared),
+        Op::History(op) => history::apply(tx, op),
+        Op::Outbox(op) => outbox::apply(tx, op),
+        Op::Incarnations(op) => incarnations::apply(tx, op),
         Op::Close { reply } => pending(reply, Ok(((), None))),
         Op::Probe { at, reply } => {
             let result = tx.execute(

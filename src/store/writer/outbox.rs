@@ -2,6 +2,7 @@
 //! commit as the state they describe, so a crash can neither lose a result
 //! nor send one for a state that was never committed.
 
+use super::{Pending, Reply, pending, plain};
 use crate::protocol::{Rejection, RejectionSummary, RunResult};
 use crate::run::RunId;
 use crate::store::StoreError;
@@ -73,4 +74,34 @@ pub(super) fn trim(c: &mut dyn Tx, limit: u64) -> Result<u64, StoreError> {
         &values![i64::MAX, i64::try_from(limit).unwrap_or(i64::MAX)],
     )?;
     Ok(reports + results)
+}
+
+/// Outbox writes, as the store queues them.
+pub enum OutboxOp {
+    RecordRejections {
+        rejections: Vec<crate::protocol::Rejection>,
+        summary: crate::protocol::RejectionSummary,
+        reply: Reply<()>,
+    },
+    Delete {
+        seqs: Vec<i64>,
+        reply: Reply<u64>,
+    },
+    Trim {
+        limit: u64,
+        reply: Reply<u64>,
+    },
+}
+
+/// Applies one OutboxOp inside the batch's transaction.
+pub(super) fn apply(tx: &mut dyn Tx, op: OutboxOp) -> Pending {
+    match op {
+        OutboxOp::RecordRejections {
+            rejections,
+            summary,
+            reply,
+        } => pending(reply, plain(record_rejections(tx, &rejections, &summary))),
+        OutboxOp::Delete { seqs, reply } => pending(reply, plain(delete(tx, &seqs))),
+        OutboxOp::Trim { limit, reply } => pending(reply, plain(trim(tx, limit))),
+    }
 }

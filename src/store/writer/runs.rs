@@ -5,8 +5,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use super::claims;
 use super::claims::Shared;
-use super::{Applied, load_job};
+use super::{Applied, Pending, Reply, load_job, pending, plain};
 use crate::job::JobId;
 use crate::run::{Attempt, Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::Conflict;
@@ -66,7 +67,7 @@ pub(super) const RUN_VALUES: &str =
 
 /// Inserts a run; a scheduled fire also moves the job's cursor. A starting
 /// scheduled run over the job's `max_runs` is stored as skipped and
-/// reported as [`StoreError::Conflict(Conflict::LimitReached)`].
+/// reported as [`Conflict::LimitReached`].
 ///
 /// On a shared database (`shared`) this is a claim: see
 /// [`super::claims::claim`].
@@ -138,7 +139,7 @@ fn counters(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
 
 /// After counting a start (`started` of the job's `max`): over the limit,
 /// the count goes back and the run is stored as skipped
-/// ([`StoreError::Conflict(Conflict::LimitReached)`]); at it, the engine is told the job is
+/// ([`Conflict::LimitReached`]); at it, the engine is told the job is
 /// done.
 pub(super) fn limit(c: &mut dyn Tx, run: &Run, started: i64, max: Option<i64>, outbox: bool) -> Applied<()> {
     match max {
@@ -435,38 +436,93 @@ pub(super) fn orphan_if_live(
     Ok(orphaned)
 }
 
-/// Deletes up to `limit` finished runs of `job` beyond its `keep_last`
-/// newest runs, or created before `older_than`.
-pub(super) fn prune_job(
-    c: &mut dyn Tx,
-    job: JobId,
-    keep_last: Option<u32>,
-    older_than: Option<DateTime<Utc>>,
-    limit: u32,
-) -> Result<u64, StoreError> {
-    c.execute(
-        "DELETE FROM runs WHERE id IN (\
-           SELECT id FROM runs WHERE job_id = $1 AND status NOT IN ('queued', 'running') \
-           AND (id < (SELECT id FROM runs WHERE job_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2) OR id < $3) \
-           ORDER BY id LIMIT $4)",
-        &values![
-            job.to_string(),
-            // No keep-last: an offset past any history keeps everything.
-            keep_last.map_or(i64::MAX, |k| i64::from(k.max(1)) - 1),
-            older_than.map(|t| RunId::boundary(t).to_string()),
-            i64::from(limit),
-        ],
-    )
+/// Run writes, as the store queues them.
+pub enum RunOp {
+    Insert {
+        run: Run,
+        /// Replicas: start only while fewer runs of the job than this are
+        /// live on other replicas (the overlap policy across replicas).
+        guard: Option<u32>,
+        reply: Reply<()>,
+    },
+    Start {
+        id: RunId,
+        at: DateTime<Utc>,
+        reply: Reply<()>,
+    },
+    RecordAttempt {
+        id: RunId,
+        attempts: u32,
+        log: Vec<Attempt>,
+        reply: Reply<()>,
+    },
+    RecordProcess {
+        id: RunId,
+        pid: i32,
+        pgid: i32,
+        start_ticks: Option<u64>,
+        reply: Reply<()>,
+    },
+    Finish {
+        id: RunId,
+        outcome: Outcome,
+        at: DateTime<Utc>,
+        reply: Reply<()>,
+    },
+    OrphanForeign {
+        current: Incarnation,
+        at: DateTime<Utc>,
+        /// Replicas: only runs of incarnations whose last heartbeat is not
+        /// later than this (their lease expired), which are marked stopped.
+        expired_before: Option<DateTime<Utc>>,
+        reply: Reply<Vec<Run>>,
+    },
+    OrphanIfLive {
+        id: RunId,
+        at: DateTime<Utc>,
+        error: String,
+        reply: Reply<bool>,
+    },
 }
 
-/// Deletes up to `limit` finished runs created before `older_than`, of jobs
-/// without their own history age.
-pub(super) fn prune_old(c: &mut dyn Tx, older_than: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
-    c.execute(
-        "DELETE FROM runs WHERE id IN (\
-           SELECT id FROM runs WHERE id < $1 AND status NOT IN ('queued', 'running') \
-           AND job_id NOT IN (SELECT id FROM jobs WHERE history_max_age_ms IS NOT NULL) \
-           ORDER BY id LIMIT $2)",
-        &values![RunId::boundary(older_than).to_string(), i64::from(limit)],
-    )
+/// Applies one RunOp inside the batch's transaction.
+pub(super) fn apply(tx: &mut dyn Tx, op: RunOp, outbox: bool, shared: bool) -> Pending {
+    match op {
+        RunOp::Insert { run, guard, reply } => pending(
+            reply,
+            insert(tx, &run, outbox, shared.then_some(claims::Shared { guard })),
+        ),
+        RunOp::Start { id, at, reply } => pending(reply, start(tx, id, at, outbox)),
+        RunOp::RecordAttempt {
+            id,
+            attempts,
+            log,
+            reply,
+        } => pending(reply, plain(record_attempt(tx, id, attempts, &log))),
+        RunOp::RecordProcess {
+            id,
+            pid,
+            pgid,
+            start_ticks,
+            reply,
+        } => pending(reply, plain(record_process(tx, id, pid, pgid, start_ticks))),
+        RunOp::Finish {
+            id,
+            outcome,
+            at,
+            reply,
+        } => pending(reply, finish(tx, id, outcome, at, outbox, shared)),
+        RunOp::OrphanForeign {
+            current,
+            at,
+            expired_before,
+            reply,
+        } => pending(
+            reply,
+            plain(orphan_foreign(tx, current, at, expired_before, outbox)),
+        ),
+        RunOp::OrphanIfLive { id, at, error, reply } => {
+            pending(reply, plain(orphan_if_live(tx, id, at, &error, outbox)))
+        }
+    }
 }
