@@ -17,6 +17,10 @@ mod running;
 mod task;
 mod unrecorded;
 
+#[cfg(test)]
+#[cfg(feature = "fault-injection")]
+mod tests;
+
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
