@@ -35,9 +35,9 @@ pub struct HistoryDefaults {
 
 /// The retention loop.
 pub struct Retention {
-    /// Persistence.
+    /// The history it prunes.
     pub store: Store,
-    /// Time.
+    /// Ages are measured on it.
     pub clock: SharedClock,
     /// Service defaults.
     pub defaults: HistoryDefaults,

@@ -46,11 +46,11 @@ pub const MAX_PAGE: u32 = 500;
 
 /// What handlers share.
 pub struct ApiContext {
-    /// Persistence.
+    /// What the API reads and writes.
     pub store: Store,
     /// Runs and cancels runs.
     pub supervisor: SupervisorHandle,
-    /// Time.
+    /// "Now" for writes, previews and the status page.
     pub clock: SharedClock,
     /// Probe state.
     pub health: Arc<Health>,

@@ -62,9 +62,9 @@ const MAX_REASONS: usize = 32;
 pub struct Puller {
     /// The backend.
     pub client: BackendClient,
-    /// Persistence.
+    /// Where the backend's jobs are reconciled.
     pub store: Store,
-    /// Time.
+    /// Stamps each attempt and contact, and backend jobs' writes.
     pub clock: SharedClock,
     /// Shared contact state.
     pub contact: Arc<Contact>,

@@ -44,9 +44,9 @@ const IDLE_REFRESH: Duration = Duration::from_secs(5);
 pub struct Uploader {
     /// The backend.
     pub client: BackendClient,
-    /// Persistence.
+    /// The outbox it drains.
     pub store: Store,
-    /// Time.
+    /// Stamps each attempt and contact.
     pub clock: SharedClock,
     /// Shared contact state.
     pub contact: Arc<Contact>,

@@ -32,7 +32,7 @@ pub struct Lease {
     pub membership: Arc<Membership>,
     /// The database.
     pub store: Store,
-    /// Time.
+    /// Lease renewals and expiry are measured on it.
     pub clock: SharedClock,
     /// The engine's change feed: told to re-plan when ownership changes.
     pub changes: mpsc::UnboundedSender<JobChange>,

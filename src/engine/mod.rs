@@ -60,7 +60,8 @@ pub const PREFETCH: Duration = Duration::from_millis(2500);
 pub struct EngineContext {
     /// The source of truth.
     pub store: Store,
-    /// Time.
+    /// Fire instants are wall-clock instants of this clock; a step of it
+    /// is detected and logged.
     pub clock: SharedClock,
     /// Where due fires go.
     pub supervisor: SupervisorHandle,

@@ -36,7 +36,7 @@ pub const STUCK_SLACK: Duration = Duration::from_secs(5);
 
 /// Everything the reaper reads and corrects.
 pub struct Reaper {
-    /// Persistence.
+    /// Where live runs are compared with live tasks.
     pub store: Store,
     /// The run supervisor.
     pub supervisor: SupervisorHandle,
@@ -46,7 +46,7 @@ pub struct Reaper {
     pub metrics: Arc<Metrics>,
     /// This process's incarnation.
     pub incarnation: Incarnation,
-    /// Time.
+    /// Stamps orphaned runs.
     pub clock: SharedClock,
     /// Command leaders this process spawned; `Some` when this process owns
     /// its process tree (subreaper), which enables stray detection.

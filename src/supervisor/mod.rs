@@ -13,6 +13,8 @@
 //! update that starts it, and a skip is recorded even if nobody awaits it.
 
 mod admission;
+mod ending;
+mod handle;
 mod running;
 mod task;
 mod unrecorded;
@@ -21,172 +23,25 @@ mod unrecorded;
 #[cfg(feature = "fault-injection")]
 mod tests;
 
-
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use utoipa::ToSchema;
 
 use self::admission::{Admission, admit};
+use self::handle::Command;
+pub use self::handle::{Fire, LiveRun, Missed, Snapshot, SupervisorHandle, TriggerError};
 pub use self::task::{Begin, NotStarted, Planned, RunCancel, TaskContext, TaskEnd};
 use crate::fault::Faults;
 use crate::health::Heartbeat;
 use crate::job::{Job, JobId};
-use crate::loops::panic_message;
 use crate::run::{Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::Conflict;
 use crate::store::{StorageFault, StoreError};
-
-/// A request to run, or to account for, one fire of a job.
-#[derive(Debug, Clone)]
-pub struct Fire {
-    /// The job as it was when the fire came due.
-    pub job: Arc<Job>,
-    /// Nominal fire instant.
-    pub scheduled_at: DateTime<Utc>,
-    /// Scheduled plus jitter: when it should start.
-    pub due_at: DateTime<Utc>,
-    /// Why it exists.
-    pub trigger: Trigger,
-    /// When set, record a `missed` row instead of running.
-    pub missed: Option<Missed>,
-}
-
-/// A range of fires recorded as one `missed` row.
-#[derive(Debug, Clone, Copy)]
-pub struct Missed {
-    /// Why they were missed.
-    pub reason: Reason,
-    /// The last fire of the range (the first is the fire's `scheduled_at`).
-    pub until: DateTime<Utc>,
-    /// How many fires the range holds.
-    pub fires: u32,
-}
-
-/// Why a manual trigger was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum TriggerError {
-    /// The service is shutting down.
-    #[error("the service is shutting down")]
-    ShuttingDown,
-    /// Storing the run failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// What is live right now, for status and orphan detection.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Snapshot {
-    /// Runs executing now.
-    pub running: Vec<LiveRun>,
-    /// Runs waiting (queue_one, cancel_running, or the global limit).
-    pub queued: Vec<LiveRun>,
-    /// Tasks in the supervisor's set (equals `running` unless something is
-    /// wrong: see orphan detection).
-    pub tasks: usize,
-}
-
-/// One live run as the supervisor sees it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct LiveRun {
-    /// The run.
-    pub run: RunId,
-    /// Its job.
-    pub job: JobId,
-    /// Its job's name.
-    pub job_name: String,
-    /// Nominal fire instant.
-    pub scheduled_at: DateTime<Utc>,
-    /// Why it exists.
-    pub trigger: Trigger,
-    /// When it should have ended at the latest (timeout plus kill grace);
-    /// absent for queued runs.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub deadline: Option<DateTime<Utc>>,
-}
-
-enum Command {
-    Fires(Vec<Fire>),
-    Trigger {
-        job: Arc<Job>,
-        force: bool,
-        reply: oneshot::Sender<Result<Run, TriggerError>>,
-    },
-    Cancel {
-        run: RunId,
-        reply: oneshot::Sender<bool>,
-    },
-    JobRemoved(JobId),
-    Snapshot(oneshot::Sender<Snapshot>),
-    Abort {
-        run: RunId,
-        outcome: Option<Outcome>,
-        reply: oneshot::Sender<bool>,
-    },
-}
-
-/// Sends work to the supervisor; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct SupervisorHandle {
-    tx: mpsc::UnboundedSender<Command>,
-}
-
-impl SupervisorHandle {
-    /// Hands due fires over (from the engine).
-    pub fn fire(&self, fires: Vec<Fire>) {
-        if !fires.is_empty() && self.tx.send(Command::Fires(fires)).is_err() {
-            tracing::warn!("fires arrived after the supervisor stopped");
-        }
-    }
-
-    /// Runs a job now (manual trigger), subject to its overlap policy
-    /// unless `force`; the returned run is as stored (`running`, `queued`
-    /// or `skipped`).
-    pub async fn trigger(&self, job: Arc<Job>, force: bool) -> Result<Run, TriggerError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Trigger { job, force, reply })
-            .map_err(|_| TriggerError::ShuttingDown)?;
-        rx.await.map_err(|_| TriggerError::ShuttingDown)?
-    }
-
-    /// Cancels a live run; `false` if this service has no such live run.
-    pub async fn cancel(&self, run: RunId) -> bool {
-        let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::Cancel { run, reply }).is_err() {
-            return false;
-        }
-        rx.await.unwrap_or(false)
-    }
-
-    /// A job was deleted: cancel its live runs, drop its queued one.
-    pub fn job_removed(&self, id: JobId) {
-        let _ = self.tx.send(Command::JobRemoved(id));
-    }
-
-    /// Aborts a live run's task (orphan kind 3); `outcome`, when given, is
-    /// recorded for the run. `false` if no such task.
-    pub async fn abort(&self, run: RunId, outcome: Option<Outcome>) -> bool {
-        let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::Abort { run, outcome, reply }).is_err() {
-            return false;
-        }
-        rx.await.unwrap_or(false)
-    }
-
-    /// What is live now; `None` once the supervisor stopped.
-    pub async fn snapshot(&self) -> Option<Snapshot> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Snapshot(reply)).ok()?;
-        rx.await.ok()
-    }
-}
 
 /// Supervisor settings.
 #[derive(Debug, Clone)]
@@ -688,224 +543,6 @@ impl Supervisor {
             }
             None => false,
         }
-    }
-
-    fn task_ended(&mut self, result: Result<(tokio::task::Id, TaskEnd), tokio::task::JoinError>) {
-        let (task_id, end) = match result {
-            Ok((id, end)) => (id, Ok(end)),
-            Err(e) => (e.id(), Err(e)),
-        };
-        let Some(run_id) = self.by_task.remove(&task_id) else {
-            tracing::error!(task = %task_id, "a task ended that the supervisor did not know");
-            return;
-        };
-        let mut live = self.live.remove(&run_id);
-        match end {
-            Ok(TaskEnd::Finished(_)) => {}
-            Ok(TaskEnd::NotStarted(why)) => match why {
-                NotStarted::Conflict(Conflict::DuplicateFire) => {
-                    tracing::debug!(run = %run_id, "fire already recorded by an earlier attempt");
-                }
-                NotStarted::Conflict(Conflict::NotFound) => {
-                    tracing::debug!(run = %run_id, "job deleted before its run started");
-                }
-                NotStarted::Conflict(Conflict::LimitReached) => {
-                    tracing::info!(run = %run_id, "the job reached its max_runs; fire recorded as skipped");
-                    self.ctx
-                        .metrics
-                        .fire_not_run(RunStatus::Skipped, Reason::LimitReached, 1);
-                }
-                NotStarted::Conflict(Conflict::Overlap) => {
-                    tracing::info!(run = %run_id, "a run of the job is live on another replica; fire recorded as skipped");
-                    self.ctx
-                        .metrics
-                        .fire_not_run(RunStatus::Skipped, Reason::Overlap, 1);
-                }
-                NotStarted::Conflict(Conflict::Fenced) => {
-                    tracing::warn!(run = %run_id, "this replica was fenced; the fire is left to the others");
-                }
-                NotStarted::Outage(fault) => {
-                    // The writer logs the outage once; the fires are
-                    // counted here and recorded when it ends.
-                    tracing::debug!(run = %run_id, fault = fault.as_str(), "the database refused a run; it did not start");
-                    if let Some(live) = live.as_ref().filter(|l| l.trigger != Trigger::Manual) {
-                        self.unrecorded.add(live.job.clone(), live.scheduled_at);
-                        self.ctx
-                            .metrics
-                            .fire_not_run(RunStatus::Missed, Reason::StoreUnavailable, 1);
-                    }
-                }
-                NotStarted::Conflict(c) => {
-                    tracing::error!(run = %run_id, error = %c, "a run could not be recorded and did not start");
-                }
-                NotStarted::Failed(e) => {
-                    tracing::error!(run = %run_id, error = %e, "a run could not be recorded and did not start");
-                }
-            },
-            // Aborted by `abort_all`, which recorded the run already.
-            Err(e) if e.is_cancelled() && live.is_none() => {}
-            // Aborted as an orphan (kind 3): record what the reaper decided.
-            Err(e) if e.is_cancelled() && live.as_ref().is_some_and(|l| l.abort_outcome.is_some()) => {
-                let now = self.ctx.clock.now();
-                let outcome = live
-                    .as_mut()
-                    .and_then(|l| l.abort_outcome.take())
-                    .unwrap_or_else(|| Outcome::failed("aborted"));
-                if let Some(live) = &live {
-                    self.ctx
-                        .metrics
-                        .run_finished(live.trigger, outcome.status, live.started_at, now);
-                }
-                let ack = self.ctx.store.runs().finish(run_id, outcome, now);
-                self.recorders.spawn(async move {
-                    match ack.await {
-                        Ok(()) | Err(StoreError::Conflict(Conflict::NotFound | Conflict::AlreadyFinal)) => {}
-                        Err(e) => {
-                            tracing::error!(run = %run_id, error = %e, "could not record an aborted run");
-                        }
-                    }
-                });
-            }
-            Err(e) => {
-                let message = if e.is_panic() {
-                    format!("the action panicked: {}", panic_message(e.into_panic()))
-                } else {
-                    "the run's task was aborted".to_owned()
-                };
-                tracing::error!(run = %run_id, error = %message, "run task failed");
-                let now = self.ctx.clock.now();
-                if let Some(live) = &live {
-                    self.ctx
-                        .metrics
-                        .run_finished(live.trigger, RunStatus::Failed, live.started_at, now);
-                }
-                let ack = self
-                    .ctx
-                    .store
-                    .runs()
-                    .finish(run_id, Outcome::failed(message), now);
-                self.recorders.spawn(async move {
-                    if let Err(e) = ack.await {
-                        tracing::error!(run = %run_id, error = %e, "could not record a panicked run");
-                    }
-                });
-            }
-        }
-        self.ctx.metrics.set_running(self.live.len());
-        if let Some(live) = live {
-            let job_id = live.job.id;
-            if let Some(slots) = self.jobs.get_mut(&job_id) {
-                slots.running.retain(|r| *r != run_id);
-                // Waiting runs start as soon as the job has room: replayed
-                // fires first (they are older), then the queued one.
-                let next = if slots.running.len() < admission::limit(&live.job.def.policy) {
-                    slots.catch_up.pop_front()
-                } else {
-                    None
-                };
-                let next = next.or_else(|| slots.running.is_empty().then(|| slots.queued.take()).flatten());
-                if let Some(next) = next {
-                    self.start_waiting(next);
-                }
-            }
-            if self.jobs.get(&job_id).is_some_and(Slots::is_idle) {
-                self.jobs.remove(&job_id);
-            }
-        }
-        while self.live.len() < self.config.max_running {
-            let Some(next) = self.backlog.pop_front() else {
-                break;
-            };
-            self.start_waiting(next);
-        }
-    }
-
-    /// Stops admitting, waits up to the shutdown grace for running runs,
-    /// cancels the rest, aborts what ignores cancellation, and records
-    /// every final state. `kill_now` (a second signal) skips the waiting.
-    pub async fn drain(&mut self, kill_now: CancellationToken) {
-        // Stop admitting: close the channel; nothing queued starts any more.
-        self.rx.close();
-        let queued: Vec<Waiting> = self
-            .jobs
-            .values_mut()
-            .flat_map(|s| s.catch_up.drain(..).chain(s.queued.take()).collect::<Vec<_>>())
-            .chain(self.backlog.drain(..))
-            .collect();
-        for w in queued {
-            self.finish_unstarted(
-                w.run_id,
-                Outcome::cancelled(Reason::Shutdown, "the service shut down"),
-            );
-        }
-        while let Ok(cmd) = self.rx.try_recv() {
-            if let Command::Trigger { reply, .. } = cmd {
-                let _ = reply.send(Err(TriggerError::ShuttingDown));
-            }
-        }
-        let grace = tokio::time::sleep(self.config.shutdown_grace);
-        tokio::pin!(grace);
-        let mut cancelled = false;
-        let max_kill_grace = self
-            .live
-            .values()
-            .map(|l| l.job.def.policy.kill_grace)
-            .max()
-            .unwrap_or_default();
-        let hard_stop =
-            tokio::time::sleep(self.config.shutdown_grace + max_kill_grace + Duration::from_millis(500));
-        tokio::pin!(hard_stop);
-        loop {
-            tokio::select! {
-                result = self.tasks.join_next_with_id() => match result {
-                    Some(result) => self.task_ended(result),
-                    None => break,
-                },
-                () = &mut grace, if !cancelled => {
-                    cancelled = true;
-                    tracing::info!(running = self.live.len(), "shutdown grace over: cancelling running runs");
-                    for live in self.live.values() {
-                        live.cancel.cancel(Reason::Shutdown);
-                    }
-                }
-                () = kill_now.cancelled() => {
-                    tracing::warn!(running = self.live.len(), "second signal: killing every run now");
-                    self.abort_all();
-                    break;
-                }
-                () = &mut hard_stop => {
-                    tracing::warn!(running = self.live.len(), "runs ignored cancellation: aborting them");
-                    self.abort_all();
-                    break;
-                }
-            }
-        }
-        while let Some(result) = self.tasks.join_next_with_id().await {
-            self.task_ended(result);
-        }
-        while self.recorders.join_next().await.is_some() {}
-    }
-
-    /// Aborts every run task (dropping one kills its process group) and
-    /// records each as cancelled.
-    fn abort_all(&mut self) {
-        self.tasks.abort_all();
-        let now = self.ctx.clock.now();
-        for (run_id, live) in self.live.drain() {
-            self.ctx
-                .metrics
-                .run_finished(live.trigger, RunStatus::Cancelled, live.started_at, now);
-            let ack = self.ctx.store.runs().finish(
-                run_id,
-                Outcome::cancelled(Reason::Shutdown, "killed at shutdown"),
-                now,
-            );
-            self.recorders.spawn(async move {
-                let _ = ack.await;
-            });
-        }
-        self.jobs.clear();
-        self.ctx.metrics.set_running(0);
     }
 }
 

@@ -57,13 +57,14 @@ pub enum Begin {
 /// Everything a run task needs; cloned per task.
 #[derive(Clone)]
 pub struct TaskContext {
-    /// Persistence.
+    /// Where the run's start, attempts and end are committed.
     pub store: Store,
     /// Runs the action.
     pub executor: Executor,
-    /// Time.
+    /// Attempt timeouts, retry backoff and run times (a manual clock in
+    /// tests).
     pub clock: SharedClock,
-    /// Metrics.
+    /// Runs started and finished, durations.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 

@@ -137,17 +137,23 @@ async fn until(rig: &Rig, step: bool, running: &[&str], queued: &[&str]) {
     panic!("expected running {running:?} and queued {queued:?}, last saw {last:?}");
 }
 
-#[tokio::test]
-async fn the_global_limit_queues_fires_in_order_and_starts_each_as_a_slot_frees() {
+/// Jobs a, b and c (ten-second runs) fired together with one slot: a
+/// runs, b and c wait in that order.
+async fn three_fired_one_slot() -> (Rig, [Arc<Job>; 3]) {
     let rig = rig(1).await;
-    let (a, b, c) = (
+    let jobs = [
         job(&rig.store, "a", "10s").await,
         job(&rig.store, "b", "10s").await,
         job(&rig.store, "c", "10s").await,
-    );
-    rig.handle
-        .fire(vec![fire(&a, t0()), fire(&b, t0()), fire(&c, t0())]);
+    ];
+    rig.handle.fire(jobs.iter().map(|j| fire(j, t0())).collect());
     until(&rig, false, &["a"], &["b", "c"]).await;
+    (rig, jobs)
+}
+
+#[tokio::test]
+async fn the_global_limit_queues_fires_in_order_and_starts_each_as_a_slot_frees() {
+    let (rig, _) = three_fired_one_slot().await;
     // a's ten seconds pass: b takes the slot, c still waits; and so on.
     until(&rig, true, &["b"], &["c"]).await;
     until(&rig, true, &["c"], &[]).await;
@@ -157,15 +163,7 @@ async fn the_global_limit_queues_fires_in_order_and_starts_each_as_a_slot_frees(
 
 #[tokio::test]
 async fn a_deleted_jobs_waiting_fires_leave_the_backlog() {
-    let rig = rig(1).await;
-    let (a, b, c) = (
-        job(&rig.store, "a", "10s").await,
-        job(&rig.store, "b", "10s").await,
-        job(&rig.store, "c", "10s").await,
-    );
-    rig.handle
-        .fire(vec![fire(&a, t0()), fire(&b, t0()), fire(&c, t0())]);
-    until(&rig, false, &["a"], &["b", "c"]).await;
+    let (rig, [_, b, _]) = three_fired_one_slot().await;
     rig.handle.job_removed(b.id);
     until(&rig, false, &["a"], &["c"]).await;
     until(&rig, true, &["c"], &[]).await;
