@@ -92,6 +92,38 @@ const LATENCY: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    reg(r, IntCounter::with_opts(opts(name, help)))
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(r, IntCounterVec::new(opts(name, help), labels))
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
+    reg(r, Gauge::with_opts(opts(name, help)))
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    reg(r, GaugeVec::new(opts(name, help), labels))
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    reg(r, IntGauge::with_opts(opts(name, help)))
+}
+
+fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    reg(r, IntGaugeVec::new(opts(name, help), labels))
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    reg(r, Histogram::with_opts(hopts(name, help, buckets)))
+}
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    reg(r, HistogramVec::new(hopts(name, help, buckets), labels))
+}
+
 fn unix_seconds(t: DateTime<Utc>) -> f64 {
     t.timestamp_millis() as f64 / 1000.0
 }
@@ -121,281 +153,184 @@ impl Metrics {
                 .unwrap_or_else(|e| unreachable!("process collector: {e}"));
         }
         let metrics = Self {
-            runs_started: reg(
+            runs_started: counter_vec(
                 r,
-                IntCounterVec::new(
-                    opts("runs_started_total", "Runs whose action started, by trigger."),
-                    &["trigger"],
-                ),
+                "runs_started_total",
+                "Runs whose action started, by trigger.",
+                &["trigger"],
             ),
-            runs_finished: reg(
+            runs_finished: counter_vec(
                 r,
-                IntCounterVec::new(
-                    opts(
-                        "runs_finished_total",
-                        "Runs that reached a final status after starting, by status and trigger.",
-                    ),
-                    &["status", "trigger"],
-                ),
+                "runs_finished_total",
+                "Runs that reached a final status after starting, by status and trigger.",
+                &["status", "trigger"],
             ),
-            runs_running: reg(
+            runs_running: int_gauge(r, "runs_running", "Runs executing now."),
+            fires_not_run: counter_vec(
                 r,
-                IntGauge::with_opts(opts("runs_running", "Runs executing now.")),
+                "fires_not_run_total",
+                "Fires recorded without running, by status (skipped, missed) and reason.",
+                &["status", "reason"],
             ),
-            fires_not_run: reg(
+            clock_steps: counter_vec(
                 r,
-                IntCounterVec::new(
-                    opts(
-                        "fires_not_run_total",
-                        "Fires recorded without running, by status (skipped, missed) and reason.",
-                    ),
-                    &["status", "reason"],
-                ),
+                "clock_steps_total",
+                "Steps of the wall clock (a jump of more than 1 s against the monotonic clock) seen by the engine, by direction.",
+                &["direction"],
             ),
-            clock_steps: reg(
+            fire_lateness: histogram(
                 r,
-                IntCounterVec::new(
-                    opts(
-                        "clock_steps_total",
-                        "Steps of the wall clock (a jump of more than 1 s against the monotonic clock) seen by the engine, by direction.",
-                    ),
-                    &["direction"],
-                ),
+                "fire_lateness_seconds",
+                "Actual start of a scheduled run minus its due instant (scheduled time plus jitter).",
+                LATENCY,
             ),
-            fire_lateness: reg(
+            run_duration: histogram(
                 r,
-                Histogram::with_opts(hopts(
-                    "fire_lateness_seconds",
-                    "Actual start of a scheduled run minus its due instant (scheduled time plus jitter).",
-                    LATENCY,
-                )),
+                "run_duration_seconds",
+                "Duration of runs from start to final status.",
+                &[
+                    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+                ],
             ),
-            run_duration: reg(
+            jobs: int_gauge_vec(
                 r,
-                Histogram::with_opts(hopts(
-                    "run_duration_seconds",
-                    "Duration of runs from start to final status.",
-                    &[
-                        0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
-                    ],
-                )),
+                "jobs",
+                "Registered jobs by state (active, paused).",
+                &["state"],
             ),
-            jobs: reg(
+            next_fire: gauge(
                 r,
-                IntGaugeVec::new(
-                    opts("jobs", "Registered jobs by state (active, paused)."),
-                    &["state"],
-                ),
+                "next_fire_timestamp_seconds",
+                "Unix time of the soonest pending fire (0 when none).",
             ),
-            next_fire: reg(
+            job_last_success: gauge_vec(
                 r,
-                Gauge::with_opts(opts(
-                    "next_fire_timestamp_seconds",
-                    "Unix time of the soonest pending fire (0 when none).",
-                )),
+                "job_last_success_timestamp_seconds",
+                "Unix time of the last successful run of each job with `monitor: true`.",
+                &["job"],
             ),
-            job_last_success: reg(
+            job_last_failure: gauge_vec(
                 r,
-                GaugeVec::new(
-                    opts(
-                        "job_last_success_timestamp_seconds",
-                        "Unix time of the last successful run of each job with `monitor: true`.",
-                    ),
-                    &["job"],
-                ),
+                "job_last_failure_timestamp_seconds",
+                "Unix time of the last unsuccessful run of each job with `monitor: true`.",
+                &["job"],
             ),
-            job_last_failure: reg(
+            job_expected_by: gauge_vec(
                 r,
-                GaugeVec::new(
-                    opts(
-                        "job_last_failure_timestamp_seconds",
-                        "Unix time of the last unsuccessful run of each job with `monitor: true`.",
-                    ),
-                    &["job"],
-                ),
-            ),
-            job_expected_by: reg(
-                r,
-                GaugeVec::new(
-                    opts(
-                        "job_expected_by_timestamp_seconds",
-                        "For jobs with `monitor: true`: the next fire plus its misfire grace. Past it \
+                "job_expected_by_timestamp_seconds",
+                "For jobs with `monitor: true`: the next fire plus its misfire grace. Past it \
                          without the value moving on, the job is overdue.",
-                    ),
-                    &["job"],
-                ),
+                &["job"],
             ),
-            loop_heartbeat: reg(
+            loop_heartbeat: gauge_vec(
                 r,
-                GaugeVec::new(
-                    opts(
-                        "loop_heartbeat_timestamp_seconds",
-                        "Unix time of each internal loop's last heartbeat.",
-                    ),
-                    &["loop"],
-                ),
+                "loop_heartbeat_timestamp_seconds",
+                "Unix time of each internal loop's last heartbeat.",
+                &["loop"],
             ),
-            loop_restarts: reg(
+            loop_restarts: counter_vec(
                 r,
-                IntCounterVec::new(
-                    opts(
-                        "loop_restarts_total",
-                        "Restarts of internal loops after a panic, an error or an early return.",
-                    ),
-                    &["loop"],
-                ),
+                "loop_restarts_total",
+                "Restarts of internal loops after a panic, an error or an early return.",
+                &["loop"],
             ),
-            loop_healthy: reg(
+            loop_healthy: int_gauge_vec(
                 r,
-                IntGaugeVec::new(
-                    opts(
-                        "loop_healthy",
-                        "1 while the loop's heartbeat is within its threshold and its restart budget holds, else 0.",
-                    ),
-                    &["loop"],
-                ),
+                "loop_healthy",
+                "1 while the loop's heartbeat is within its threshold and its restart budget holds, else 0.",
+                &["loop"],
             ),
-            orphans_detected: reg(
+            orphans_detected: counter_vec(
                 r,
-                IntCounterVec::new(
-                    opts(
-                        "orphans_detected_total",
-                        "Orphaned work found, by kind (previous_incarnation, run_without_task, task_without_run, \
+                "orphans_detected_total",
+                "Orphaned work found, by kind (previous_incarnation, run_without_task, task_without_run, \
                          stray_process).",
-                    ),
-                    &["kind"],
-                ),
+                &["kind"],
             ),
-            orphans_current: reg(
+            orphans_current: int_gauge_vec(
                 r,
-                IntGaugeVec::new(
-                    opts(
-                        "orphans",
-                        "Orphans present now and not cleaned up (e.g. processes left alive under orphan policy \
+                "orphans",
+                "Orphans present now and not cleaned up (e.g. processes left alive under orphan policy \
                          `report`), by kind.",
-                    ),
-                    &["kind"],
-                ),
+                &["kind"],
             ),
-            strays_killed: reg(
+            strays_killed: counter(
                 r,
-                IntCounter::with_opts(opts(
-                    "stray_processes_killed_total",
-                    "Processes killed because they belonged to no live run.",
-                )),
+                "stray_processes_killed_total",
+                "Processes killed because they belonged to no live run.",
             ),
-            zombies_reaped: reg(
+            zombies_reaped: counter(
                 r,
-                IntCounter::with_opts(opts(
-                    "zombies_reaped_total",
-                    "Exited descendants reparented to the service (child subreaper) and reaped.",
-                )),
+                "zombies_reaped_total",
+                "Exited descendants reparented to the service (child subreaper) and reaped.",
             ),
-            commit_seconds: reg(
+            commit_seconds: histogram(
                 r,
-                Histogram::with_opts(hopts(
-                    "store_commit_seconds",
-                    "Duration of each group commit of the store writer.",
-                    LATENCY,
-                )),
+                "store_commit_seconds",
+                "Duration of each group commit of the store writer.",
+                LATENCY,
             ),
-            commit_errors: reg(
+            commit_errors: counter(r, "store_commit_errors_total", "Group commits that failed."),
+            store_write_failures: counter_vec(
                 r,
-                IntCounter::with_opts(opts("store_commit_errors_total", "Group commits that failed.")),
+                "store_write_failures_total",
+                "Commits the database refused, by cause (disk_full, io, locked, read_only, cannot_open, unreachable, other).",
+                &["fault"],
             ),
-            store_write_failures: reg(
+            store_writable: int_gauge(
                 r,
-                IntCounterVec::new(
-                    opts(
-                        "store_write_failures_total",
-                        "Commits the database refused, by cause (disk_full, io, locked, read_only, cannot_open, unreachable, other).",
-                    ),
-                    &["fault"],
-                ),
+                "store_writable",
+                "1 while the store writer's commits go through, 0 from a refused commit until the next one that goes through.",
             ),
-            store_writable: reg(
+            writer_queue: int_gauge(r, "store_writer_queue", "Writes waiting for the store writer."),
+            database_size: int_gauge(
                 r,
-                IntGauge::with_opts(opts(
-                    "store_writable",
-                    "1 while the store writer's commits go through, 0 from a refused commit until the next one that goes through.",
-                )),
+                "database_size_bytes",
+                "Size of the database file and its write-ahead log.",
             ),
-            writer_queue: reg(
+            replicas: int_gauge(
                 r,
-                IntGauge::with_opts(opts("store_writer_queue", "Writes waiting for the store writer.")),
+                "replicas",
+                "Live replicas on the database as this one last saw them (0 on SQLite: one instance).",
             ),
-            database_size: reg(
+            lease_renewed: gauge(
                 r,
-                IntGauge::with_opts(opts(
-                    "database_size_bytes",
-                    "Size of the database file and its write-ahead log.",
-                )),
+                "replica_lease_renewed_timestamp_seconds",
+                "Unix time this replica last renewed its lease (0: not a replica, or never).",
             ),
-            replicas: reg(
+            http_requests: counter_vec(
                 r,
-                IntGauge::with_opts(opts(
-                    "replicas",
-                    "Live replicas on the database as this one last saw them (0 on SQLite: one instance).",
-                )),
+                "http_requests_total",
+                "API requests by route template, method and status class.",
+                &["route", "method", "status"],
             ),
-            lease_renewed: reg(
+            http_duration: histogram_vec(
                 r,
-                Gauge::with_opts(opts(
-                    "replica_lease_renewed_timestamp_seconds",
-                    "Unix time this replica last renewed its lease (0: not a replica, or never).",
-                )),
+                "http_request_duration_seconds",
+                "API request latency by route template and method.",
+                LATENCY,
+                &["route", "method"],
             ),
-            http_requests: reg(
+            backend_configured: int_gauge(
                 r,
-                IntCounterVec::new(
-                    opts(
-                        "http_requests_total",
-                        "API requests by route template, method and status class.",
-                    ),
-                    &["route", "method", "status"],
-                ),
+                "backend_configured",
+                "1 when a control backend is configured (the backend series below are then meaningful).",
             ),
-            http_duration: reg(
+            backend_last_attempt: gauge(
                 r,
-                HistogramVec::new(
-                    hopts(
-                        "http_request_duration_seconds",
-                        "API request latency by route template and method.",
-                        LATENCY,
-                    ),
-                    &["route", "method"],
-                ),
+                "backend_last_attempt_timestamp_seconds",
+                "Unix time of the last attempt to contact the control backend (0: never).",
             ),
-            backend_configured: reg(
+            backend_last_contact: gauge(
                 r,
-                IntGauge::with_opts(opts(
-                    "backend_configured",
-                    "1 when a control backend is configured (the backend series below are then meaningful).",
-                )),
+                "backend_last_contact_timestamp_seconds",
+                "Unix time of the last successful contact with the control backend (0: never).",
             ),
-            backend_last_attempt: reg(
+            backend_failures: counter_vec(
                 r,
-                Gauge::with_opts(opts(
-                    "backend_last_attempt_timestamp_seconds",
-                    "Unix time of the last attempt to contact the control backend (0: never).",
-                )),
-            ),
-            backend_last_contact: reg(
-                r,
-                Gauge::with_opts(opts(
-                    "backend_last_contact_timestamp_seconds",
-                    "Unix time of the last successful contact with the control backend (0: never).",
-                )),
-            ),
-            backend_failures: reg(
-                r,
-                IntCounterVec::new(
-                    opts(
-                        "backend_failures_total",
-                        "Failed contacts with the control backend, by reason.",
-                    ),
-                    &["reason"],
-                ),
+                "backend_failures_total",
+                "Failed contacts with the control backend, by reason.",
+                &["reason"],
             ),
             registry,
         };
