@@ -36,6 +36,9 @@ pub struct Metrics {
     job_last_success: GaugeVec,
     job_last_failure: GaugeVec,
     job_expected_by: GaugeVec,
+    /// Jobs whose "expected by" is held back while their fires go
+    /// unrecorded: the held instant, and the engine's latest value.
+    expected_holds: std::sync::Mutex<std::collections::HashMap<String, (f64, Option<f64>)>>,
     // Supervision.
     loop_heartbeat: GaugeVec,
     loop_restarts: IntCounterVec,
@@ -332,6 +335,7 @@ impl Metrics {
                 "Failed contacts with the control backend, by reason.",
                 &["reason"],
             ),
+            expected_holds: std::sync::Mutex::default(),
             registry,
         };
         for direction in ["forward", "backward"] {
@@ -408,13 +412,67 @@ impl Metrics {
         family.with_label_values(&[job]).set(unix_seconds(at));
     }
 
-    /// A monitored job's next deadline.
+    /// A monitored job's next deadline (the engine's plan). While the job
+    /// is held ([`Metrics::hold_expected_by`]) the series shows the held
+    /// instant, or the plan if it is earlier.
     pub fn job_expected_by(&self, job: &str, by: Option<DateTime<Utc>>) {
-        match by {
-            Some(by) => self
+        let by = by.map(unix_seconds);
+        let shown = {
+            let mut holds = self
+                .expected_holds
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match holds.get_mut(job) {
+                Some((held, latest)) => {
+                    *latest = by;
+                    Some(by.map_or(*held, |b| b.min(*held)))
+                }
+                None => by,
+            }
+        };
+        self.show_expected_by(job, shown);
+    }
+
+    /// A fire of a monitored job due at `due` (plus its grace: `by`) was
+    /// not recorded — the database refused it. The job's "expected by"
+    /// stops at `by` until [`Metrics::release_expected_by`], so a dead
+    /// man's switch on it trips although the engine keeps planning.
+    pub fn hold_expected_by(&self, job: &str, by: DateTime<Utc>) {
+        let by = unix_seconds(by);
+        let shown = {
+            let mut holds = self
+                .expected_holds
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let current = self
                 .job_expected_by
-                .with_label_values(&[job])
-                .set(unix_seconds(by)),
+                .get_metric_with_label_values(&[job])
+                .ok()
+                .map(|g| g.get())
+                .filter(|v| *v > 0.0);
+            let hold = holds.entry(job.to_owned()).or_insert((by, current));
+            hold.0 = hold.0.min(by);
+            hold.0
+        };
+        self.show_expected_by(job, Some(shown));
+    }
+
+    /// The job's fires are recorded again: its series follows the engine's
+    /// plan again.
+    pub fn release_expected_by(&self, job: &str) {
+        let released = self
+            .expected_holds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(job);
+        if let Some((_, latest)) = released {
+            self.show_expected_by(job, latest);
+        }
+    }
+
+    fn show_expected_by(&self, job: &str, at: Option<f64>) {
+        match at {
+            Some(at) => self.job_expected_by.with_label_values(&[job]).set(at),
             None => {
                 let _ = self.job_expected_by.remove_label_values(&[job]);
             }
@@ -423,6 +481,10 @@ impl Metrics {
 
     /// Drops a job's series (deleted, renamed, or no longer monitored).
     pub fn forget_job(&self, job: &str) {
+        self.expected_holds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(job);
         for family in [
             &self.job_last_success,
             &self.job_last_failure,
@@ -576,5 +638,33 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_expected_by_stays_until_released_then_follows_the_plan() {
+        let m = Metrics::new();
+        let t = |s: i64| DateTime::<Utc>::UNIX_EPOCH + chrono::TimeDelta::seconds(s);
+        let shown = |m: &Metrics| m.job_expected_by.with_label_values(&["j"]).get();
+        m.job_expected_by("j", Some(t(100)));
+        m.hold_expected_by("j", t(60));
+        assert_eq!(shown(&m), 60.0);
+        // The engine plans on: the series stays held, unless the plan is
+        // earlier still.
+        m.job_expected_by("j", Some(t(200)));
+        assert_eq!(shown(&m), 60.0);
+        m.job_expected_by("j", Some(t(50)));
+        assert_eq!(shown(&m), 50.0);
+        m.job_expected_by("j", Some(t(300)));
+        m.hold_expected_by("j", t(70));
+        assert_eq!(shown(&m), 60.0, "a later hold does not move the first one");
+        m.release_expected_by("j");
+        assert_eq!(shown(&m), 300.0);
+        m.job_expected_by("j", Some(t(400)));
+        assert_eq!(shown(&m), 400.0);
     }
 }

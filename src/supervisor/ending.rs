@@ -199,6 +199,15 @@ impl Supervisor {
                 // counted here and recorded when it ends.
                 tracing::debug!(run = %run_id, fault = fault.as_str(), "the database refused a run; it did not start");
                 if let Some(live) = live.filter(|l| l.trigger != Trigger::Manual) {
+                    if live.job.def.spec.monitor {
+                        // A dead man's switch must trip: hold "expected
+                        // by" at this fire's deadline until it is recorded.
+                        let grace = chrono::TimeDelta::from_std(live.job.def.policy.misfire_grace)
+                            .unwrap_or(chrono::TimeDelta::MAX);
+                        self.ctx
+                            .metrics
+                            .hold_expected_by(live.job.name(), live.scheduled_at + grace);
+                    }
                     self.unrecorded.add(live.job.clone(), live.scheduled_at);
                     self.ctx
                         .metrics

@@ -175,6 +175,9 @@ impl Supervisor {
             self.record(row, None);
         }
         for fire in self.unrecorded.take() {
+            if fire.job.def.spec.monitor {
+                self.ctx.metrics.release_expected_by(fire.job.name());
+            }
             tracing::warn!(
                 job = %fire.job.id,
                 from = %fire.scheduled_at,

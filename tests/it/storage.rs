@@ -154,6 +154,9 @@ fn accounted(runs: &[serde_json::Value], from: DateTime<Utc>, until: DateTime<Ut
     Ok(())
 }
 
+/// The jobs of the full-disk test: three plain, one with its own series.
+const JOBS: [&str; 4] = ["tick-0", "tick-1", "tick-2", "watched"];
+
 #[tokio::test]
 async fn fires_the_full_disk_refuses_are_counted_and_recorded_missed_once_it_is_freed() {
     let Some(disk) = Tmpfs::mount("16m") else {
@@ -173,6 +176,18 @@ async fn fires_the_full_disk_refuses_are_counted_and_recorded_missed_once_it_is_
             .await;
         assert_eq!(status, 201, "{body}");
     }
+    // A job with its own series: its dead man's switch must trip while its
+    // fires go unrecorded.
+    let mut watched = http_job("watched", every_second(), &receiver.url("/hit"));
+    watched["monitor"] = serde_json::json!(true);
+    let (status, body) = service.post("/v1/jobs", watched).await;
+    assert_eq!(status, 201, "{body}");
+    let expected_by = async || {
+        sample(
+            &service.metrics().await,
+            "cronguard_job_expected_by_timestamp_seconds{job=\"watched\"}",
+        )
+    };
     eventually("runs recorded", || async {
         (service.get("/v1/jobs/tick-0/runs").await.1["items"]
             .as_array()?
@@ -194,17 +209,25 @@ async fn fires_the_full_disk_refuses_are_counted_and_recorded_missed_once_it_is_
         (refused().await >= 9.0).then_some(())
     })
     .await;
+    let held = expected_by().await.expect("the watched job's series");
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let (status, live) = service.get("/livez?verbose").await;
     assert_eq!(status, 200, "no loop gave up on a full disk: {live}");
+    // Three seconds of refused fires later, "expected by" has not moved on
+    // with the engine's plan: it stays at the first refused fire's deadline.
+    assert_eq!(
+        expected_by().await,
+        Some(held),
+        "expected-by moved while fires went unrecorded"
+    );
 
     std::fs::remove_file(filler).unwrap();
     // Every refused fire ends up in a `missed` row (rows of fires refused
     // just before the disk came back may follow a little later).
     eventually("the refused fires recorded as missed", || async {
         let mut recorded = 0;
-        for i in 0..3 {
-            let runs = service.get(&format!("/v1/jobs/tick-{i}/runs?limit=500")).await.1["items"]
+        for job in JOBS {
+            let runs = service.get(&format!("/v1/jobs/{job}/runs?limit=500")).await.1["items"]
                 .as_array()?
                 .clone();
             recorded += runs
@@ -217,10 +240,15 @@ async fn fires_the_full_disk_refuses_are_counted_and_recorded_missed_once_it_is_
     })
     .await;
 
+    eventually("expected-by to follow the plan again", || async {
+        (expected_by().await? > held).then_some(())
+    })
+    .await;
+
     // Nothing vanished: each second of each job is one row.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    for i in 0..3 {
-        let runs = service.get(&format!("/v1/jobs/tick-{i}/runs?limit=500")).await.1["items"]
+    for job in JOBS {
+        let runs = service.get(&format!("/v1/jobs/{job}/runs?limit=500")).await.1["items"]
             .as_array()
             .unwrap()
             .clone();
@@ -231,7 +259,7 @@ async fn fires_the_full_disk_refuses_are_counted_and_recorded_missed_once_it_is_
         let from = *times.iter().min().unwrap();
         let until = *times.iter().max().unwrap() - TimeDelta::seconds(1);
         if let Err(e) = accounted(&runs, from, until) {
-            panic!("tick-{i}: {e}: {runs:#?}");
+            panic!("{job}: {e}: {runs:#?}");
         }
     }
     drop(service);
