@@ -1,7 +1,8 @@
-//! The database's own failures, on a real full disk: a 16 MiB tmpfs (CI
-//! runs as root; elsewhere the test says SKIPPED and `.ci/run` refuses the
-//! skip). A full disk must be named as such, turn readiness red within
-//! seconds, leave liveness alone, and end when space is freed.
+//! The database's own failures: a real full disk, a 16 MiB tmpfs (CI runs
+//! as root; elsewhere the test says SKIPPED and `.ci/run` refuses the
+//! skip), and a write lock another process holds. A full disk must be named
+//! as such, turn readiness red within seconds, leave liveness alone, and
+//! end when space is freed; every refused write is answered as such.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -263,4 +264,38 @@ async fn fires_the_full_disk_refuses_are_counted_and_recorded_missed_once_it_is_
         }
     }
     drop(service);
+}
+
+/// A batch whose transaction cannot even begin (another process holds the
+/// database's write lock past the busy timeout) is answered as storage
+/// unavailable, naming the lock — not as "shutting down", which a dropped
+/// reply used to read as.
+#[tokio::test]
+async fn a_write_that_cannot_begin_is_answered_as_storage_unavailable() {
+    use sqlx::{Connection, Executor};
+    let app = TestApp::spawn().await;
+    let mut lock = sqlx::SqliteConnection::connect(&app.database).await.unwrap();
+    lock.execute("BEGIN EXCLUSIVE").await.unwrap();
+    let (status, body) = app
+        .post(
+            "/v1/jobs",
+            http_job("locked-out", every_second(), "http://127.0.0.1:9/hook"),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body["type"], "urn:cronguard:problem:storage-unavailable",
+        "{body}"
+    );
+    assert!(body["detail"].as_str().unwrap().contains("lock"), "{body}");
+    lock.execute("ROLLBACK").await.unwrap();
+    // The lock is gone: the same write goes through.
+    let (status, body) = app
+        .post(
+            "/v1/jobs",
+            http_job("locked-out", every_second(), "http://127.0.0.1:9/hook"),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    app.stop().await;
 }

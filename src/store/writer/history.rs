@@ -77,3 +77,17 @@ fn prune_old(c: &mut dyn Tx, older_than: DateTime<Utc>, limit: u32) -> Result<u6
         &values![RunId::boundary(older_than).to_string(), i64::from(limit)],
     )
 }
+
+impl HistoryOp {
+    /// Answers the operation with `e` without applying it.
+    pub(super) fn fail(self, e: StoreError) {
+        match self {
+            Self::PruneJob { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::PruneOld { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 
 use super::{Pending, Reply, pending, plain};
 use crate::run::Incarnation;
+use crate::store::StoreError;
 use crate::store::rows::ms;
 use crate::store::sql::{Tx, values};
 
@@ -45,6 +46,20 @@ pub(super) fn apply(tx: &mut dyn Tx, op: IncarnationOp) -> Pending {
                 &values![ms(at), id.to_string()],
             );
             pending(reply, plain(result.map(|_| ())))
+        }
+    }
+}
+
+impl IncarnationOp {
+    /// Answers the operation with `e` without applying it.
+    pub(super) fn fail(self, e: StoreError) {
+        match self {
+            Self::Register { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::Stop { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
         }
     }
 }

@@ -245,3 +245,23 @@ pub(super) fn apply(tx: &mut dyn Tx, op: JobOp, outbox: bool) -> Pending {
         }
     }
 }
+
+impl JobOp {
+    /// Answers the operation with `e` without applying it.
+    pub(super) fn fail(self, e: StoreError) {
+        match self {
+            Self::Create { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::Replace { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::SetPaused { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::Delete { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}

@@ -82,6 +82,20 @@ pub enum Op {
 type Finish = Box<dyn FnOnce(Option<&CommitError>, &mpsc::UnboundedSender<JobChange>) + Send>;
 
 impl Op {
+    /// Answers the operation with `e` without applying it.
+    fn fail(self, e: StoreError) {
+        match self {
+            Self::Jobs(op) => op.fail(e),
+            Self::Runs(op) => op.fail(e),
+            Self::History(op) => op.fail(e),
+            Self::Outbox(op) => op.fail(e),
+            Self::Incarnations(op) => op.fail(e),
+            Self::Close { reply } | Self::Probe { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
     /// A successful run's end: on a shared database neighbours of this
     /// kind end in one statement ([`finish_successes`]).
     fn is_success_finish(&self) -> bool {
@@ -384,9 +398,9 @@ impl Writer {
                 .map_or((1, None), |id| (0, Some(id)))
             });
         }
+        let mut ops = batch.drain(..).peekable();
         let outcome = (|| {
             self.conn.begin()?;
-            let mut ops = batch.drain(..).peekable();
             while let Some(op) = ops.next() {
                 if shared && op.is_success_finish() && ops.peek().is_some_and(Op::is_success_finish) {
                     // Consecutive successes end in one statement (order
@@ -438,10 +452,20 @@ impl Writer {
                     .map(|(fault, detail)| CommitError { fault, detail })
             })
         });
-        self.observe(failure.as_ref(), done.len(), metrics);
-        // Ops never reached (BEGIN failed) are dropped: their callers see
-        // `Closed` from the dropped reply channel.
-        batch.clear();
+        // Operations never applied (BEGIN, or a statement of the batch,
+        // failed first) are answered with the failure: a dropped reply
+        // would read as "shut down".
+        let unreached = ops.len();
+        for op in ops {
+            op.fail(match &error {
+                Some(e) => StoreError::Unavailable {
+                    fault: e.fault,
+                    detail: e.detail.clone(),
+                },
+                None => StoreError::Closed,
+            });
+        }
+        self.observe(failure.as_ref(), done.len() + unreached, metrics);
         if error.is_none()
             && let Some(signal) = &self.outbox
         {

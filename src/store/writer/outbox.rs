@@ -105,3 +105,20 @@ pub(super) fn apply(tx: &mut dyn Tx, op: OutboxOp) -> Pending {
         OutboxOp::Trim { limit, reply } => pending(reply, plain(trim(tx, limit))),
     }
 }
+
+impl OutboxOp {
+    /// Answers the operation with `e` without applying it.
+    pub(super) fn fail(self, e: StoreError) {
+        match self {
+            Self::RecordRejections { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::Delete { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::Trim { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}

@@ -526,3 +526,32 @@ pub(super) fn apply(tx: &mut dyn Tx, op: RunOp, outbox: bool, shared: bool) -> P
         }
     }
 }
+
+impl RunOp {
+    /// Answers the operation with `e` without applying it.
+    pub(super) fn fail(self, e: StoreError) {
+        match self {
+            Self::Insert { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::Start { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::RecordAttempt { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::RecordProcess { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::Finish { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::OrphanForeign { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::OrphanIfLive { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
