@@ -1,6 +1,10 @@
 //! Run history retention: what to prune and the pruning.
 
-use super::*;
+use chrono::{DateTime, Utc};
+
+use super::{Ack, Inner, StoreError, writer};
+use crate::job::JobId;
+use crate::run::RunId;
 
 /// Run history retention: what to prune and the pruning (`Store::history`).
 pub struct History<'a> {

@@ -1,6 +1,9 @@
 //! Incarnations of the service: start and stop, and among replicas the lease, the live set and change notifications.
 
-use super::*;
+use chrono::{DateTime, Utc};
+
+use super::{Ack, Backend, Inner, Notifications, Replica, StoreError, writer};
+use crate::run::Incarnation;
 
 /// Incarnations of the service: start and stop, and among replicas the lease, the live set and change notifications (`Store::incarnations`).
 pub struct Incarnations<'a> {

@@ -1,6 +1,11 @@
 //! The jobs: definitions, pause state and the schedule cursor.
 
-use super::*;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::{Ack, Backend, Inner, JobFilter, JobKey, NewJob, Page, Replacement, StoreError, writer};
+use crate::job::{Job, JobId};
 
 /// The jobs: definitions, pause state and the schedule cursor (`Store::jobs`).
 pub struct Jobs<'a> {
@@ -8,7 +13,7 @@ pub struct Jobs<'a> {
 }
 
 impl Jobs<'_> {
-    /// Inserts a job; fails with [`Conflict::NameTaken`] on a duplicate name.
+    /// Inserts a job; fails with [`Conflict::NameTaken`](super::Conflict::NameTaken) on a duplicate name.
     pub fn create(&self, job: NewJob) -> Ack<Arc<Job>> {
         self.inner
             .write(|reply| writer::Op::Jobs(Box::new(writer::JobOp::Create { job, reply })))

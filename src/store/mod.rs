@@ -35,7 +35,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::job::{Job, JobDefinition, JobId, Source};
-use crate::run::{Incarnation, Outcome, Run, RunId, RunStatus};
+use crate::run::RunStatus;
 
 pub use self::error::{Conflict, Corruption, DatabaseError, StoreError};
 pub use self::fault::{Failing, StorageFault};

@@ -1,6 +1,10 @@
 //! The outbox of results and rejections for the control backend.
 
-use super::*;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::{Ack, Inner, OutboxEntry, StoreError, writer};
 
 /// The outbox of results and rejections for the control backend (`Store::outbox`).
 pub struct Outbox<'a> {

@@ -1,6 +1,10 @@
 //! The runs: claims, starts, attempts, ends and orphaning.
 
-use super::*;
+use chrono::{DateTime, Utc};
+
+use super::{Ack, Backend, Inner, LastOutcomes, Page, RunFilter, StoreError, writer};
+use crate::job::JobId;
+use crate::run::{Incarnation, Outcome, Run, RunId, RunStatus};
 
 /// The runs: claims, starts, attempts, ends and orphaning (`Store::runs`).
 pub struct Runs<'a> {
@@ -11,7 +15,7 @@ impl Runs<'_> {
     /// Inserts a run. A scheduled or catch-up run also moves the job's
     /// schedule cursor to its scheduled time, in the same transaction, so a
     /// restart resumes exactly after the last recorded fire. Fails with
-    /// [`Conflict::DuplicateFire`] if the fire was already recorded.
+    /// [`Conflict::DuplicateFire`](super::Conflict::DuplicateFire) if the fire was already recorded.
     pub fn insert(&self, run: Run) -> Ack<()> {
         self.inner.write(|reply| {
             writer::Op::Runs(writer::RunOp::Insert {
@@ -24,7 +28,7 @@ impl Runs<'_> {
 
     /// Inserts a starting run like [`Runs::insert`]; with replicas,
     /// only while fewer than `guard` runs of its job are live on other
-    /// replicas (else it is recorded as skipped: [`Conflict::Overlap`]).
+    /// replicas (else it is recorded as skipped: [`Conflict::Overlap`](super::Conflict::Overlap)).
     pub fn claim(&self, run: Run, guard: u32) -> Ack<()> {
         self.inner.write(|reply| {
             writer::Op::Runs(writer::RunOp::Insert {
@@ -66,7 +70,7 @@ impl Runs<'_> {
         })
     }
 
-    /// Records a run's final state; [`Conflict::AlreadyFinal`] if it had one.
+    /// Records a run's final state; [`Conflict::AlreadyFinal`](super::Conflict::AlreadyFinal) if it had one.
     pub fn finish(&self, id: RunId, outcome: Outcome, at: DateTime<Utc>) -> Ack<()> {
         self.inner.write(|reply| {
             writer::Op::Runs(writer::RunOp::Finish {
