@@ -15,7 +15,8 @@
 //!   [`protocol`] (the control backend's wire types);
 //! - [`store`]: the database, one writer with group commit;
 //! - [`executor`]: HTTP calls and child processes in process groups;
-//! - [`loops`]: the `Loop` abstraction and its restart supervision;
+//! - [`loops`]: the `Loop` abstraction, its restart supervision, and the
+//!   `Services` every loop shares;
 //! - [`supervisor`]: owns every run's task, applies overlap policy, drains;
 //! - [`retention`]: keeps run history within its bounds;
 //! - [`orphans`]: accounting for work whose owner vanished;

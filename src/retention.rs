@@ -14,12 +14,11 @@ use std::time::Duration;
 use chrono::TimeDelta;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
-use crate::loops::{Loop, LoopCx, LoopError};
+use crate::loops::{Loop, LoopCx, LoopError, Services};
 use crate::run::RunId;
-use crate::store::{StorageFault, Store, StoreError};
+use crate::store::{StorageFault, StoreError};
 
 /// Runs deleted per write.
 pub const BATCH: u32 = 500;
@@ -35,10 +34,8 @@ pub struct HistoryDefaults {
 
 /// The retention loop.
 pub struct Retention {
-    /// The history it prunes.
-    pub store: Store,
-    /// Ages are measured on it.
-    pub clock: SharedClock,
+    /// The history it prunes; ages are measured on its clock.
+    pub services: Services,
     /// Service defaults.
     pub defaults: HistoryDefaults,
     /// Time between passes.
@@ -87,15 +84,15 @@ impl Retention {
         heartbeat: &Heartbeat,
         shutdown: &CancellationToken,
     ) -> Result<u64, StoreError> {
-        let now = self.clock.now();
+        let now = self.services.clock.now();
         let ago = |d: Duration| now - TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX);
-        let overrides = self.store.history().overrides().await?;
+        let overrides = self.services.store.history().overrides().await?;
         let mut deleted = 0;
 
         // Age, service default (jobs with their own max age excluded).
         if let Some(age) = self.defaults.max_age {
             loop {
-                let n = self.store.history().prune_old(ago(age), BATCH).await?;
+                let n = self.services.store.history().prune_old(ago(age), BATCH).await?;
                 deleted += n;
                 heartbeat.beat();
                 if n < u64::from(BATCH) || shutdown.is_cancelled() {
@@ -106,7 +103,7 @@ impl Retention {
 
         // Count (and per-job age) for jobs with new runs, plus every job
         // with its own max age (its runs age even without new ones).
-        let (touched, newest) = self.store.history().jobs_with_runs_since(*seen).await?;
+        let (touched, newest) = self.services.store.history().jobs_with_runs_since(*seen).await?;
         let mut jobs = touched;
         jobs.extend(
             overrides
@@ -125,6 +122,7 @@ impl Retention {
             }
             loop {
                 let n = self
+                    .services
                     .store
                     .history()
                     .prune_job(job, keep_last, older_than, BATCH)

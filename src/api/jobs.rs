@@ -133,7 +133,7 @@ fn job_response(status: StatusCode, job: &Job) -> Response {
 /// Validates a spec against the server's settings and the current time.
 fn validate(ctx: &ApiContext, spec: JobSpec, schedule_changed: bool) -> Result<JobDefinition, ApiError> {
     let def = spec.validate(&ctx.actions)?;
-    if schedule_changed && def.schedule.next_after(ctx.clock.now()).is_none() {
+    if schedule_changed && def.schedule.next_after(ctx.services.clock.now()).is_none() {
         return Err(FieldErrors::from(FieldError::new(
             "/schedule",
             "the schedule has no fire after now (`at` or `end` is in the past)",
@@ -153,7 +153,8 @@ fn owned_here(ctx: &ApiContext, job: &Job) -> Result<(), ApiError> {
 }
 
 pub(super) async fn find(ctx: &ApiContext, key: &str) -> Result<Job, ApiError> {
-    ctx.store
+    ctx.services
+        .store
         .jobs()
         .get(&JobKey::parse(key))
         .await?
@@ -181,7 +182,7 @@ pub async fn create_job(
     let paused = spec.paused.unwrap_or(false);
     let def = validate(&ctx, spec, true)?;
     if let Some(max) = ctx.max_jobs {
-        let (active, paused) = ctx.store.jobs().count().await?;
+        let (active, paused) = ctx.services.store.jobs().count().await?;
         if active + paused >= max {
             return Err(ApiError::QuotaExceeded(format!(
                 "this server holds at most {max} jobs (--max-jobs)"
@@ -189,6 +190,7 @@ pub async fn create_job(
         }
     }
     let job = ctx
+        .services
         .store
         .jobs()
         .create(NewJob {
@@ -196,7 +198,7 @@ pub async fn create_job(
             def,
             paused,
             source: Source::Api,
-            now: ctx.clock.now(),
+            now: ctx.services.clock.now(),
         })
         .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.create", job = %job.id, name = %job.name(), "job created");
@@ -250,7 +252,12 @@ pub async fn list_jobs(
         source,
     };
     let page = PageParams::<JobId>::parse(&params)?;
-    let found = ctx.store.jobs().list(&filter, page.cursor, page.limit).await?;
+    let found = ctx
+        .services
+        .store
+        .jobs()
+        .list(&filter, page.cursor, page.limit)
+        .await?;
     Ok(Json(JobPage {
         items: found.items.iter().map(JobView::from_job).collect(),
         next_cursor: found.next,
@@ -325,6 +332,7 @@ pub async fn replace_job(
     let schedule_changed = spec.schedule != current.def.spec.schedule;
     let def = validate(&ctx, spec, schedule_changed)?;
     let job = ctx
+        .services
         .store
         .jobs()
         .replace(Replacement {
@@ -332,7 +340,7 @@ pub async fn replace_job(
             expected_version,
             def,
             paused,
-            now: ctx.clock.now(),
+            now: ctx.services.clock.now(),
         })
         .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.replace", job = %job.id, name = %job.name(), version = job.version, changed = ?changed, "job replaced");
@@ -354,7 +362,11 @@ pub async fn delete_job(
 ) -> Result<StatusCode, ApiError> {
     let job = find(&ctx, &key).await?;
     owned_here(&ctx, &job)?;
-    ctx.store.jobs().delete(job.id, ctx.clock.now()).await?;
+    ctx.services
+        .store
+        .jobs()
+        .delete(job.id, ctx.services.clock.now())
+        .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.delete", job = %job.id, name = %job.name(), "job deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -379,9 +391,10 @@ pub async fn pause_job(
     }
     let job = find(&ctx, &key).await?;
     let job = ctx
+        .services
         .store
         .jobs()
-        .set_paused(job.id, true, note, ctx.clock.now())
+        .set_paused(job.id, true, note, ctx.services.clock.now())
         .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.pause", job = %job.id, name = %job.name(), note = job.pause_note.as_deref(), "job paused");
     Ok(job_response(StatusCode::OK, &job))
@@ -402,9 +415,10 @@ pub async fn resume_job(
 ) -> Result<Response, ApiError> {
     let job = find(&ctx, &key).await?;
     let job = ctx
+        .services
         .store
         .jobs()
-        .set_paused(job.id, false, None, ctx.clock.now())
+        .set_paused(job.id, false, None, ctx.services.clock.now())
         .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.resume", job = %job.id, name = %job.name(), "job resumed");
     Ok(job_response(StatusCode::OK, &job))

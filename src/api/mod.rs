@@ -33,10 +33,9 @@ use tower_http::trace::TraceLayer;
 use self::error::ApiError;
 use self::extract::{BodyDeadline, BodyLimit, Params};
 use crate::action::ActionPolicy;
-use crate::clock::SharedClock;
 use crate::health::Health;
+use crate::loops::Services;
 use crate::metrics::Metrics;
-use crate::store::Store;
 use crate::supervisor::SupervisorHandle;
 
 /// Default page size of list endpoints.
@@ -46,16 +45,13 @@ pub const MAX_PAGE: u32 = 500;
 
 /// What handlers share.
 pub struct ApiContext {
-    /// What the API reads and writes.
-    pub store: Store,
+    /// What the API reads and writes; "now" for writes, previews and the
+    /// status page; the metrics registry.
+    pub services: Services,
     /// Runs and cancels runs.
     pub supervisor: SupervisorHandle,
-    /// "Now" for writes, previews and the status page.
-    pub clock: SharedClock,
     /// Probe state.
     pub health: Arc<Health>,
-    /// Metrics registry.
-    pub metrics: Arc<Metrics>,
     /// Orphan findings.
     pub orphans: Arc<crate::orphans::Orphans>,
     /// Fault injection (test builds).
@@ -172,7 +168,10 @@ pub fn router(ctx: Arc<ApiContext>, limits: HttpLimits) -> Router {
         ctx.tokens.clone(),
         auth::authorize,
     ))
-    .layer(axum::middleware::from_fn_with_state(ctx.metrics.clone(), track))
+    .layer(axum::middleware::from_fn_with_state(
+        ctx.services.metrics.clone(),
+        track,
+    ))
     .with_state(ctx)
     // The API reference, served with its assets embedded (no CDN).
     .merge(swagger_ui_dist::generate_routes(swagger_ui_dist::ApiDefinition {

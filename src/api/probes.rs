@@ -109,7 +109,7 @@ pub async fn livez(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result
     if let Some(contact) = &ctx.backend
         && let Some(max) = contact.max_age
     {
-        let now = ctx.clock.now();
+        let now = ctx.services.clock.now();
         let age = contact.age(now);
         let too_old = contact.too_old(now).is_some();
         checks.push(Check {
@@ -139,7 +139,11 @@ pub async fn livez(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result
     ))]
 pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Result<Response, ApiError> {
     let h = &ctx.health;
-    let db = tokio::time::timeout(std::time::Duration::from_secs(2), ctx.store.check_ready()).await;
+    let db = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        ctx.services.store.check_ready(),
+    )
+    .await;
     let db_check = match db {
         Ok(Ok(())) => flag("database", true, ""),
         Ok(Err(e)) => flag("database", false, &format!("database not usable: {e}")),
@@ -163,7 +167,7 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
     // Informational: a backend that is down does not make this instance
     // unfit for traffic (it keeps running the last known jobs).
     if let Some(contact) = &ctx.backend {
-        let view = contact.view(ctx.clock.now());
+        let view = contact.view(ctx.services.clock.now());
         checks.push(Check {
             name: "backend_contact".into(),
             ok: true,
@@ -179,11 +183,11 @@ pub async fn readyz(State(ctx): State<Arc<ApiContext>>, params: Params) -> Resul
 /// write tells whether it does again (freed disk space ends the red state
 /// even when nothing else is written).
 async fn writable(ctx: &ApiContext) -> Check {
-    if ctx.store.failing().is_some() {
-        let probe = ctx.store.probe(ctx.clock.now());
+    if ctx.services.store.failing().is_some() {
+        let probe = ctx.services.store.probe(ctx.services.clock.now());
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), probe).await;
     }
-    match ctx.store.failing() {
+    match ctx.services.store.failing() {
         None => flag("database_writable", true, ""),
         Some(f) => flag(
             "database_writable",
@@ -202,21 +206,22 @@ async fn writable(ctx: &ApiContext) -> Check {
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(ctx): State<Arc<ApiContext>>) -> Result<Response, ApiError> {
-    ctx.metrics.observe_loops(&ctx.health);
+    ctx.services.metrics.observe_loops(&ctx.health);
     // The outbox gauges must show results piling up even while no upload
     // is attempted (the uploader waiting out a backoff, or hung).
     if let Some(contact) = &ctx.backend
-        && let Ok((entries, oldest)) = ctx.store.outbox().stats().await
+        && let Ok((entries, oldest)) = ctx.services.store.outbox().stats().await
     {
-        contact.set_outbox(entries, oldest, ctx.clock.now());
+        contact.set_outbox(entries, oldest, ctx.services.clock.now());
     }
     if let Some(contact) = &ctx.backend {
-        contact.observe(ctx.clock.now());
+        contact.observe(ctx.services.clock.now());
     }
-    if let Some(size) = ctx.store.size_bytes().await {
-        ctx.metrics.set_database_size(size);
+    if let Some(size) = ctx.services.store.size_bytes().await {
+        ctx.services.metrics.set_database_size(size);
     }
     let text = ctx
+        .services
         .metrics
         .render()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -340,13 +345,13 @@ pub struct StoreStatus {
 pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, ApiError> {
     let h = &ctx.health;
     let snapshot = ctx.supervisor.snapshot().await;
-    let (active, paused) = ctx.store.jobs().count().await?;
+    let (active, paused) = ctx.services.store.jobs().count().await?;
     let orphans = ctx.orphans.report();
     let backend = match &ctx.backend {
         Some(contact) => {
-            let (outbox_entries, outbox_oldest) = ctx.store.outbox().stats().await?;
+            let (outbox_entries, outbox_oldest) = ctx.services.store.outbox().stats().await?;
             Some(BackendStatus {
-                contact: contact.view(ctx.clock.now()),
+                contact: contact.view(ctx.services.clock.now()),
                 outbox_entries,
                 outbox_oldest,
             })
@@ -373,7 +378,7 @@ pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, 
             recent: orphans.recent.len(),
         },
         store: StoreStatus {
-            size_bytes: ctx.store.size_bytes().await.unwrap_or(0),
+            size_bytes: ctx.services.store.size_bytes().await.unwrap_or(0),
         },
         backend,
         replicas,
@@ -383,8 +388,8 @@ pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, 
 /// The live replicas as this one last saw them, with what each runs now.
 async fn replica_set(ctx: &ApiContext) -> Result<crate::cluster::ReplicaSet, ApiError> {
     let m = &ctx.membership;
-    let replicas = if ctx.store.shared() {
-        let running = ctx.store.incarnations().running_by().await?;
+    let replicas = if ctx.services.store.shared() {
+        let running = ctx.services.store.incarnations().running_by().await?;
         m.replicas()
             .into_iter()
             .map(|r| crate::cluster::ReplicaView {

@@ -48,7 +48,12 @@ fn statuses(params: &Params) -> Result<Vec<RunStatus>, ApiError> {
 
 async fn page(ctx: &ApiContext, filter: RunFilter, params: &Params) -> Result<Json<RunPage>, ApiError> {
     let page = PageParams::<RunId>::parse(params)?;
-    let found = ctx.store.runs().list(&filter, page.cursor, page.limit).await?;
+    let found = ctx
+        .services
+        .store
+        .runs()
+        .list(&filter, page.cursor, page.limit)
+        .await?;
     Ok(Json(RunPage {
         items: found.items,
         next_cursor: found.next,
@@ -122,7 +127,13 @@ pub async fn get_run(
     PathParam(id): PathParam,
 ) -> Result<Json<Run>, ApiError> {
     let id = run_id(&id)?;
-    let run = ctx.store.runs().get(id).await?.ok_or(ApiError::NotFound("run"))?;
+    let run = ctx
+        .services
+        .store
+        .runs()
+        .get(id)
+        .await?
+        .ok_or(ApiError::NotFound("run"))?;
     Ok(Json(run))
 }
 
@@ -142,18 +153,36 @@ pub async fn cancel_run(
     PathParam(id): PathParam,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
     let id = run_id(&id)?;
-    let run = ctx.store.runs().get(id).await?.ok_or(ApiError::NotFound("run"))?;
+    let run = ctx
+        .services
+        .store
+        .runs()
+        .get(id)
+        .await?
+        .ok_or(ApiError::NotFound("run"))?;
     if run.status.is_final() {
         return Err(ApiError::RunAlreadyFinal);
     }
     if !ctx.supervisor.cancel(id).await {
         let outcome = Outcome::cancelled(Reason::Requested, "cancelled by request; no live task owned it");
-        match ctx.store.runs().finish(id, outcome, ctx.clock.now()).await {
+        match ctx
+            .services
+            .store
+            .runs()
+            .finish(id, outcome, ctx.services.clock.now())
+            .await
+        {
             Ok(()) | Err(StoreError::Conflict(Conflict::AlreadyFinal)) => {}
             Err(e) => return Err(e.into()),
         }
     }
     tracing::info!(target: "audit", principal = %principal.name, action = "run.cancel", run = %id, job = %run.job_id, "run cancellation requested");
-    let run = ctx.store.runs().get(id).await?.ok_or(ApiError::NotFound("run"))?;
+    let run = ctx
+        .services
+        .store
+        .runs()
+        .get(id)
+        .await?
+        .ok_or(ApiError::NotFound("run"))?;
     Ok((StatusCode::ACCEPTED, Json(run)))
 }

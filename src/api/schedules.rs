@@ -100,7 +100,7 @@ pub async fn preview_schedule(
     match (schedule, count) {
         (Some(schedule), Some(count)) => Ok(Json(preview(
             &schedule,
-            request.after.unwrap_or_else(|| ctx.clock.now()),
+            request.after.unwrap_or_else(|| ctx.services.clock.now()),
             count,
         ))),
         _ => Err(errors.into()),
@@ -136,7 +136,7 @@ pub async fn preview_job(
     // would restart from now.
     let after = after.unwrap_or_else(|| {
         if job.paused {
-            ctx.clock.now()
+            ctx.services.clock.now()
         } else {
             job.cursor_at
         }

@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::fault::Faults;
 use crate::health::Health;
 use crate::loops::Loops;
+use crate::loops::Services;
 use crate::metrics::Metrics;
 use crate::orphans::Orphans;
 use crate::run::Incarnation;
@@ -66,16 +67,14 @@ pub enum AppError {
 /// A built application, ready to run.
 pub struct App {
     config: Config,
-    clock: SharedClock,
     listener: TcpListener,
-    store: Store,
+    services: Services,
     writer: WriterTask,
     changes: mpsc::UnboundedReceiver<JobChange>,
     /// For changes heard from other replicas (and re-plan requests).
     notices: mpsc::UnboundedSender<JobChange>,
     membership: Arc<Membership>,
     health: Arc<Health>,
-    metrics: Arc<Metrics>,
     incarnation: Incarnation,
     faults: Arc<Faults>,
     orphans: Arc<Orphans>,
@@ -105,16 +104,18 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         Ok(Self {
             config,
-            clock,
             listener,
-            store,
+            services: Services {
+                store,
+                clock,
+                metrics: metrics.clone(),
+            },
             writer,
             changes,
             notices,
             membership,
             health: Arc::new(Health::new()),
-            orphans: Arc::new(Orphans::new(metrics.clone())),
-            metrics,
+            orphans: Arc::new(Orphans::new(metrics)),
             incarnation,
             faults: Arc::new(Faults::new()),
         })
@@ -147,17 +148,15 @@ impl App {
             self.writer.run(
                 self.health
                     .heartbeat("store_writer", self.config.loop_stale_after),
-                self.metrics.clone(),
+                self.services.metrics.clone(),
             ),
         );
         let cx = parts::Cx {
             config: self.config,
-            clock: self.clock,
-            store: self.store,
+            services: self.services,
             notices: self.notices,
             membership: self.membership,
             health: self.health,
-            metrics: self.metrics,
             incarnation: self.incarnation,
             faults: self.faults,
             orphans: self.orphans,
@@ -183,7 +182,7 @@ impl App {
         .map_err(AppError::Serve)?;
         let loops = Loops::new(
             cx.health.clone(),
-            cx.metrics.clone(),
+            cx.services.metrics.clone(),
             cx.faults.clone(),
             cx.config.loop_stale_after,
         );

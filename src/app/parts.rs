@@ -19,7 +19,6 @@ use crate::backend::config::BackendConfig;
 use crate::backend::metrics::SyncMetrics;
 use crate::backend::pull::Puller;
 use crate::backend::upload::Uploader;
-use crate::clock::SharedClock;
 use crate::cluster::Membership;
 use crate::cluster::lease::Lease;
 use crate::cluster::listen::Listener;
@@ -28,25 +27,22 @@ use crate::engine::{EngineContext, EngineLoop};
 use crate::executor::{Executor, ExecutorConfig};
 use crate::fault::Faults;
 use crate::health::Health;
-use crate::loops::Loop;
-use crate::metrics::Metrics;
+use crate::loops::{Loop, Services};
 use crate::orphans::Orphans;
 use crate::orphans::reaper::Reaper;
 use crate::retention::Retention;
 use crate::run::Incarnation;
-use crate::store::{JobChange, Store};
+use crate::store::JobChange;
 use crate::supervisor::{Supervisor, SupervisorConfig, SupervisorHandle, TaskContext};
 
 /// What every part is built from.
 pub(super) struct Cx {
     pub config: Config,
-    pub clock: SharedClock,
-    pub store: Store,
+    pub services: Services,
     /// For changes heard from other replicas (and re-plan requests).
     pub notices: mpsc::UnboundedSender<JobChange>,
     pub membership: Arc<Membership>,
     pub health: Arc<Health>,
-    pub metrics: Arc<Metrics>,
     pub incarnation: Incarnation,
     pub faults: Arc<Faults>,
     pub orphans: Arc<Orphans>,
@@ -74,8 +70,9 @@ impl Cx {
     /// lease expired) and, among replicas, joins the live set before the
     /// engine loads the jobs it owns.
     pub async fn recover(&self) -> Result<Arc<Lease>, AppError> {
-        let now = self.clock.now();
-        self.store
+        let now = self.services.clock.now();
+        self.services
+            .store
             .incarnations()
             .register(self.incarnation, self.membership.host().to_owned(), now)
             .await?;
@@ -84,7 +81,7 @@ impl Cx {
             .lease()
             .map(|lease| now - chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX));
         crate::orphans::reconcile_previous_incarnations(
-            &self.store,
+            &self.services.store,
             &self.orphans,
             self.incarnation,
             now,
@@ -94,15 +91,13 @@ impl Cx {
         .await?;
         let lease = Arc::new(Lease {
             membership: self.membership.clone(),
-            store: self.store.clone(),
-            clock: self.clock.clone(),
+            services: self.services.clone(),
             changes: self.notices.clone(),
             orphans: self.orphans.clone(),
             policy: self.config.orphan_policy,
-            metrics: self.metrics.clone(),
         });
-        if self.store.shared() {
-            let mut renewed = self.clock.now();
+        if self.services.store.shared() {
+            let mut renewed = self.services.clock.now();
             lease.round(&mut renewed).await?;
         }
         self.health.set_recovered();
@@ -124,19 +119,16 @@ impl Cx {
         let (supervisor, handle, reaper) = self.runs(&actions)?;
         let engine = EngineLoop::new(
             EngineContext {
-                store: self.store.clone(),
-                clock: self.clock.clone(),
+                services: self.services.clone(),
                 supervisor: handle.clone(),
                 health: self.health.clone(),
-                metrics: self.metrics.clone(),
                 interval: self.config.engine_tick,
                 membership: self.membership.clone(),
             },
             changes,
         );
         let retention = Retention {
-            store: self.store.clone(),
-            clock: self.clock.clone(),
+            services: self.services.clone(),
             defaults: self.config.history,
             interval: self.config.retention_interval,
         };
@@ -154,9 +146,9 @@ impl Cx {
             loops.push(Arc::new(uploader));
         }
         let mut leases: Vec<Arc<dyn Loop>> = Vec::new();
-        if self.store.shared() {
+        if self.services.store.shared() {
             loops.push(Arc::new(Listener {
-                store: self.store.clone(),
+                store: self.services.store.clone(),
                 changes: self.notices.clone(),
             }));
             leases.push(lease);
@@ -179,8 +171,8 @@ impl Cx {
                 action_proxy: self.config.action_proxy.clone(),
                 shim: self.config.command_shim.clone(),
             },
-            self.store.clone(),
-            self.clock.clone(),
+            self.services.store.clone(),
+            self.services.clock.clone(),
         )?;
         let processes = self
             .config
@@ -188,10 +180,8 @@ impl Cx {
             .then(|| executor.processes().clone());
         let (supervisor, handle) = Supervisor::new(
             TaskContext {
-                store: self.store.clone(),
+                services: self.services.clone(),
                 executor,
-                clock: self.clock.clone(),
-                metrics: self.metrics.clone(),
             },
             SupervisorConfig {
                 max_running: self.config.max_running,
@@ -201,12 +191,10 @@ impl Cx {
         );
         let supervisor = Arc::new(Mutex::new(supervisor));
         let reaper = Arc::new(Reaper {
-            store: self.store.clone(),
+            services: self.services.clone(),
             supervisor: handle.clone(),
             orphans: self.orphans.clone(),
-            metrics: self.metrics.clone(),
             incarnation: self.incarnation,
-            clock: self.clock.clone(),
             processes,
             interval: self.config.reaper_interval,
         });
@@ -221,34 +209,32 @@ impl Cx {
             .map_err(AppError::Backend)?;
         let stale_after = b.poll_interval * 3 + b.timeout;
         let contact = Arc::new(Contact::new(
-            self.metrics.clone(),
+            self.services.metrics.clone(),
             b.contact_max_age,
             stale_after,
-            self.clock.now(),
+            self.services.clock.now(),
         ));
         tracing::info!(url = %b.url, "control backend configured");
-        let metrics = SyncMetrics::new(&self.metrics);
+        let metrics = SyncMetrics::new(&self.services.metrics);
         let puller = Puller {
             client: client.clone(),
-            store: self.store.clone(),
-            clock: self.clock.clone(),
+            services: self.services.clone(),
             contact: contact.clone(),
-            metrics: metrics.clone(),
+            counters: metrics.clone(),
             actions: actions.clone(),
             max_jobs: self.config.max_jobs,
             interval: b.poll_interval,
         };
         let uploader = Uploader {
             client,
-            store: self.store.clone(),
-            clock: self.clock.clone(),
+            services: self.services.clone(),
             contact,
-            metrics,
+            counters: metrics,
             incarnation: self.incarnation,
             limit: b.outbox_limit,
             batch: b.upload_batch,
             max_backoff: b.max_backoff,
-            signal: self.store.outbox().signal(),
+            signal: self.services.store.outbox().signal(),
         };
         Ok((puller, uploader))
     }
@@ -260,17 +246,15 @@ impl Cx {
         backend: Option<Arc<Contact>>,
     ) -> Router {
         let ctx = Arc::new(ApiContext {
-            store: self.store.clone(),
+            services: self.services.clone(),
             supervisor,
-            clock: self.clock.clone(),
             health: self.health.clone(),
-            metrics: self.metrics.clone(),
             orphans: self.orphans.clone(),
             faults: self.faults.clone(),
             actions,
             incarnation: self.incarnation,
             membership: self.membership.clone(),
-            started_at: self.clock.now(),
+            started_at: self.services.clock.now(),
             tokens: self.config.tokens.clone(),
             max_jobs: self.config.max_jobs,
             backend,
@@ -304,11 +288,12 @@ impl Cx {
         self.health.set_shutting_down();
         tracing::info!("shutting down: readiness is failing, draining runs");
         self.membership.leave();
-        if self.store.shared()
+        if self.services.store.shared()
             && let Err(e) = self
+                .services
                 .store
                 .incarnations()
-                .leave(self.incarnation, self.clock.now())
+                .leave(self.incarnation, self.services.clock.now())
                 .await
         {
             tracing::warn!(error = %e, "could not record that this replica leaves");
@@ -319,14 +304,15 @@ impl Cx {
     /// writer commits what is queued first.
     pub async fn close(self, writer: JoinHandle<()>) {
         if let Err(e) = self
+            .services
             .store
             .incarnations()
-            .stop(self.incarnation, self.clock.now())
+            .stop(self.incarnation, self.services.clock.now())
             .await
         {
             tracing::warn!(error = %e, "could not record the stop of this incarnation");
         }
-        if let Err(e) = self.store.close().await {
+        if let Err(e) = self.services.store.close().await {
             tracing::warn!(error = %e, "closing the store failed");
         }
         drop(self.notices);

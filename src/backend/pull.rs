@@ -34,14 +34,13 @@ use super::client::{BackendClient, Pulled};
 use super::contact::{Contact, Direction};
 use super::metrics::SyncMetrics;
 use crate::action::ActionPolicy;
-use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
 use crate::job::{Job, JobId, JobSpec, Source, check_name};
-use crate::loops::{Loop, LoopCx, LoopError};
+use crate::loops::{Loop, LoopCx, LoopError, Services};
 use crate::protocol::{Rejection, RejectionSummary};
 use crate::store::Conflict;
-use crate::store::{NewJob, Replacement, Store, StoreError};
+use crate::store::{NewJob, Replacement, StoreError};
 use crate::validation::{DecodeError, FieldError, decode_json};
 
 /// Writes issued at once (they share group commits); the loop beats
@@ -62,14 +61,13 @@ const MAX_REASONS: usize = 32;
 pub struct Puller {
     /// The backend.
     pub client: BackendClient,
-    /// Where the backend's jobs are reconciled.
-    pub store: Store,
-    /// Stamps each attempt and contact, and backend jobs' writes.
-    pub clock: SharedClock,
+    /// Where the backend's jobs are reconciled, and the clock that stamps
+    /// each attempt, contact and write.
+    pub services: Services,
     /// Shared contact state.
     pub contact: Arc<Contact>,
-    /// Counters.
-    pub metrics: SyncMetrics,
+    /// Pull and contact counters.
+    pub counters: SyncMetrics,
     /// What actions this server accepts.
     pub actions: ActionPolicy,
     /// Job quota (`--max-jobs`).
@@ -173,7 +171,7 @@ impl Puller {
         loop {
             heartbeat.beat();
             faults.checkpoint(heartbeat.name()).await;
-            self.contact.attempt(Direction::Pull, self.clock.now());
+            self.contact.attempt(Direction::Pull, self.services.clock.now());
             let pulled = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
@@ -182,12 +180,12 @@ impl Puller {
             let failed = pulled.is_err();
             match pulled {
                 Ok(Pulled::Unchanged) => {
-                    self.contact.success(Direction::Pull, self.clock.now());
-                    self.metrics.pulled(false);
+                    self.contact.success(Direction::Pull, self.services.clock.now());
+                    self.counters.pulled(false);
                 }
                 Ok(Pulled::Jobs { jobs, etag }) => {
-                    self.contact.success(Direction::Pull, self.clock.now());
-                    self.metrics.pulled(true);
+                    self.contact.success(Direction::Pull, self.services.clock.now());
+                    self.counters.pulled(true);
                     let applied = self.apply(jobs, &mut state, &heartbeat).await?;
                     state.etag = if applied.retry { None } else { etag };
                 }
@@ -226,8 +224,9 @@ impl Puller {
         state: &mut PullState,
         heartbeat: &Heartbeat,
     ) -> Result<Applied, StoreError> {
-        let now = self.clock.now();
+        let now = self.services.clock.now();
         let existing: HashMap<String, Arc<Job>> = self
+            .services
             .store
             .jobs()
             .load_all()
@@ -255,7 +254,7 @@ impl Puller {
         for chunk in deletes.chunks(CHUNK) {
             let acks: Vec<_> = chunk
                 .iter()
-                .map(|j| self.store.jobs().delete(j.id, now))
+                .map(|j| self.services.store.jobs().delete(j.id, now))
                 .collect();
             for (job, result) in chunk.iter().zip(futures_util::future::join_all(acks).await) {
                 match result {
@@ -324,7 +323,7 @@ impl Puller {
                     "backend jobs rejected (the rest are counted in the report's summary)"
                 );
             }
-            self.metrics.rejected(rejections.total);
+            self.counters.rejected(rejections.total);
             let summary = RejectionSummary {
                 rejected_at: now,
                 total: rejections.total,
@@ -340,12 +339,16 @@ impl Puller {
                     errors,
                 })
                 .collect();
-            self.store.outbox().record_rejections(detailed, summary).await?;
+            self.services
+                .store
+                .outbox()
+                .record_rejections(detailed, summary)
+                .await?;
         }
         state.reported = (rejections.total > 0).then_some(digest);
-        self.metrics.applied("created", applied.created);
-        self.metrics.applied("updated", applied.updated);
-        self.metrics.applied("deleted", applied.deleted);
+        self.counters.applied("created", applied.created);
+        self.counters.applied("updated", applied.updated);
+        self.counters.applied("deleted", applied.deleted);
         if applied.created + applied.updated + applied.deleted + applied.rejected > 0 {
             tracing::info!(
                 created = applied.created,
@@ -430,8 +433,8 @@ impl Puller {
         for (label, item, write) in chunk {
             let created = matches!(write, Write::Create(_));
             acks.push(match write {
-                Write::Create(job) => self.store.jobs().create(job),
-                Write::Replace(r) => self.store.jobs().replace(r),
+                Write::Create(job) => self.services.store.jobs().create(job),
+                Write::Replace(r) => self.services.store.jobs().replace(r),
             });
             meta.push((label, item, created));
         }

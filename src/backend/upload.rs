@@ -27,13 +27,12 @@ use tokio_util::sync::CancellationToken;
 use super::client::{BackendClient, CallError};
 use super::contact::{Contact, Direction};
 use super::metrics::SyncMetrics;
-use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
-use crate::loops::{Loop, LoopCx, LoopError};
+use crate::loops::{Loop, LoopCx, LoopError, Services};
 use crate::protocol::{Rejection, RejectionSummary, ResultBatch, RunResult};
 use crate::run::Incarnation;
-use crate::store::{OutboxEntry, Store, StoreError};
+use crate::store::{OutboxEntry, StoreError};
 
 /// First retry delay.
 const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
@@ -44,14 +43,13 @@ const IDLE_REFRESH: Duration = Duration::from_secs(5);
 pub struct Uploader {
     /// The backend.
     pub client: BackendClient,
-    /// The outbox it drains.
-    pub store: Store,
-    /// Stamps each attempt and contact.
-    pub clock: SharedClock,
+    /// The outbox it drains, and the clock that stamps each attempt and
+    /// contact.
+    pub services: Services,
     /// Shared contact state.
     pub contact: Arc<Contact>,
-    /// Counters.
-    pub metrics: SyncMetrics,
+    /// Upload and outbox counters.
+    pub counters: SyncMetrics,
     /// This process.
     pub incarnation: Incarnation,
     /// Entries kept at most.
@@ -85,9 +83,9 @@ impl Uploader {
             heartbeat.beat();
             faults.checkpoint(heartbeat.name()).await;
             if self.refresh_gauges().await? > self.limit {
-                let dropped = self.store.outbox().trim(self.limit).await?;
+                let dropped = self.services.store.outbox().trim(self.limit).await?;
                 if dropped > 0 {
-                    self.metrics.dropped(dropped);
+                    self.counters.dropped(dropped);
                     tracing::error!(
                         dropped,
                         limit = self.limit,
@@ -96,7 +94,7 @@ impl Uploader {
                 }
                 self.refresh_gauges().await?;
             }
-            let entries = self.store.outbox().peek(batch_size as u32).await?;
+            let entries = self.services.store.outbox().peek(batch_size as u32).await?;
             let empty = entries.is_empty();
             let Some(prepared) = self.prepare(entries).await? else {
                 if !empty {
@@ -107,7 +105,7 @@ impl Uploader {
                 }
                 continue;
             };
-            self.contact.attempt(Direction::Push, self.clock.now());
+            self.contact.attempt(Direction::Push, self.services.clock.now());
             let sent = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
@@ -115,11 +113,11 @@ impl Uploader {
             };
             match sent {
                 Ok(()) => {
-                    self.contact.success(Direction::Push, self.clock.now());
-                    self.store.outbox().delete(prepared.seqs).await?;
-                    self.metrics
+                    self.contact.success(Direction::Push, self.services.clock.now());
+                    self.services.store.outbox().delete(prepared.seqs).await?;
+                    self.counters
                         .uploaded("result", prepared.batch.results.len() as u64);
-                    self.metrics
+                    self.counters
                         .uploaded("rejection", prepared.batch.rejections.len() as u64);
                     backoff = INITIAL_BACKOFF;
                     batch_size = self.batch;
@@ -180,8 +178,8 @@ impl Uploader {
             }
         }
         if !unreadable.is_empty() {
-            let n = self.store.outbox().delete(unreadable).await?;
-            self.metrics.dropped(n);
+            let n = self.services.store.outbox().delete(unreadable).await?;
+            self.counters.dropped(n);
         }
         Ok((!seqs.is_empty()).then_some(Prepared { batch, seqs }))
     }
@@ -189,8 +187,9 @@ impl Uploader {
     /// Reads the outbox's size into the contact state and its gauges;
     /// returns the number of entries.
     async fn refresh_gauges(&self) -> Result<u64, StoreError> {
-        let (entries, oldest) = self.store.outbox().stats().await?;
-        self.contact.set_outbox(entries, oldest, self.clock.now());
+        let (entries, oldest) = self.services.store.outbox().stats().await?;
+        self.contact
+            .set_outbox(entries, oldest, self.services.clock.now());
         Ok(entries)
     }
 

@@ -17,31 +17,26 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Membership;
-use crate::clock::SharedClock;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
-use crate::loops::{Loop, LoopCx, LoopError};
-use crate::metrics::Metrics;
+use crate::loops::{Loop, LoopCx, LoopError, Services};
 use crate::orphans::{OrphanPolicy, Orphans};
 use crate::store::Conflict;
-use crate::store::{JobChange, Store, StoreError};
+use crate::store::{JobChange, StoreError};
 
 /// The lease loop's collaborators.
 pub struct Lease {
     /// This replica.
     pub membership: Arc<Membership>,
-    /// The database.
-    pub store: Store,
-    /// Lease renewals and expiry are measured on it.
-    pub clock: SharedClock,
+    /// The database; lease renewals and expiry are measured on its clock;
+    /// replica gauges.
+    pub services: Services,
     /// The engine's change feed: told to re-plan when ownership changes.
     pub changes: mpsc::UnboundedSender<JobChange>,
     /// Where expired replicas' runs are reported.
     pub orphans: Arc<Orphans>,
     /// What to do with their surviving processes (on this machine).
     pub policy: OrphanPolicy,
-    /// Replica gauges.
-    pub metrics: Arc<Metrics>,
 }
 
 impl Lease {
@@ -54,11 +49,11 @@ impl Lease {
     /// successful renewal.
     pub async fn round(&self, last_renewed: &mut DateTime<Utc>) -> Result<(), StoreError> {
         let me = self.membership.me;
-        let now = self.clock.now();
-        match self.store.incarnations().heartbeat(me, now).await {
+        let now = self.services.clock.now();
+        match self.services.store.incarnations().heartbeat(me, now).await {
             Ok(true) => {
                 *last_renewed = now;
-                self.metrics.lease_renewed(now);
+                self.services.metrics.lease_renewed(now);
             }
             Ok(false) => {
                 tracing::error!(incarnation = %me, "this replica was declared stopped by another (its lease expired); fencing");
@@ -70,7 +65,7 @@ impl Lease {
         }
         let lease = TimeDelta::from_std(self.lease()).unwrap_or(TimeDelta::MAX);
         let active = now - *last_renewed < lease;
-        let replicas = match self.store.incarnations().live(now - lease).await {
+        let replicas = match self.services.store.incarnations().live(now - lease).await {
             Ok(replicas) => replicas,
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the replica set");
@@ -86,9 +81,10 @@ impl Lease {
             );
             let _ = self.changes.send(JobChange::Resync);
         }
-        self.metrics.set_replicas(count);
+        self.services.metrics.set_replicas(count);
         if active && self.membership.leads() {
             let runs = self
+                .services
                 .store
                 .runs()
                 .orphan_foreign(me, now, Some(now - lease))
@@ -109,7 +105,7 @@ impl Lease {
         faults: Arc<Faults>,
     ) -> Result<(), LoopError> {
         let every = self.lease() / 3;
-        let mut last_renewed = self.clock.now();
+        let mut last_renewed = self.services.clock.now();
         loop {
             heartbeat.beat();
             faults.checkpoint(heartbeat.name()).await;
@@ -124,10 +120,10 @@ impl Lease {
                 Err(e) => tracing::warn!(error = %e, "replica housekeeping failed"),
                 Ok(()) => {}
             }
-            let wake = self.clock.now() + TimeDelta::from_std(every).unwrap_or(TimeDelta::MAX);
+            let wake = self.services.clock.now() + TimeDelta::from_std(every).unwrap_or(TimeDelta::MAX);
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
-                () = self.clock.sleep_until(wake) => {}
+                () = self.services.clock.sleep_until(wake) => {}
             }
         }
     }

@@ -39,14 +39,13 @@ use tokio_util::sync::CancellationToken;
 pub use self::plan::{Due, MAX_SCAN, Plan, due_at, plan};
 pub use self::running::EngineLoop;
 use self::timers::Timers;
-use crate::clock::SharedClock;
 use crate::cluster::{Membership, Ownership};
 use crate::fault::Faults;
 use crate::health::{Health, Heartbeat};
 use crate::job::{Job, JobId, Timing};
-use crate::metrics::Metrics;
+use crate::loops::Services;
 use crate::run::Reason;
-use crate::store::{JobChange, Store, StoreError};
+use crate::store::{JobChange, StoreError};
 use crate::supervisor::{Fire, SupervisorHandle};
 
 /// How long before its fire a job is loaded whole; a job firing again
@@ -58,17 +57,14 @@ pub const PREFETCH: Duration = Duration::from_millis(2500);
 /// What the engine works with.
 #[derive(Clone)]
 pub struct EngineContext {
-    /// The source of truth.
-    pub store: Store,
-    /// Fire instants are wall-clock instants of this clock; a step of it
-    /// is detected and logged.
-    pub clock: SharedClock,
+    /// The source of truth; fire instants are wall-clock instants of its
+    /// clock (a step of it is detected and logged); job gauges and the
+    /// per-job series of monitored jobs.
+    pub services: Services,
     /// Where due fires go.
     pub supervisor: SupervisorHandle,
     /// Readiness (schedule loaded).
     pub health: Arc<Health>,
-    /// Job gauges and per-job series of monitored jobs.
-    pub metrics: Arc<Metrics>,
     /// Longest sleep: the heartbeat period and wall-clock re-read.
     pub interval: Duration,
     /// Which jobs are this replica's (all of them on SQLite).
@@ -115,7 +111,7 @@ impl Engine {
         let mut steps = crate::clock::StepDetector::new();
         loop {
             faults.checkpoint(self.heartbeat.name()).await;
-            let now = self.ctx.clock.now();
+            let now = self.ctx.services.clock.now();
             if let Some(step) = steps.observe(now) {
                 self.clock_stepped(step, now);
             }
@@ -124,7 +120,7 @@ impl Engine {
             self.fetch_upcoming(now).await?;
             self.heartbeat.beat();
             let next = self.timers.next_due();
-            self.ctx.metrics.set_next_fire(next);
+            self.ctx.services.metrics.set_next_fire(next);
             let idle = now + delta(self.ctx.interval);
             let wake = [next, self.timers.next_prefetch()]
                 .into_iter()
@@ -144,7 +140,7 @@ impl Engine {
                     }
                     None => return Ok(()),
                 },
-                () = self.ctx.clock.sleep_until(wake) => {}
+                () = self.ctx.services.clock.sleep_until(wake) => {}
                 // After a backward step the wall clock takes long to reach
                 // `wake`: beat and re-read meanwhile.
                 () = tokio::time::sleep(self.ctx.interval) => {}
@@ -157,7 +153,7 @@ impl Engine {
         let next = self.timers.next_due();
         match step {
             crate::clock::Step::Backward(by) => {
-                self.ctx.metrics.clock_step("backward");
+                self.ctx.services.metrics.clock_step("backward");
                 tracing::warn!(
                     by_seconds = by.as_secs_f64(),
                     now = %now,
@@ -166,7 +162,7 @@ impl Engine {
                 );
             }
             crate::clock::Step::Forward(by) => {
-                self.ctx.metrics.clock_step("forward");
+                self.ctx.services.metrics.clock_step("forward");
                 tracing::warn!(
                     by_seconds = by.as_secs_f64(),
                     now = %now,
@@ -183,10 +179,10 @@ impl Engine {
         // Changes committed before the load are in it; drop their notices.
         while changes.try_recv().is_ok() {}
         self.ownership = self.ctx.membership.ownership();
-        let timings = self.ctx.store.jobs().timings().await?;
+        let timings = self.ctx.services.store.jobs().timings().await?;
         self.timers.clear();
         self.restore_monitored(&timings).await?;
-        let now = self.ctx.clock.now();
+        let now = self.ctx.services.clock.now();
         let mut due = Vec::new();
         let count = timings.len();
         for timing in timings {
@@ -210,14 +206,14 @@ impl Engine {
             return Ok(());
         }
         let ids: Vec<JobId> = monitored.iter().map(|(id, _)| *id).collect();
-        let outcomes = self.ctx.store.runs().last_outcomes(&ids).await?;
+        let outcomes = self.ctx.services.store.runs().last_outcomes(&ids).await?;
         for (id, name) in monitored {
             if let Some((success, failure)) = outcomes.get(&id) {
                 if let Some(at) = success {
-                    self.ctx.metrics.job_outcome(name, true, *at);
+                    self.ctx.services.metrics.job_outcome(name, true, *at);
                 }
                 if let Some(at) = failure {
-                    self.ctx.metrics.job_outcome(name, false, *at);
+                    self.ctx.services.metrics.job_outcome(name, false, *at);
                 }
             }
         }
@@ -226,7 +222,7 @@ impl Engine {
 
     fn publish_counts(&self) {
         let (active, paused) = self.timers.counts();
-        self.ctx.metrics.set_jobs(active, paused);
+        self.ctx.services.metrics.set_jobs(active, paused);
         self.ctx.membership.set_owned_jobs(active + paused);
     }
 
@@ -241,9 +237,9 @@ impl Engine {
     ) {
         if self.ownership.owns(timing.id) {
             self.timers
-                .schedule(timing, job, now, reason, &self.ctx.metrics, due);
+                .schedule(timing, job, now, reason, &self.ctx.services.metrics, due);
         } else {
-            self.timers.remove(timing.id, &self.ctx.metrics);
+            self.timers.remove(timing.id, &self.ctx.services.metrics);
         }
     }
 
@@ -252,7 +248,7 @@ impl Engine {
     /// go back in time, whereas a local change and a remote one may arrive
     /// in either order.
     async fn apply_all(&mut self, batch: Vec<JobChange>) -> Result<(), StoreError> {
-        let shared = self.ctx.store.shared();
+        let shared = self.ctx.services.store.shared();
         let mut stale = Vec::new();
         let mut resync = false;
         for change in batch {
@@ -276,7 +272,7 @@ impl Engine {
     async fn refresh(&mut self, mut ids: Vec<JobId>) -> Result<(), StoreError> {
         ids.sort_unstable();
         ids.dedup();
-        let jobs = self.ctx.store.jobs().get_many(&ids).await?;
+        let jobs = self.ctx.services.store.jobs().get_many(&ids).await?;
         let found: HashSet<JobId> = jobs.iter().map(|j| j.id).collect();
         for job in jobs {
             self.apply(JobChange::Upserted(job));
@@ -293,8 +289,8 @@ impl Engine {
     /// of the others, and drops jobs deleted unheard.
     async fn resync(&mut self) -> Result<(), StoreError> {
         self.ownership = self.ctx.membership.ownership();
-        let timings = self.ctx.store.jobs().timings().await?;
-        let now = self.ctx.clock.now();
+        let timings = self.ctx.services.store.jobs().timings().await?;
+        let now = self.ctx.services.clock.now();
         let mut due = Vec::new();
         let mut present = HashSet::with_capacity(timings.len());
         let before = self.timers.ids().len();
@@ -326,7 +322,7 @@ impl Engine {
         match change {
             JobChange::Upserted(job) => {
                 let mut due = Vec::new();
-                let now = self.ctx.clock.now();
+                let now = self.ctx.services.clock.now();
                 self.schedule(
                     Timing::of(&job),
                     Some(job.clone()),
@@ -338,7 +334,7 @@ impl Engine {
                 self.ctx.supervisor.fire(fires);
             }
             JobChange::Removed(id) => {
-                self.timers.remove(id, &self.ctx.metrics);
+                self.timers.remove(id, &self.ctx.services.metrics);
                 self.ctx.supervisor.job_removed(id);
             }
             JobChange::Stale(_) | JobChange::Resync => {
@@ -358,7 +354,7 @@ impl Engine {
         if ids.is_empty() {
             return Ok(());
         }
-        for job in self.ctx.store.jobs().get_many(&ids).await? {
+        for job in self.ctx.services.store.jobs().get_many(&ids).await? {
             self.timers.attach(job);
         }
         Ok(())
@@ -381,14 +377,14 @@ impl Engine {
             }
         }
         // Loaded just for these fires: let go of those not due again soon.
-        let soon = self.ctx.clock.now() + delta(PREFETCH * 2);
+        let soon = self.ctx.services.clock.now() + delta(PREFETCH * 2);
         self.timers.release_unless_due_by(&missing, soon);
         Ok(fires)
     }
 
     async fn fire_due(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
         let mut due = Vec::new();
-        self.timers.take_due(now, &self.ctx.metrics, &mut due);
+        self.timers.take_due(now, &self.ctx.services.metrics, &mut due);
         if !due.is_empty() {
             if !self.ctx.membership.may_fire() {
                 // The lease ran out: these jobs are the others' to fire

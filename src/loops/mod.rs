@@ -24,8 +24,10 @@ use crate::metrics::Metrics;
 use crate::store::StoreError;
 
 pub mod restart;
+mod services;
 
 pub use self::restart::RestartBudget;
+pub use self::services::Services;
 
 /// What one incarnation of a loop is given.
 #[derive(Debug, Clone)]

@@ -20,15 +20,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::{Finding, OrphanKind, Orphans, Remedy};
-use crate::clock::SharedClock;
 use crate::executor::ProcessTable;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
-use crate::loops::{Loop, LoopCx, LoopError};
-use crate::metrics::Metrics;
+use crate::loops::{Loop, LoopCx, LoopError, Services};
 use crate::procfs;
 use crate::run::{Incarnation, Outcome, RunId, RunStatus};
-use crate::store::{StorageFault, Store, StoreError};
+use crate::store::{StorageFault, StoreError};
 use crate::supervisor::SupervisorHandle;
 
 /// How far past its deadline a task may run before it counts as stuck.
@@ -36,18 +34,15 @@ pub const STUCK_SLACK: Duration = Duration::from_secs(5);
 
 /// Everything the reaper reads and corrects.
 pub struct Reaper {
-    /// Where live runs are compared with live tasks.
-    pub store: Store,
+    /// Where live runs are compared with live tasks; the clock stamps
+    /// orphaned runs; zombies reaped are counted.
+    pub services: Services,
     /// The run supervisor.
     pub supervisor: SupervisorHandle,
     /// Where findings go.
     pub orphans: Arc<Orphans>,
-    /// Metrics (zombies reaped).
-    pub metrics: Arc<Metrics>,
     /// This process's incarnation.
     pub incarnation: Incarnation,
-    /// Stamps orphaned runs.
-    pub clock: SharedClock,
     /// Command leaders this process spawned; `Some` when this process owns
     /// its process tree (subreaper), which enables stray detection.
     pub processes: Option<ProcessTable>,
@@ -110,11 +105,11 @@ impl Reaper {
     /// One full pass; `false` once the supervisor is gone (shutdown).
     pub async fn pass(&self, suspects: &mut HashSet<RunId>) -> Result<bool, StoreError> {
         // Order matters: database first, then the supervisor (see above).
-        let recorded = self.store.runs().live(self.incarnation).await?;
+        let recorded = self.services.store.runs().live(self.incarnation).await?;
         let Some(snapshot) = self.supervisor.snapshot().await else {
             return Ok(false);
         };
-        let now = self.clock.now();
+        let now = self.services.clock.now();
         let owned: HashSet<RunId> = snapshot
             .running
             .iter()
@@ -126,6 +121,7 @@ impl Reaper {
         for (run, job) in recorded.into_iter().filter(|(run, _)| !owned.contains(run)) {
             let error = "no task of this incarnation owned this live run (found by the orphan reaper)";
             if self
+                .services
                 .store
                 .runs()
                 .orphan_if_live(run, now, error.to_owned())
@@ -149,7 +145,7 @@ impl Reaper {
 
         // Kind 3: tasks whose run is gone or final, or that are stuck.
         let ids: Vec<RunId> = snapshot.running.iter().map(|r| r.run).collect();
-        let statuses = self.store.runs().statuses(&ids).await?;
+        let statuses = self.services.store.runs().statuses(&ids).await?;
         let mut still_suspect = HashSet::new();
         for live in &snapshot.running {
             let problem = match statuses.get(&live.run) {
@@ -205,10 +201,10 @@ impl Reaper {
         if self.processes.is_none() {
             return;
         }
-        let now = self.clock.now();
+        let now = self.services.clock.now();
         self.reap_strays(&HashSet::new(), now);
         if let Err(e) = super::handle_escaped(
-            &self.store,
+            &self.services.store,
             &self.orphans,
             now,
             super::OrphanPolicy::Kill,
@@ -238,7 +234,7 @@ impl Reaper {
         for p in self.unlisted_children() {
             if p.is_zombie() {
                 if procfs::reap(p.pid) {
-                    self.metrics.zombie_reaped();
+                    self.services.metrics.zombie_reaped();
                 }
                 continue;
             }
@@ -265,7 +261,7 @@ impl Reaper {
                 false,
             );
             if reaped {
-                self.metrics.zombie_reaped();
+                self.services.metrics.zombie_reaped();
             }
         }
     }
@@ -278,7 +274,7 @@ impl Reaper {
             .filter(procfs::Proc::is_zombie)
         {
             if procfs::reap(p.pid) {
-                self.metrics.zombie_reaped();
+                self.services.metrics.zombie_reaped();
             }
         }
     }

@@ -30,17 +30,20 @@ impl Supervisor {
             Err(e) if e.is_cancelled() && live.is_none() => {}
             // Aborted as an orphan (kind 3): record what the reaper decided.
             Err(e) if e.is_cancelled() && live.as_ref().is_some_and(|l| l.abort_outcome.is_some()) => {
-                let now = self.ctx.clock.now();
+                let now = self.ctx.services.clock.now();
                 let outcome = live
                     .as_mut()
                     .and_then(|l| l.abort_outcome.take())
                     .unwrap_or_else(|| Outcome::failed("aborted"));
                 if let Some(live) = &live {
-                    self.ctx
-                        .metrics
-                        .run_finished(live.trigger, outcome.status, live.started_at, now);
+                    self.ctx.services.metrics.run_finished(
+                        live.trigger,
+                        outcome.status,
+                        live.started_at,
+                        now,
+                    );
                 }
-                let ack = self.ctx.store.runs().finish(run_id, outcome, now);
+                let ack = self.ctx.services.store.runs().finish(run_id, outcome, now);
                 self.recorders.spawn(async move {
                     match ack.await {
                         Ok(()) | Err(StoreError::Conflict(Conflict::NotFound | Conflict::AlreadyFinal)) => {}
@@ -57,14 +60,18 @@ impl Supervisor {
                     "the run's task was aborted".to_owned()
                 };
                 tracing::error!(run = %run_id, error = %message, "run task failed");
-                let now = self.ctx.clock.now();
+                let now = self.ctx.services.clock.now();
                 if let Some(live) = &live {
-                    self.ctx
-                        .metrics
-                        .run_finished(live.trigger, RunStatus::Failed, live.started_at, now);
+                    self.ctx.services.metrics.run_finished(
+                        live.trigger,
+                        RunStatus::Failed,
+                        live.started_at,
+                        now,
+                    );
                 }
                 let ack = self
                     .ctx
+                    .services
                     .store
                     .runs()
                     .finish(run_id, Outcome::failed(message), now);
@@ -75,7 +82,7 @@ impl Supervisor {
                 });
             }
         }
-        self.ctx.metrics.set_running(self.live.len());
+        self.ctx.services.metrics.set_running(self.live.len());
         if let Some(live) = live {
             self.free_slot(run_id, &live);
         }
@@ -152,12 +159,13 @@ impl Supervisor {
     /// records each as cancelled.
     fn abort_all(&mut self) {
         self.tasks.abort_all();
-        let now = self.ctx.clock.now();
+        let now = self.ctx.services.clock.now();
         for (run_id, live) in self.live.drain() {
             self.ctx
+                .services
                 .metrics
                 .run_finished(live.trigger, RunStatus::Cancelled, live.started_at, now);
-            let ack = self.ctx.store.runs().finish(
+            let ack = self.ctx.services.store.runs().finish(
                 run_id,
                 Outcome::cancelled(Reason::Shutdown, "killed at shutdown"),
                 now,
@@ -167,7 +175,7 @@ impl Supervisor {
             });
         }
         self.jobs.clear();
-        self.ctx.metrics.set_running(0);
+        self.ctx.services.metrics.set_running(0);
     }
 
     /// Accounts for a run that was not recorded as started (nothing ran).
@@ -182,12 +190,14 @@ impl Supervisor {
             NotStarted::Conflict(Conflict::LimitReached) => {
                 tracing::info!(run = %run_id, "the job reached its max_runs; fire recorded as skipped");
                 self.ctx
+                    .services
                     .metrics
                     .fire_not_run(RunStatus::Skipped, Reason::LimitReached, 1);
             }
             NotStarted::Conflict(Conflict::Overlap) => {
                 tracing::info!(run = %run_id, "a run of the job is live on another replica; fire recorded as skipped");
                 self.ctx
+                    .services
                     .metrics
                     .fire_not_run(RunStatus::Skipped, Reason::Overlap, 1);
             }
@@ -205,11 +215,13 @@ impl Supervisor {
                         let grace = chrono::TimeDelta::from_std(live.job.def.policy.misfire_grace)
                             .unwrap_or(chrono::TimeDelta::MAX);
                         self.ctx
+                            .services
                             .metrics
                             .hold_expected_by(live.job.name(), live.scheduled_at + grace);
                     }
                     self.unrecorded.add(live.job.clone(), live.scheduled_at);
                     self.ctx
+                        .services
                         .metrics
                         .fire_not_run(RunStatus::Missed, Reason::StoreUnavailable, 1);
                 }

@@ -168,7 +168,7 @@ impl Supervisor {
     /// Once the database takes writes again, records the fires it refused
     /// as one `missed` row per job.
     fn record_unrecorded(&mut self) {
-        if self.unrecorded.is_empty() || self.ctx.store.failing().is_some() {
+        if self.unrecorded.is_empty() || self.ctx.services.store.failing().is_some() {
             return;
         }
         for row in self.unrecorded.take_rows() {
@@ -176,7 +176,7 @@ impl Supervisor {
         }
         for fire in self.unrecorded.take() {
             if fire.job.def.spec.monitor {
-                self.ctx.metrics.release_expected_by(fire.job.name());
+                self.ctx.services.metrics.release_expected_by(fire.job.name());
             }
             tracing::warn!(
                 job = %fire.job.id,
@@ -186,7 +186,7 @@ impl Supervisor {
                 "recording the fires the database refused as missed"
             );
             let row = self.new_row(
-                RunId::at(self.ctx.clock.now()),
+                RunId::at(self.ctx.services.clock.now()),
                 &fire,
                 RunStatus::Missed,
                 Some(Reason::StoreUnavailable),
@@ -203,7 +203,7 @@ impl Supervisor {
                 }
             }
             Command::Trigger { job, force, reply } => {
-                let now = self.ctx.clock.now();
+                let now = self.ctx.services.clock.now();
                 let fire = Fire {
                     job,
                     scheduled_at: now,
@@ -276,7 +276,7 @@ impl Supervisor {
     }
 
     fn new_row(&self, id: RunId, fire: &Fire, status: RunStatus, reason: Option<Reason>) -> Run {
-        let now = self.ctx.clock.now();
+        let now = self.ctx.services.clock.now();
         Run {
             id,
             job_id: fire.job.id,
@@ -305,8 +305,8 @@ impl Supervisor {
 
     /// Records a decision row; replies with it once committed.
     fn record(&mut self, run: Run, reply: Option<oneshot::Sender<Result<Run, TriggerError>>>) {
-        let ack = self.ctx.store.runs().insert(run.clone());
-        let metrics = self.ctx.metrics.clone();
+        let ack = self.ctx.services.store.runs().insert(run.clone());
+        let metrics = self.ctx.services.metrics.clone();
         let refused = self.refused_tx.clone();
         self.recorders.spawn(async move {
             let result = ack.await;
@@ -341,13 +341,13 @@ impl Supervisor {
     }
 
     fn admit(&mut self, fire: Fire, reply: Option<oneshot::Sender<Result<Run, TriggerError>>>) {
-        let run_id = RunId::at(self.ctx.clock.now());
+        let run_id = RunId::at(self.ctx.services.clock.now());
         if let Some(missed) = fire.missed {
             let row = self.new_row(run_id, &fire, RunStatus::Missed, Some(missed.reason));
             return self.record(row, reply);
         }
         let policy = &fire.job.def.policy;
-        let now = self.ctx.clock.now();
+        let now = self.ctx.services.clock.now();
         if judged_late(fire.trigger) && too_late(now, fire.due_at, policy.misfire_grace) {
             let row = self.new_row(run_id, &fire, RunStatus::Missed, Some(Reason::Misfire));
             return self.record(row, reply);
@@ -423,8 +423,8 @@ impl Supervisor {
         if self.live.len() < self.config.max_running {
             let row = self.new_row(run_id, &fire, RunStatus::Running, None);
             let ack = match guard {
-                Some(guard) => self.ctx.store.runs().claim(row.clone(), guard),
-                None => self.ctx.store.runs().insert(row.clone()),
+                Some(guard) => self.ctx.services.store.runs().claim(row.clone(), guard),
+                None => self.ctx.services.store.runs().insert(row.clone()),
             };
             let begin = Begin::Submitted(ack);
             let reply = reply.map(|r| (r, row));
@@ -461,7 +461,7 @@ impl Supervisor {
         let handle = self.tasks.spawn(task::run(self.ctx.clone(), planned));
         self.by_task.insert(handle.id(), run_id);
         self.jobs.entry(fire.job.id).or_default().running.push(run_id);
-        let now = self.ctx.clock.now();
+        let now = self.ctx.services.clock.now();
         let policy = &fire.job.def.policy;
         // Every attempt may use its timeout and kill grace, plus the waits
         // between attempts: past that, the run is stuck (orphan kind 3).
@@ -483,23 +483,24 @@ impl Supervisor {
                 abort_outcome: None,
             },
         );
-        self.ctx.metrics.set_running(self.live.len());
+        self.ctx.services.metrics.set_running(self.live.len());
     }
 
     /// Starts a run that was waiting (its `queued` row already submitted).
     fn start_waiting(&mut self, w: Waiting) {
-        let now = self.ctx.clock.now();
+        let now = self.ctx.services.clock.now();
         if judged_late(w.fire.trigger) && too_late(now, w.fire.due_at, w.fire.job.def.policy.misfire_grace) {
             let mut outcome = Outcome::failed("waited longer than the misfire grace");
             outcome.status = RunStatus::Missed;
             outcome.reason = Some(Reason::Misfire);
             outcome.attempts = 0;
             self.ctx
+                .services
                 .metrics
                 .fire_not_run(RunStatus::Missed, Reason::Misfire, 1);
             return self.finish_unstarted(w.run_id, outcome);
         }
-        let begin = Begin::Submitted(self.ctx.store.runs().start(w.run_id, now));
+        let begin = Begin::Submitted(self.ctx.services.store.runs().start(w.run_id, now));
         self.spawn(w.run_id, w.fire, begin, w.cancel, None);
     }
 
@@ -508,9 +509,10 @@ impl Supervisor {
         outcome.attempts = 0;
         let ack = self
             .ctx
+            .services
             .store
             .runs()
-            .finish(run_id, outcome, self.ctx.clock.now());
+            .finish(run_id, outcome, self.ctx.services.clock.now());
         self.recorders.spawn(async move {
             if let Err(e) = ack.await
                 && !matches!(e, StoreError::Conflict(Conflict::NotFound))

@@ -14,12 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::TriggerError;
-use crate::clock::SharedClock;
 use crate::executor::{Executor, Limits, Occurrence};
 use crate::job::Job;
+use crate::loops::Services;
 use crate::run::{Attempt, Outcome, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::Conflict;
-use crate::store::{Ack, StorageFault, Store, StoreError};
+use crate::store::{Ack, StorageFault, StoreError};
 
 /// A run's cancellation: the token and why it was pulled.
 #[derive(Debug, Clone, Default)]
@@ -57,15 +57,12 @@ pub enum Begin {
 /// Everything a run task needs; cloned per task.
 #[derive(Clone)]
 pub struct TaskContext {
-    /// Where the run's start, attempts and end are committed.
-    pub store: Store,
+    /// Where the run's start, attempts and end are committed; attempt
+    /// timeouts, retry backoff and run times on its clock; runs started and
+    /// finished.
+    pub services: Services,
     /// Runs the action.
     pub executor: Executor,
-    /// Attempt timeouts, retry backoff and run times (a manual clock in
-    /// tests).
-    pub clock: SharedClock,
-    /// Runs started and finished, durations.
-    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How a task ended.
@@ -149,11 +146,11 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
         }
         return TaskEnd::NotStarted(why);
     }
-    let started_at = ctx.clock.now();
+    let started_at = ctx.services.clock.now();
     if let Some((reply, run)) = reply {
         let _ = reply.send(Ok(run));
     }
-    ctx.metrics.run_started(trigger, due_at, started_at);
+    ctx.services.metrics.run_started(trigger, due_at, started_at);
 
     let span = tracing::info_span!(
         "run",
@@ -169,20 +166,23 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
         .await;
 
     let status = outcome.status;
-    let ended_at = ctx.clock.now();
-    match ctx.store.runs().finish(run_id, outcome, ended_at).await {
+    let ended_at = ctx.services.clock.now();
+    match ctx.services.store.runs().finish(run_id, outcome, ended_at).await {
         // The job (and its history) was deleted while the run was going.
         Ok(()) | Err(StoreError::Conflict(Conflict::NotFound)) => {}
         Err(e) => tracing::error!(run = %run_id, error = %e, "could not record the end of a run"),
     }
-    ctx.metrics.run_finished(trigger, status, started_at, ended_at);
+    ctx.services
+        .metrics
+        .run_finished(trigger, status, started_at, ended_at);
     if job.def.spec.monitor
         && matches!(
             status,
             RunStatus::Succeeded | RunStatus::Failed | RunStatus::TimedOut
         )
     {
-        ctx.metrics
+        ctx.services
+            .metrics
             .job_outcome(job.name(), status == RunStatus::Succeeded, ended_at);
     }
     TaskEnd::Finished(status)
@@ -209,7 +209,7 @@ async fn attempts(
     let mut attempt = 1;
     loop {
         tracing::Span::current().record("attempt", attempt);
-        let started = ctx.clock.now();
+        let started = ctx.services.clock.now();
         let mut outcome = if cancel.token().is_cancelled() {
             Outcome::cancelled(
                 cancel.reason().unwrap_or(Reason::Requested),
@@ -236,7 +236,7 @@ async fn attempts(
             log.push(Attempt {
                 attempt,
                 started_at: started,
-                ended_at: ctx.clock.now(),
+                ended_at: ctx.services.clock.now(),
                 status: outcome.status,
                 exit_code: outcome.exit_code,
                 http_status: outcome.http_status,
@@ -257,7 +257,9 @@ async fn attempts(
         let delay = retry.delay_before(attempt + 1);
         // The backoff counts from the attempt's end, not from after the
         // store write below: a slow commit must not stretch the wait.
-        let ended = log.last().map_or_else(|| ctx.clock.now(), |a| a.ended_at);
+        let ended = log
+            .last()
+            .map_or_else(|| ctx.services.clock.now(), |a| a.ended_at);
         let retry_at = ended
             .checked_add_signed(TimeDelta::from_std(delay).unwrap_or(TimeDelta::MAX))
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
@@ -272,6 +274,7 @@ async fn attempts(
             "attempt failed; retrying"
         );
         if let Err(e) = ctx
+            .services
             .store
             .runs()
             .record_attempt(run_id, attempt, log.clone())
@@ -280,7 +283,7 @@ async fn attempts(
             tracing::warn!(error = %e, "could not record an attempt");
         }
         tokio::select! {
-            () = ctx.clock.sleep_until(retry_at) => {}
+            () = ctx.services.clock.sleep_until(retry_at) => {}
             () = cancel.token().cancelled() => {
                 let mut cancelled = Outcome::cancelled(
                     cancel.reason().unwrap_or(Reason::Requested),

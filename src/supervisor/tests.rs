@@ -13,6 +13,7 @@ use crate::clock::ManualClock;
 use crate::executor::{Executor, ExecutorConfig};
 use crate::health::Health;
 use crate::job::{JobSpec, Source};
+use crate::loops::Services;
 use crate::metrics::Metrics;
 use crate::store::{NewJob, SqliteOptions, Store};
 
@@ -57,10 +58,12 @@ async fn rig(max_running: usize) -> Rig {
     .unwrap();
     let (mut supervisor, handle) = Supervisor::new(
         TaskContext {
-            store: store.clone(),
+            services: Services {
+                store: store.clone(),
+                clock: shared,
+                metrics,
+            },
             executor,
-            clock: shared,
-            metrics,
         },
         SupervisorConfig {
             max_running,
