@@ -211,7 +211,7 @@ text_enum! {
 }
 
 /// A run as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Run {
     /// Identity.
     pub id: RunId,
@@ -268,7 +268,7 @@ pub struct Run {
     /// The service incarnation that created the run.
     pub incarnation: Incarnation,
     /// Each finished attempt, for runs with retries.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempt_log: Vec<Attempt>,
 }
 

@@ -23,7 +23,7 @@ use crate::store::{JobFilter, JobKey, NewJob, Replacement};
 use crate::validation::{FieldError, FieldErrors};
 
 /// A job as the API shows it.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobView {
     /// Identity (UUID v7).
     pub id: JobId,
@@ -69,7 +69,7 @@ impl JobView {
 }
 
 /// A page of jobs.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobPage {
     /// Jobs in creation order.
     pub items: Vec<JobView>,

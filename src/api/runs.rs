@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Principal;
@@ -19,7 +19,7 @@ use crate::store::Conflict;
 use crate::store::{RunFilter, StoreError};
 
 /// A page of runs.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RunPage {
     /// Runs, newest first.
     pub items: Vec<Run>,

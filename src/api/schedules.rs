@@ -21,7 +21,7 @@ pub const MAX_PREVIEW: u32 = 1000;
 pub const DEFAULT_PREVIEW: u32 = 10;
 
 /// Upcoming fires.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Preview {
     /// The zone local times are shown in.
     pub timezone: String,
@@ -30,7 +30,7 @@ pub struct Preview {
 }
 
 /// One upcoming fire.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PreviewFire {
     /// The instant, UTC.
     pub at: DateTime<Utc>,

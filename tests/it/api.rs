@@ -1,5 +1,6 @@
 //! The REST contract: validation, problems, CRUD, concurrency control.
 
+use cronguard::api::schedules::Preview;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -354,7 +355,7 @@ on_both_databases! {
             .await;
         let (status, body) = app.get("/v1/jobs/berlin/preview?count=2").await;
         assert_eq!(status, 200);
-        assert_eq!(body["fires"][0]["at"], job["next_fire_at"]);
+        assert_eq!(view::<Preview>(body.clone()).fires[0].at, job.next_fire_at.unwrap());
         assert_eq!(body["timezone"], "Europe/Berlin");
         assert_eq!(job_count(&app).await, 1);
         app.stop().await;

@@ -1,5 +1,6 @@
 //! Command actions: exit codes, output capture, environment, the switch.
 
+use cronguard::run::{Run, RunStatus};
 use serde_json::json;
 
 use crate::helpers::*;
@@ -17,14 +18,13 @@ async fn a_failing_command_records_exit_code_and_output() {
     let app = TestApp::start(Options::commands()).await;
     app.create(command_job("hi", "sh", &["-c", "echo hi; exit 3"]))
         .await;
-    let (status, run) = app.post_empty("/v1/jobs/hi/trigger").await;
-    assert_eq!(status, 202);
-    let run = app.final_run(run["id"].as_str().unwrap()).await;
-    assert_eq!(run["status"], "failed");
-    assert_eq!(run["exit_code"], 3);
-    assert_eq!(run["output"], "hi\n");
-    assert!(run["pid"].as_i64().unwrap() > 0);
-    assert_eq!(run["pid"], run["pgid"], "the child leads its own process group");
+    let run = app.trigger("hi").await;
+    let run = app.final_run(run.id).await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.exit_code, Some(3));
+    assert_eq!(run.output.as_deref(), Some("hi\n"));
+    assert!(run.pid.unwrap() > 0);
+    assert_eq!(run.pid, run.pgid, "the child leads its own process group");
     app.stop().await;
 }
 
@@ -43,20 +43,18 @@ async fn commands_get_their_identity_and_a_bounded_tail() {
             ],
         ))
         .await;
-    let (_, run) = app.post_empty("/v1/jobs/env/trigger").await;
-    let run = app.final_run(run["id"].as_str().unwrap()).await;
-    assert_eq!(run["status"], "succeeded", "{run}");
-    let out = run["output"].as_str().unwrap();
+    let run = app.trigger("env").await;
+    let run = app.final_run(run.id).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let out = run.output.as_deref().unwrap();
     // stdout and stderr are separate pipes: their interleaving is not fixed.
     let line = out.lines().find(|l| !l.contains("oops")).unwrap();
     let fields: Vec<_> = line.split(' ').collect();
+    assert_eq!(fields[..2], [job.id.to_string(), run.id.to_string()], "{out}");
     assert_eq!(
-        fields[..2],
-        [job["id"].as_str().unwrap(), run["id"].as_str().unwrap()],
-        "{out}"
+        chrono::DateTime::parse_from_rfc3339(fields[2]).unwrap(),
+        run.scheduled_at
     );
-    let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
-    assert_eq!(at(fields[2]), at(run["scheduled_at"].as_str().unwrap()));
     assert!(out.contains("oops"), "stderr is captured too: {out}");
 
     // 200 kB of output: the run ends (the pipe is drained) and keeps the tail.
@@ -66,10 +64,10 @@ async fn commands_get_their_identity_and_a_bounded_tail() {
         &["-c", "yes 0123456789 | head -c 200000; echo END"],
     ))
     .await;
-    let (_, run) = app.post_empty("/v1/jobs/chatty/trigger").await;
-    let run = app.final_run(run["id"].as_str().unwrap()).await;
-    assert_eq!(run["status"], "succeeded");
-    let out = run["output"].as_str().unwrap();
+    let run = app.trigger("chatty").await;
+    let run = app.final_run(run.id).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    let out = run.output.as_deref().unwrap();
     assert!(out.starts_with("[199"), "{}", &out[..60]);
     assert!(out.ends_with("END\n"));
     assert!(out.len() < 1100);
@@ -77,12 +75,12 @@ async fn commands_get_their_identity_and_a_bounded_tail() {
     // A missing program is a failed run, not a crash.
     app.create(command_job("missing", "/nonexistent/program", &[]))
         .await;
-    let (_, run) = app.post_empty("/v1/jobs/missing/trigger").await;
-    let run = app.final_run(run["id"].as_str().unwrap()).await;
-    assert_eq!(run["status"], "failed");
+    let run = app.trigger("missing").await;
+    let run = app.final_run(run.id).await;
+    assert_eq!(run.status, RunStatus::Failed);
     assert!(
-        run["error"].as_str().unwrap().contains("could not start"),
-        "{run}"
+        run.error.as_deref().unwrap().contains("could not start"),
+        "{run:?}"
     );
     app.stop().await;
 }
@@ -111,20 +109,25 @@ fn term_handler_job(name: &str, marker: &std::path::Path, timeout: &str) -> serd
     })
 }
 
-/// The program's pid under the run's leader (the shim), once it runs.
-async fn program_of(app: &TestApp, run: &str) -> i32 {
+/// The program's pid under the run's leader (the shim), once it runs: once
+/// the child has executed the program, not while it is still the shim's
+/// fork (which holds the shim's signal mask until it execs).
+async fn program_of(app: &TestApp, run: impl std::fmt::Display) -> i32 {
     eventually("the program under the shim", || async {
         let (_, r) = app.get(&format!("/v1/runs/{run}")).await;
         let leader = r["pid"].as_i64()?;
         let children = std::fs::read_to_string(format!("/proc/{leader}/task/{leader}/children")).ok()?;
-        children.split_whitespace().next()?.parse().ok()
+        let child: i32 = children.split_whitespace().next()?.parse().ok()?;
+        let exe = |pid: i64| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let program = exe(child.into())?;
+        (Some(&program) != exe(leader).as_ref()).then_some(child)
     })
     .await
 }
 
 /// Waits until the term-handler script has set its trap: it starts its
 /// `sleep` only after (a SIGTERM before the trap would kill bash outright).
-async fn trap_set(app: &TestApp, run: &str) {
+async fn trap_set(app: &TestApp, run: impl std::fmt::Display) {
     let program = program_of(app, run).await;
     eventually("the script's sleep", || async {
         let children = std::fs::read_to_string(format!("/proc/{program}/task/{program}/children")).ok()?;
@@ -143,9 +146,8 @@ fn blocked_signals(pid: i32) -> String {
         .to_owned()
 }
 
-fn ran_for(run: &serde_json::Value) -> chrono::TimeDelta {
-    let at = |k: &str| chrono::DateTime::parse_from_rfc3339(run[k].as_str().unwrap()).unwrap();
-    at("ended_at") - at("started_at")
+fn ran_for(run: &Run) -> chrono::TimeDelta {
+    run.ended_at.unwrap() - run.started_at.unwrap()
 }
 
 #[tokio::test]
@@ -156,8 +158,8 @@ async fn a_programs_term_handler_runs_on_timeout_cancel_and_shutdown() {
     // A program that does not touch its mask shows what it started with
     // (bash blocks SIGCHLD itself while it waits).
     app.create(command_job("sleeper", "sleep", &["30"])).await;
-    let (_, run) = app.post_empty("/v1/jobs/sleeper/trigger").await;
-    let id = run["id"].as_str().unwrap().to_owned();
+    let run = app.trigger("sleeper").await;
+    let id = run.id;
     let program = program_of(&app, &id).await;
     assert_eq!(
         blocked_signals(program),
@@ -170,34 +172,34 @@ async fn a_programs_term_handler_runs_on_timeout_cancel_and_shutdown() {
     // Timeout.
     let marker = dir.path().join("timeout");
     app.create(term_handler_job("on-timeout", &marker, "5s")).await;
-    let (_, run) = app.post_empty("/v1/jobs/on-timeout/trigger").await;
-    let id = run["id"].as_str().unwrap().to_owned();
+    let run = app.trigger("on-timeout").await;
+    let id = run.id;
     let run = app.final_run(&id).await;
-    assert_eq!(run["status"], "timed_out", "{run}");
+    assert_eq!(run.status, RunStatus::TimedOut, "{run:?}");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "got-term\n");
     assert!(
         ran_for(&run) < chrono::TimeDelta::seconds(30),
-        "ended by SIGTERM, not after the 60 s grace: {run}"
+        "ended by SIGTERM, not after the 60 s grace: {run:?}"
     );
 
     // Cancel.
     let marker = dir.path().join("cancel");
     app.create(term_handler_job("on-cancel", &marker, "1h")).await;
-    let (_, run) = app.post_empty("/v1/jobs/on-cancel/trigger").await;
-    let id = run["id"].as_str().unwrap().to_owned();
+    let run = app.trigger("on-cancel").await;
+    let id = run.id;
     trap_set(&app, &id).await;
     let (status, _) = app.post_empty(&format!("/v1/runs/{id}/cancel")).await;
     assert!(status.is_success(), "{status}");
     let run = app.final_run(&id).await;
-    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(run.status, RunStatus::Cancelled, "{run:?}");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "got-term\n");
-    assert!(ran_for(&run) < chrono::TimeDelta::seconds(30), "{run}");
+    assert!(ran_for(&run) < chrono::TimeDelta::seconds(30), "{run:?}");
 
     // Shutdown.
     let marker = dir.path().join("shutdown");
     app.create(term_handler_job("on-shutdown", &marker, "1h")).await;
-    let (_, run) = app.post_empty("/v1/jobs/on-shutdown/trigger").await;
-    let id = run["id"].as_str().unwrap().to_owned();
+    let run = app.trigger("on-shutdown").await;
+    let id = run.id;
     trap_set(&app, &id).await;
     app.stop().await;
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "got-term\n");

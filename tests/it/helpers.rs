@@ -18,9 +18,12 @@ use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
+use cronguard::api::jobs::JobView;
+use cronguard::api::runs::RunPage;
 use cronguard::app::App;
 use cronguard::clock::{ManualClock, SharedClock, SystemClock};
 use cronguard::config::{Config, Settings};
+use cronguard::run::{Run, RunStatus};
 use cronguard::shutdown::Shutdown;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -364,33 +367,66 @@ impl TestApp {
     }
 
     /// Creates a job, asserting 201.
-    pub async fn create(&self, spec: Value) -> Value {
+    pub async fn create(&self, spec: Value) -> JobView {
         let (status, body) = self.post("/v1/jobs", spec).await;
         assert_eq!(status, StatusCode::CREATED, "create failed: {body}");
-        body
+        view(body)
     }
 
     /// Runs of a job, newest first.
-    pub async fn runs(&self, job: &str) -> Vec<Value> {
+    pub async fn runs(&self, job: &str) -> Vec<Run> {
         let (status, body) = self.get(&format!("/v1/jobs/{job}/runs?limit=500")).await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        body["items"].as_array().cloned().unwrap_or_default()
+        view::<RunPage>(body).items
+    }
+
+    /// A run, asserting 200.
+    pub async fn run(&self, id: impl std::fmt::Display) -> Run {
+        let (status, body) = self.get(&format!("/v1/runs/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        view(body)
+    }
+
+    /// A job, asserting 200.
+    pub async fn job(&self, name: &str) -> JobView {
+        let (status, body) = self.get(&format!("/v1/jobs/{name}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        view(body)
+    }
+
+    /// Triggers a job, asserting 202, and returns the run it queued.
+    pub async fn trigger(&self, job: &str) -> Run {
+        let (status, body) = self.post_empty(&format!("/v1/jobs/{job}/trigger")).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        view(body)
     }
 
     /// Waits until run `id` is final and returns it.
-    pub async fn final_run(&self, id: &str) -> Value {
+    pub async fn final_run(&self, id: impl std::fmt::Display) -> Run {
         final_run(&self.base, id).await
     }
 }
 
+/// A response body read into the crate's own view type: a field the API
+/// renamed or retyped fails here, where the test reads it.
+pub fn view<T: serde::de::DeserializeOwned>(body: Value) -> T {
+    match serde_json::from_value(body.clone()) {
+        Ok(v) => v,
+        Err(e) => panic!("{} does not read as {}: {e}", body, std::any::type_name::<T>()),
+    }
+}
+
 /// Waits until run `id` of the service at `base` is final and returns it.
-pub async fn final_run(base: &str, id: &str) -> Value {
+pub async fn final_run(base: &str, id: impl std::fmt::Display) -> Run {
     let client = client();
     eventually(&format!("run {id} to end"), || async {
         let r = client.get(format!("{base}/v1/runs/{id}")).send().await.ok()?;
         let (status, run) = read(r).await;
-        let s = run["status"].as_str().unwrap_or("");
-        (status == StatusCode::OK && !matches!(s, "running" | "queued")).then_some(run)
+        if status != StatusCode::OK {
+            return None;
+        }
+        let run: Run = view(run);
+        (!matches!(run.status, RunStatus::Running | RunStatus::Queued)).then_some(run)
     })
     .await
 }

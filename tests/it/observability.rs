@@ -1,5 +1,6 @@
 //! Metrics and probes that external monitors act on.
 
+use cronguard::run::{Run, RunStatus};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
@@ -10,10 +11,9 @@ fn yearly() -> serde_json::Value {
 }
 
 /// Triggers `job` and waits for its run to end; returns the final run.
-async fn run_once(app: &TestApp, job: &str) -> serde_json::Value {
-    let (status, run) = app.post_empty(&format!("/v1/jobs/{job}/trigger")).await;
-    assert_eq!(status, 202, "{run}");
-    app.final_run(run["id"].as_str().unwrap()).await
+async fn run_once(app: &TestApp, job: &str) -> Run {
+    let run = app.trigger(job).await;
+    app.final_run(run.id).await
 }
 
 #[tokio::test]
@@ -33,17 +33,14 @@ async fn every_counter_moves_by_exactly_what_happened() {
     app.create(paused).await;
 
     for _ in 0..3 {
-        assert_eq!(run_once(&app, "ok").await["status"], "succeeded");
+        assert_eq!(run_once(&app, "ok").await.status, RunStatus::Succeeded);
     }
-    assert_eq!(run_once(&app, "bad").await["status"], "failed");
+    assert_eq!(run_once(&app, "bad").await.status, RunStatus::Failed);
     // Start the slow run, skip an overlapping trigger, then let it time out.
-    let (_, first) = app.post_empty("/v1/jobs/slow/trigger").await;
+    let first = app.trigger("slow").await;
     let (_, skipped) = app.post_empty("/v1/jobs/slow/trigger").await;
     assert_eq!(skipped["status"], "skipped");
-    assert_eq!(
-        app.final_run(first["id"].as_str().unwrap()).await["status"],
-        "timed_out"
-    );
+    assert_eq!(app.final_run(first.id).await.status, RunStatus::TimedOut);
     receiver.drain();
 
     // One orphan: a run recorded live by this incarnation that no task owns.

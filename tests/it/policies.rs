@@ -1,6 +1,7 @@
 //! Scheduling policies, on a manual clock: overlap, catch-up after
 //! downtime, retries, auto-pause, max runs, retention.
 
+use cronguard::run::{Run, RunStatus};
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -71,15 +72,9 @@ async fn recorded(app: &TestApp, job: &str) -> BTreeMap<u32, (String, Option<Str
         .await
         .iter()
         .map(|r| {
-            let scheduled = DateTime::parse_from_rfc3339(r["scheduled_at"].as_str().unwrap())
-                .unwrap()
-                .to_utc();
             (
-                secs(scheduled).round() as u32,
-                (
-                    r["status"].as_str().unwrap().to_owned(),
-                    r["reason"].as_str().map(str::to_owned),
-                ),
+                secs(r.scheduled_at).round() as u32,
+                (r.status.to_string(), r.reason.map(|r| r.to_string())),
             )
         })
         .collect()
@@ -217,12 +212,12 @@ on_both_databases! {
 
 /// An every-minute job; the service is stopped after its first fire and
 /// restarted ten minutes later.
-async fn downtime(db: &Database, policy: Value) -> Vec<Value> {
+async fn downtime(db: &Database, policy: Value) -> Vec<Run> {
     downtime_of(db, "* * * * *", policy).await
 }
 
 /// [`downtime`] with the job's cron expression.
-async fn downtime_of(db: &Database, expr: &str, policy: Value) -> Vec<Value> {
+async fn downtime_of(db: &Database, expr: &str, policy: Value) -> Vec<Run> {
     let clock = ManualClock::new(t0());
     let first = TestApp::start(Options::manual_clock(&clock).on(db)).await;
     first
@@ -239,7 +234,7 @@ async fn downtime_of(db: &Database, expr: &str, policy: Value) -> Vec<Value> {
             .runs("minutely")
             .await
             .iter()
-            .any(|r| r["status"] == "succeeded")
+            .any(|r| r.status == RunStatus::Succeeded)
             .then_some(())
     })
     .await;
@@ -261,7 +256,7 @@ async fn downtime_of(db: &Database, expr: &str, policy: Value) -> Vec<Value> {
         let runs = second.runs("minutely").await;
         let live = runs
             .iter()
-            .any(|r| matches!(r["status"].as_str(), Some("running" | "queued")));
+            .any(|r| matches!(r.status, RunStatus::Running | RunStatus::Queued));
         (next > clock.now() && !live).then_some(runs)
     })
     .await;
@@ -269,25 +264,20 @@ async fn downtime_of(db: &Database, expr: &str, policy: Value) -> Vec<Value> {
     runs
 }
 
-fn describe(runs: &[Value]) -> Vec<String> {
+fn describe(runs: &[Run]) -> Vec<String> {
     let mut out: Vec<String> = runs
         .iter()
         .map(|r| {
-            let at = |k: &str| {
-                DateTime::parse_from_rfc3339(r[k].as_str().unwrap())
-                    .unwrap()
-                    .format("%H:%M")
-                    .to_string()
-            };
-            match r["status"].as_str().unwrap() {
-                "missed" => format!(
+            let at = |t: DateTime<Utc>| t.format("%H:%M").to_string();
+            match r.status {
+                RunStatus::Missed => format!(
                     "missed {}..{} x{} ({})",
-                    at("scheduled_at"),
-                    at("scheduled_until"),
-                    r["fires"],
-                    r["reason"].as_str().unwrap()
+                    at(r.scheduled_at),
+                    at(r.scheduled_until.unwrap()),
+                    r.fires,
+                    r.reason.unwrap()
                 ),
-                s => format!("{} {} {}", r["trigger"].as_str().unwrap(), at("scheduled_at"), s),
+                s => format!("{} {} {}", r.trigger, at(r.scheduled_at), s),
             }
         })
         .collect();
@@ -344,21 +334,16 @@ pub(crate) async fn latest_runs_only_the_newest_of_the_fires_due_at_restart() {
     // due, the last six within the 60 s grace. Only the newest runs; none
     // is skipped, every other one is in the missed row.
     let runs = downtime_of(&Database::Sqlite, "*/10 * * * * *", json!({})).await;
-    let describe_s = |r: &Value| {
-        let at = |k: &str| {
-            DateTime::parse_from_rfc3339(r[k].as_str().unwrap())
-                .unwrap()
-                .format("%H:%M:%S")
-                .to_string()
-        };
-        match r["status"].as_str().unwrap() {
-            "missed" => format!(
+    let describe_s = |r: &Run| {
+        let at = |t: DateTime<Utc>| t.format("%H:%M:%S").to_string();
+        match r.status {
+            RunStatus::Missed => format!(
                 "missed {}..{} x{}",
-                at("scheduled_at"),
-                at("scheduled_until"),
-                r["fires"]
+                at(r.scheduled_at),
+                at(r.scheduled_until.unwrap()),
+                r.fires
             ),
-            s => format!("{} {} {}", r["trigger"].as_str().unwrap(), at("scheduled_at"), s),
+            s => format!("{} {} {}", r.trigger, at(r.scheduled_at), s),
         }
     };
     let mut seen: Vec<String> = runs.iter().map(describe_s).collect();
@@ -386,8 +371,8 @@ on_both_databases! {
             "policy": {"retry": {"max_attempts": 3, "backoff": "1s", "max_backoff": "10s"}},
         }))
         .await;
-        let (_, run) = app.post_empty("/v1/jobs/flaky/trigger").await;
-        let id = run["id"].as_str().unwrap().to_owned();
+        let run = app.trigger("flaky").await;
+        let id = run.id;
         // Each failed attempt is recorded with the instant its retry is due
         // before the wait starts; set the clock exactly there and wait for the
         // next attempt to be recorded (or the run to end). The clock never
@@ -457,11 +442,8 @@ on_both_databases! {
         for i in 1..=3 {
             let (_, job) = app.get("/v1/jobs/broken").await;
             assert_eq!(job["paused"], false, "paused after {} failures", i - 1);
-            let (_, run) = app.post_empty("/v1/jobs/broken/trigger").await;
-            assert_eq!(
-                app.final_run(run["id"].as_str().unwrap()).await["status"],
-                "failed"
-            );
+            let run = app.trigger("broken").await;
+            assert_eq!(app.final_run(run.id).await.status, RunStatus::Failed);
         }
         let job = eventually("the job to pause itself", || async {
             let (_, job) = app.get("/v1/jobs/broken").await;
@@ -479,11 +461,8 @@ on_both_databases! {
         healthy["action"] = json!({"kind": "test"});
         let replace = |spec: Value| app.client.put(app.url("/v1/jobs/broken")).json(&spec).send();
         assert_eq!(replace(healthy).await.unwrap().status(), 200);
-        let (_, run) = app.post_empty("/v1/jobs/broken/trigger").await;
-        assert_eq!(
-            app.final_run(run["id"].as_str().unwrap()).await["status"],
-            "succeeded"
-        );
+        let run = app.trigger("broken").await;
+        assert_eq!(app.final_run(run.id).await.status, RunStatus::Succeeded);
         assert_eq!(replace(job["spec"].clone()).await.unwrap().status(), 200);
         let job = triggered_twice(&app, "broken").await;
         assert_eq!(job["paused"], false, "a success did not reset the count: {job}");
@@ -508,7 +487,7 @@ on_both_databases! {
             let expected = s.min(3) as usize;
             eventually("the fires", || async {
                 let runs = app.runs("thrice").await;
-                (runs.len() == expected && runs.iter().all(|r| r["status"] == "succeeded")).then_some(())
+                (runs.len() == expected && runs.iter().all(|r| r.status == RunStatus::Succeeded)).then_some(())
             })
             .await;
         }

@@ -1,6 +1,7 @@
 //! Fires: on time, in order, never early, never twice; pause, resume,
 //! trigger and cancel.
 
+use cronguard::run::{Reason, RunStatus, Trigger};
 use std::time::Duration;
 
 use chrono::{TimeDelta, Timelike};
@@ -17,7 +18,7 @@ on_both_databases! {
         let job = app
             .create(http_job("tick", every_second(), &receiver.url("/tick")))
             .await;
-        let job_id = job["id"].as_str().unwrap().to_owned();
+        let job_id = job.id;
 
         let mut hits = Vec::new();
         for _ in 0..3 {
@@ -41,17 +42,14 @@ on_both_databases! {
                 );
             }
             previous = Some(scheduled);
-            assert_eq!(hit.header("x-cronguard-job"), job_id);
+            assert_eq!(hit.header("x-cronguard-job"), job_id.to_string());
             assert_eq!(hit.header("x-cronguard-job-name"), "tick");
             assert_eq!(hit.header("x-cronguard-attempt"), "1");
             let run = app.final_run(hit.header("x-cronguard-run")).await;
-            assert_eq!(run["status"], "succeeded", "{run}");
-            assert_eq!(run["http_status"], 200);
-            assert_eq!(run["trigger"], "schedule");
-            assert_eq!(
-                chrono::DateTime::parse_from_rfc3339(run["scheduled_at"].as_str().unwrap()).unwrap(),
-                scheduled
-            );
+            assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+            assert_eq!(run.http_status, Some(200));
+            assert_eq!(run.trigger, Trigger::Schedule);
+            assert_eq!(run.scheduled_at, scheduled);
         }
         let runs = app.runs("tick").await;
         assert!(runs.len() >= 3);
@@ -73,23 +71,23 @@ on_both_databases! {
         app.create(http_job("refused", yearly, "http://127.0.0.1:9/closed"))
             .await;
 
-        let (_, run) = app.post_empty("/v1/jobs/fails/trigger").await;
-        let run = app.final_run(run["id"].as_str().unwrap()).await;
+        let run = app.trigger("fails").await;
+        let run = app.final_run(run.id).await;
         assert_eq!(
-            (run["status"].as_str(), run["http_status"].as_u64()),
-            (Some("failed"), Some(503)),
-            "{run}"
+            (run.status, run.http_status),
+            (RunStatus::Failed, Some(503)),
+            "{run:?}"
         );
         receiver.next_on("/status/503").await;
 
-        let (_, run) = app.post_empty("/v1/jobs/slow/trigger").await;
-        let run = app.final_run(run["id"].as_str().unwrap()).await;
-        assert_eq!(run["status"], "timed_out", "{run}");
+        let run = app.trigger("slow").await;
+        let run = app.final_run(run.id).await;
+        assert_eq!(run.status, RunStatus::TimedOut, "{run:?}");
 
-        let (_, run) = app.post_empty("/v1/jobs/refused/trigger").await;
-        let run = app.final_run(run["id"].as_str().unwrap()).await;
-        assert_eq!(run["status"], "failed", "{run}");
-        assert!(run["error"].as_str().unwrap().contains("connect"), "{run}");
+        let run = app.trigger("refused").await;
+        let run = app.final_run(run.id).await;
+        assert_eq!(run.status, RunStatus::Failed, "{run:?}");
+        assert!(run.error.as_deref().unwrap().contains("connect"), "{run:?}");
         app.stop().await;
     }
 }
@@ -141,9 +139,7 @@ on_both_databases! {
         app.final_run(next.header("x-cronguard-run")).await;
         let runs = app.runs("p").await;
         let in_pause = runs.iter().filter(|r| {
-            let at = chrono::DateTime::parse_from_rfc3339(r["scheduled_at"].as_str().unwrap())
-                .unwrap()
-                .to_utc();
+            let at = r.scheduled_at;
             at > paused_at && at <= resumed_at
         });
         assert_eq!(in_pause.count(), 0, "no run for fires due while paused: {runs:?}");
@@ -197,9 +193,9 @@ on_both_databases! {
         assert_eq!(status, 202);
         let run = app.final_run(id).await;
         assert_eq!(
-            (run["status"].as_str(), run["reason"].as_str()),
-            (Some("cancelled"), Some("requested")),
-            "{run}"
+            (run.status, run.reason),
+            (RunStatus::Cancelled, Some(Reason::Requested)),
+            "{run:?}"
         );
         let (status, problem) = app.post_empty(&format!("/v1/runs/{id}/cancel")).await;
         assert_eq!(

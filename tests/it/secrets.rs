@@ -1,6 +1,7 @@
 //! Secrets never travel: not to a destination their owner did not choose,
 //! not in an answer, a log line, a metric or an error.
 
+use cronguard::run::RunStatus;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -185,8 +186,8 @@ async fn secrets_in_urls_are_never_shown() {
     assert_eq!(status, 201);
     let (_, run) = service.post("/v1/jobs/query/trigger", json!(null)).await;
     let run = final_run(&service.base, run["id"].as_str().unwrap()).await;
-    assert_eq!(run["status"], "failed");
-    assert!(!run["error"].as_str().unwrap().contains(SEEDED), "{run}");
+    assert_eq!(run.status, RunStatus::Failed);
+    assert!(!run.error.as_deref().unwrap().contains(SEEDED), "{run:?}");
     let (_, runs) = service.get("/v1/runs").await;
     assert!(!runs.to_string().contains(SEEDED));
     let mut service = service;

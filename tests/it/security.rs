@@ -1,6 +1,7 @@
 //! The API as a security boundary: authentication, authorisation,
 //! dangerous actions, secrets, hostile input.
 
+use cronguard::run::RunStatus;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -297,12 +298,12 @@ async fn the_ssrf_guard_refuses_private_addresses() {
         &url,
     ))
     .await;
-    let (_, run) = app.post_empty("/v1/jobs/named/trigger").await;
-    let run = app.final_run(run["id"].as_str().unwrap()).await;
-    assert_eq!(run["status"], "failed");
+    let run = app.trigger("named").await;
+    let run = app.final_run(run.id).await;
+    assert_eq!(run.status, RunStatus::Failed);
     assert!(
-        run["error"].as_str().unwrap().contains("no public address"),
-        "{run}"
+        run.error.as_deref().unwrap().contains("no public address"),
+        "{run:?}"
     );
     assert!(receiver.drain().is_empty());
     app.stop().await;

@@ -2,6 +2,7 @@
 //! proxy variables in the service's environment, IPv4 addresses inside
 //! IPv6 ones, and the special-purpose blocks of IANA's registries.
 
+use cronguard::run::{Run, RunStatus};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -59,7 +60,7 @@ fn once_a_year(name: &str, url: &str) -> Value {
     http_job(name, json!({"kind": "cron", "expr": "0 0 1 1 *"}), url)
 }
 
-async fn trigger(service: &Binary, job: &str) -> Value {
+async fn trigger(service: &Binary, job: &str) -> Run {
     let (status, run) = service
         .post(&format!("/v1/jobs/{job}/trigger"), json!(null))
         .await;
@@ -91,10 +92,10 @@ async fn proxy_variables_never_carry_actions_past_the_guard() {
         let (status, body) = service.post("/v1/jobs", once_a_year(name, url)).await;
         assert_eq!(status, 201, "{body}");
         let run = trigger(&service, name).await;
-        assert_eq!(run["status"], "failed", "{run}");
+        assert_eq!(run.status, RunStatus::Failed, "{run:?}");
         assert!(
-            run["error"].as_str().unwrap().contains("no public address"),
-            "{run}"
+            run.error.as_deref().unwrap().contains("no public address"),
+            "{run:?}"
         );
     }
     assert_eq!(
@@ -122,10 +123,10 @@ async fn an_explicit_action_proxy_is_used_and_still_guarded() {
         .post("/v1/jobs", once_a_year("named", "http://localhost:9/x"))
         .await;
     let run = trigger(&service, "named").await;
-    assert_eq!(run["status"], "failed");
+    assert_eq!(run.status, RunStatus::Failed);
     assert!(
-        run["error"].as_str().unwrap().contains("non-public address"),
-        "{run}"
+        run.error.as_deref().unwrap().contains("non-public address"),
+        "{run:?}"
     );
     assert_eq!(proxy.connections.load(Ordering::SeqCst), 0);
     drop(service);

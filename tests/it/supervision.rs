@@ -2,6 +2,7 @@
 //! Real processes, real signals; loops made to hang or panic through the
 //! `fault-injection` hooks.
 
+use cronguard::run::RunStatus;
 use std::time::{Duration, Instant};
 
 use cronguard::fault::Fault;
@@ -124,19 +125,16 @@ async fn a_panicking_action_is_a_failed_run_and_nothing_else() {
         "action": {"kind": "test", "panic": "the action blew up"},
     }))
     .await;
-    let (_, run) = app.post_empty("/v1/jobs/boom/trigger").await;
-    let run = app.final_run(run["id"].as_str().unwrap()).await;
-    assert_eq!(run["status"], "failed");
+    let run = app.trigger("boom").await;
+    let run = app.final_run(run.id).await;
+    assert_eq!(run.status, RunStatus::Failed);
     assert!(
-        run["error"].as_str().unwrap().contains("the action blew up"),
-        "{run}"
+        run.error.as_deref().unwrap().contains("the action blew up"),
+        "{run:?}"
     );
     // The service is unaffected: it still answers and runs jobs.
-    let (_, again) = app.post_empty("/v1/jobs/boom/trigger").await;
-    assert_eq!(
-        app.final_run(again["id"].as_str().unwrap()).await["status"],
-        "failed"
-    );
+    let again = app.trigger("boom").await;
+    assert_eq!(app.final_run(again.id).await.status, RunStatus::Failed);
     let (status, _) = app.get("/livez").await;
     assert_eq!(status, 200);
     app.stop().await;
@@ -148,10 +146,10 @@ async fn a_timed_out_command_takes_its_whole_process_group_with_it() {
     let mut spec = command_job("sleepy", "sleep 300 & sleep 300; wait", yearly());
     spec["action"]["timeout"] = json!("1s");
     app.create(spec).await;
-    let (_, run) = app.post_empty("/v1/jobs/sleepy/trigger").await;
-    let run = app.final_run(run["id"].as_str().unwrap()).await;
-    assert_eq!(run["status"], "timed_out", "{run}");
-    let pgid = run["pgid"].as_i64().unwrap() as i32;
+    let run = app.trigger("sleepy").await;
+    let run = app.final_run(run.id).await;
+    assert_eq!(run.status, RunStatus::TimedOut, "{run:?}");
+    let pgid = run.pgid.unwrap() as i32;
     let members: Vec<_> = cronguard::procfs::all()
         .into_iter()
         .filter(|p| p.pgid == pgid && !p.is_zombie())
@@ -246,8 +244,8 @@ async fn run_leaving_a_daemon(service: &Binary, name: &str) -> (String, i32) {
         .await;
     let id = run["id"].as_str().unwrap().to_owned();
     let run = final_run(&service.url(""), &id).await;
-    assert_eq!(run["status"], "succeeded", "{run}");
-    let daemon: i32 = run["output"].as_str().unwrap().trim().parse().unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let daemon: i32 = run.output.as_deref().unwrap().trim().parse().unwrap();
     assert!(!process_dead(daemon), "the daemon runs after its run ended");
     (id, daemon)
 }
@@ -523,14 +521,14 @@ async fn the_reaper_finds_runs_without_tasks_and_tasks_without_runs() {
         "policy": {"kill_grace": "1s"},
     }))
     .await;
-    let (_, stuck) = app.post_empty("/v1/jobs/stuck/trigger").await;
-    let stuck_id = stuck["id"].as_str().unwrap().to_owned();
+    let stuck = app.trigger("stuck").await;
+    let stuck_id = stuck.id;
     clock.advance(Duration::from_secs(120));
     let run = app.final_run(&stuck_id).await;
-    assert_eq!(run["status"], "timed_out", "{run}");
+    assert_eq!(run.status, RunStatus::TimedOut, "{run:?}");
     assert!(
-        run["error"].as_str().unwrap().contains("ignored cancellation"),
-        "{run}"
+        run.error.as_deref().unwrap().contains("ignored cancellation"),
+        "{run:?}"
     );
 
     // Kind 3, run gone: the job (and its history) is deleted under a run
@@ -541,8 +539,8 @@ async fn the_reaper_finds_runs_without_tasks_and_tasks_without_runs() {
         "action": {"kind": "test", "sleep": "10h", "ignore_cancel": true},
     }))
     .await;
-    let (_, doomed) = app.post_empty("/v1/jobs/doomed/trigger").await;
-    let doomed_id = doomed["id"].as_str().unwrap().to_owned();
+    let doomed = app.trigger("doomed").await;
+    let doomed_id = doomed.id;
     let r = app
         .client
         .delete(app.url("/v1/jobs/doomed"))
@@ -575,7 +573,11 @@ async fn the_reaper_finds_runs_without_tasks_and_tasks_without_runs() {
     let report = eventually("the reaper to report every kind", || async {
         let (_, report) = app.get("/v1/orphans").await;
         let recent = report["recent"].as_array().unwrap().clone();
-        let has = |kind: &str, run: &str| recent.iter().any(|f| f["kind"] == kind && f["run"] == run);
+        let has = |kind: &str, run: &dyn std::fmt::Display| {
+            recent
+                .iter()
+                .any(|f| f["kind"] == kind && f["run"] == run.to_string())
+        };
         (has("task_without_run", &stuck_id)
             && has("task_without_run", &doomed_id)
             && has("run_without_task", &ghost))

@@ -5,6 +5,8 @@
 mod delivery;
 mod fake;
 
+use cronguard::protocol::RunResult;
+use cronguard::run::{Run, RunStatus};
 use std::collections::{HashMap, HashSet};
 
 use cronguard::fault::Fault;
@@ -87,10 +89,8 @@ async fn backend_jobs(app: &TestApp) -> HashMap<String, Value> {
         .collect()
 }
 
-fn ids(runs: &[Value]) -> HashSet<String> {
-    runs.iter()
-        .map(|r| r["id"].as_str().unwrap().to_owned())
-        .collect()
+fn ids(runs: &[Run]) -> HashSet<String> {
+    runs.iter().map(|r| r.id.to_string()).collect()
 }
 
 fn assert_once(backend: &FakeBackend) {
@@ -122,15 +122,15 @@ async fn backend_jobs_appear_fire_and_each_result_arrives_once() {
         assert_eq!(jobs[name]["source"], "backend");
     }
     // Each job runs twice, then its results all reach the backend.
-    let runs: Vec<Value> = eventually("every run to end and be delivered", || async {
+    let runs: Vec<Run> = eventually("every run to end and be delivered", || async {
         let mut all = Vec::new();
         for name in names {
             let runs = app.runs(name).await;
-            let done = runs.iter().filter(|r| r["status"] == "succeeded").count();
+            let done = runs.iter().filter(|r| r.status == RunStatus::Succeeded).count();
             if done < 2
                 || runs
                     .iter()
-                    .any(|r| matches!(r["status"].as_str(), Some("running" | "queued")))
+                    .any(|r| matches!(r.status, RunStatus::Running | RunStatus::Queued))
             {
                 return None;
             }
@@ -142,11 +142,12 @@ async fn backend_jobs_appear_fire_and_each_result_arrives_once() {
     .await;
     assert_once(&backend);
     for result in backend.results() {
-        let run = runs.iter().find(|r| r["id"] == result["run_id"]).unwrap();
-        assert_eq!(result["status"], run["status"]);
-        assert_eq!(result["job"], run["job_name"]);
-        assert_eq!(result["scheduled_at"], run["scheduled_at"]);
-        assert_eq!(result["http_status"], 200);
+        let result: RunResult = view(result);
+        let run = runs.iter().find(|r| r.id == result.run_id).unwrap();
+        assert_eq!(result.status, run.status);
+        assert_eq!(result.job, run.job_name);
+        assert_eq!(result.scheduled_at, run.scheduled_at);
+        assert_eq!(result.http_status, Some(200));
     }
     for batch in backend.batches() {
         assert!(batch["results"].as_array().unwrap().len() <= 100);
@@ -249,7 +250,7 @@ async fn reconciliation_touches_only_backend_jobs_and_304_writes_nothing() {
     assert_eq!(code, 404);
     let (code, now) = app.get("/v1/jobs/local").await;
     assert_eq!(code, 200);
-    assert_eq!(now["version"], local["version"]);
+    assert_eq!(now["version"], local.version);
     assert_eq!(now["source"], "api");
     assert_eq!(now["spec"]["schedule"], never());
     app.stop().await;
@@ -322,7 +323,7 @@ async fn an_outage_grows_the_outbox_and_stalls_contact_then_everything_arrives_o
         let runs = eventually("the last runs to end", || async {
             let runs = app.runs(name).await;
             runs.iter()
-                .all(|r| !matches!(r["status"].as_str(), Some("running" | "queued")))
+                .all(|r| !matches!(r.status, RunStatus::Running | RunStatus::Queued))
                 .then_some(runs)
         })
         .await;
