@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,7 +28,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
-use tokio::process::{ChildStderr, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
 
 use super::{Limits, Occurrence, Tail};
@@ -117,7 +117,64 @@ where
     F: FnOnce(ProcessInfo) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let table = launch.table;
+    let failed = |error: String| Outcome {
+        attempts: occurrence.attempt,
+        ..Outcome::failed(error)
+    };
+    let mut cmd = match command(action, occurrence, launch) {
+        Ok(cmd) => cmd,
+        Err(error) => return failed(error),
+    };
+    let (mut child, pid) = match spawn(&mut cmd, launch.table, occurrence.run_id) {
+        Ok(Some(spawned)) => spawned,
+        Ok(None) => return Outcome::failed("the child exited before its pid could be read"),
+        Err(e) => return failed(format!("could not start `{}`: {e}", action.program)),
+    };
+    // Unlisted once tokio has reaped it (or the run's task is dropped).
+    let _listed = Unlist(launch.table, pid);
+    let group = Pid::from_raw(pid);
+    let mut guard = GroupGuard(Some(group));
+    on_spawn(ProcessInfo {
+        pid,
+        pgid: pid,
+        start_ticks: crate::procfs::read(pid).map(|p| p.start_ticks),
+    })
+    .await;
+
+    let tail = Mutex::new(Tail::new(tail_bytes));
+    let mut capture = Capture {
+        reading: pin!(capture(child.stdout.take(), child.stderr.take(), &tail)),
+        drained: false,
+    };
+    let (end, status) = wait(&mut child, group, limits, cancel, &mut capture).await;
+    // The leader is gone; anything left in its group is a leftover of this
+    // run and goes with it.
+    let _ = killpg(group, Signal::SIGKILL);
+    guard.0 = None;
+    if !capture.drained {
+        let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut capture.reading).await;
+    }
+    let output = tail
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take_text();
+    let (run_status, error) = judge(end, &status, output.as_deref(), limits, launch.shim.is_some());
+    Outcome {
+        status: run_status,
+        reason: None,
+        attempts: occurrence.attempt,
+        exit_code: status.as_ref().ok().and_then(ExitStatus::code),
+        http_status: None,
+        error,
+        output,
+        attempt_log: Vec::new(),
+    }
+}
+
+/// The command as it will be spawned: under the shim or direct, with a
+/// clean environment, in its own process group, dying with the service.
+/// An environment variable whose secret cannot be resolved is the error.
+fn command(action: &CommandAction, occurrence: &Occurrence, launch: Launch<'_>) -> Result<Command, String> {
     let mut cmd = match launch.shim {
         Some(shim) => {
             let mut cmd = Command::new(shim);
@@ -132,15 +189,8 @@ where
     // occurrence identity.
     let mut env = Vec::with_capacity(action.env.len());
     for (name, value) in &action.env {
-        match crate::secrets::expand(value) {
-            Ok(v) => env.push((name, v)),
-            Err(e) => {
-                return Outcome {
-                    attempts: occurrence.attempt,
-                    ..Outcome::failed(format!("environment variable {name}: {e}"))
-                };
-            }
-        }
+        let value = crate::secrets::expand(value).map_err(|e| format!("environment variable {name}: {e}"))?;
+        env.push((name, value));
     }
     cmd.env_clear();
     for name in INHERITED_ENV {
@@ -171,86 +221,70 @@ where
         Signal::SIGKILL
     };
     set_parent_death_signal(&mut cmd, death_signal);
-    let spawned = {
-        let mut table = table.lock();
-        cmd.spawn().map(|child| {
-            let pid = child.id().and_then(|p| i32::try_from(p).ok());
-            if let Some(pid) = pid {
-                table.insert(pid, occurrence.run_id);
-            }
-            (child, pid)
-        })
-    };
-    let (mut child, pid) = match spawned {
-        Ok((child, Some(pid))) => (child, pid),
-        Ok((_, None)) => return Outcome::failed("the child exited before its pid could be read"),
-        Err(e) => {
-            return Outcome {
-                attempts: occurrence.attempt,
-                ..Outcome::failed(format!("could not start `{}`: {e}", action.program))
-            };
-        }
-    };
-    // Unlisted once tokio has reaped it (or the run's task is dropped).
-    let _listed = Unlist(table, pid);
-    let group = Pid::from_raw(pid);
-    let mut guard = GroupGuard(Some(group));
-    on_spawn(ProcessInfo {
-        pid,
-        pgid: pid,
-        start_ticks: crate::procfs::read(pid).map(|p| p.start_ticks),
-    })
-    .await;
+    Ok(cmd)
+}
 
-    let tail = Mutex::new(Tail::new(tail_bytes));
-    let mut capture = pin!(capture(child.stdout.take(), child.stderr.take(), &tail));
-    let mut drained = false;
+/// Spawns under the table's lock, so the stray reaper never sees the new
+/// leader before it is listed. `None`: it exited before its pid was read.
+fn spawn(cmd: &mut Command, table: &ProcessTable, run: RunId) -> io::Result<Option<(Child, i32)>> {
+    let mut table = table.lock();
+    let child = cmd.spawn()?;
+    let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+        return Ok(None);
+    };
+    table.insert(pid, run);
+    Ok(Some((child, pid)))
+}
 
+/// The pipes being read while the leader runs.
+struct Capture<'a> {
+    reading: Pin<&'a mut (dyn Future<Output = ()> + Send + 'a)>,
+    drained: bool,
+}
+
+/// Waits for the leader to exit, for the timeout or for cancellation; on
+/// the latter two the group gets SIGTERM, then SIGKILL after the grace.
+/// Output is read all along, so a chatty child never blocks on a full pipe.
+async fn wait(
+    child: &mut Child,
+    group: Pid,
+    limits: Limits,
+    cancel: &CancellationToken,
+    capture: &mut Capture<'_>,
+) -> (End, io::Result<ExitStatus>) {
     let deadline = tokio::time::Instant::now() + limits.timeout;
-    let (end, exited) = loop {
+    let end = loop {
         tokio::select! {
-            () = &mut capture, if !drained => drained = true,
-            status = child.wait() => break (End::Exited, Some(status)),
-            () = tokio::time::sleep_until(deadline) => break (End::TimedOut, None),
-            () = cancel.cancelled() => break (End::Cancelled, None),
+            () = &mut capture.reading, if !capture.drained => capture.drained = true,
+            status = child.wait() => return (End::Exited, status),
+            () = tokio::time::sleep_until(deadline) => break End::TimedOut,
+            () = cancel.cancelled() => break End::Cancelled,
         }
     };
-
-    let status = match exited {
-        Some(status) => status,
-        None => {
-            let _ = killpg(group, Signal::SIGTERM);
-            let grace = tokio::time::sleep(limits.kill_grace);
-            let mut grace = pin!(grace);
-            let exited = loop {
-                tokio::select! {
-                    () = &mut capture, if !drained => drained = true,
-                    status = child.wait() => break Some(status),
-                    () = &mut grace => break None,
-                }
-            };
-            match exited {
-                Some(status) => status,
-                None => {
-                    let _ = killpg(group, Signal::SIGKILL);
-                    child.wait().await
-                }
-            }
+    let _ = killpg(group, Signal::SIGTERM);
+    let mut grace = pin!(tokio::time::sleep(limits.kill_grace));
+    loop {
+        tokio::select! {
+            () = &mut capture.reading, if !capture.drained => capture.drained = true,
+            status = child.wait() => return (end, status),
+            () = &mut grace => break,
         }
-    };
-    // The leader is gone; anything left in its group is a leftover of this
-    // run and goes with it.
-    let _ = killpg(group, Signal::SIGKILL);
-    guard.0 = None;
-    if !drained {
-        let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut capture).await;
     }
-    let output = tail
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take_text();
+    let _ = killpg(group, Signal::SIGKILL);
+    (end, child.wait().await)
+}
 
-    let (run_status, error) = match (end, &status) {
+/// The run's status and error from how the wait ended and how the leader
+/// exited. Under the shim, exit code 127 with the shim's report in the
+/// output means the program could not be started.
+fn judge(
+    end: End,
+    status: &io::Result<ExitStatus>,
+    output: Option<&str>,
+    limits: Limits,
+    shim: bool,
+) -> (RunStatus, Option<String>) {
+    match (end, status) {
         (End::TimedOut, _) => (
             RunStatus::TimedOut,
             Some(format!(
@@ -260,10 +294,9 @@ where
         ),
         (End::Cancelled, _) => (RunStatus::Cancelled, Some("cancelled".to_owned())),
         (End::Exited, Ok(s)) if s.success() => (RunStatus::Succeeded, None),
-        (End::Exited, Ok(s)) if s.code() == Some(super::shim::CANNOT_START) && launch.shim.is_some() => {
-            let reported = output
-                .as_deref()
-                .and_then(|o| o.lines().find_map(|l| l.strip_prefix(super::shim::START_FAILED)));
+        (End::Exited, Ok(s)) if s.code() == Some(super::shim::CANNOT_START) && shim => {
+            let reported =
+                output.and_then(|o| o.lines().find_map(|l| l.strip_prefix(super::shim::START_FAILED)));
             (
                 RunStatus::Failed,
                 Some(match reported {
@@ -284,16 +317,6 @@ where
             RunStatus::Failed,
             Some(format!("waiting for the process failed: {e}")),
         ),
-    };
-    Outcome {
-        status: run_status,
-        reason: None,
-        attempts: occurrence.attempt,
-        exit_code: status.as_ref().ok().and_then(ExitStatus::code),
-        http_status: None,
-        error,
-        output,
-        attempt_log: Vec::new(),
     }
 }
 
