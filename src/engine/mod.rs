@@ -210,10 +210,10 @@ impl Engine {
         for (id, name) in monitored {
             if let Some((success, failure)) = outcomes.get(&id) {
                 if let Some(at) = success {
-                    self.ctx.services.metrics.job_outcome(name, true, *at);
+                    self.ctx.services.metrics.per_job.outcome(name, true, *at);
                 }
                 if let Some(at) = failure {
-                    self.ctx.services.metrics.job_outcome(name, false, *at);
+                    self.ctx.services.metrics.per_job.outcome(name, false, *at);
                 }
             }
         }

@@ -96,7 +96,7 @@ impl Timers {
         if timing.paused {
             self.jobs.remove(&id);
             if let Some(name) = &timing.monitor {
-                metrics.job_expected_by(name, None);
+                metrics.per_job.expected_by(name, None);
             }
             self.paused.insert(id, timing.monitor);
             return;
@@ -151,7 +151,7 @@ impl Timers {
         if let Some(name) = &entry.timing.monitor {
             // A dead man's switch: the next fire plus its grace.
             let grace = delta(entry.timing.misfire_grace);
-            metrics.job_expected_by(name, next_due.map(|d| d + grace));
+            metrics.per_job.expected_by(name, next_due.map(|d| d + grace));
         }
         let Some(next_due) = next_due else {
             entry.job = None;
@@ -253,7 +253,7 @@ fn forget_series(metrics: &Metrics, old: Option<&Arc<str>>, new: Option<&Arc<str
     if let Some(old) = old
         && new != Some(old)
     {
-        metrics.forget_job(old);
+        metrics.per_job.forget(old);
     }
 }
 

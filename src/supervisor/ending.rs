@@ -217,7 +217,8 @@ impl Supervisor {
                         self.ctx
                             .services
                             .metrics
-                            .hold_expected_by(live.job.name(), live.scheduled_at + grace);
+                            .per_job
+                            .hold(live.job.name(), live.scheduled_at + grace);
                     }
                     self.unrecorded.add(live.job.clone(), live.scheduled_at);
                     self.ctx

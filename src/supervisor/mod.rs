@@ -176,7 +176,7 @@ impl Supervisor {
         }
         for fire in self.unrecorded.take() {
             if fire.job.def.spec.monitor {
-                self.ctx.services.metrics.release_expected_by(fire.job.name());
+                self.ctx.services.metrics.per_job.release(fire.job.name());
             }
             tracing::warn!(
                 job = %fire.job.id,

@@ -183,7 +183,8 @@ pub async fn run(ctx: TaskContext, planned: Planned) -> TaskEnd {
     {
         ctx.services
             .metrics
-            .job_outcome(job.name(), status == RunStatus::Succeeded, ended_at);
+            .per_job
+            .outcome(job.name(), status == RunStatus::Succeeded, ended_at);
     }
     TaskEnd::Finished(status)
 }

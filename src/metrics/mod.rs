@@ -9,15 +9,22 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Registry, TextEncoder,
 };
 
 use crate::run::{Reason, RunStatus, Trigger};
 
-const NS: &str = "cronguard";
+mod declare;
+mod jobs;
+
+use self::declare::{
+    LATENCY, NS, counter, counter_vec, gauge, gauge_vec, histogram, histogram_vec, int_gauge, int_gauge_vec,
+    unix_seconds,
+};
+pub(crate) use self::declare::{opts, reg};
+pub use self::jobs::JobSeries;
 
 /// The service's metrics and the registry that exports them.
 pub struct Metrics {
@@ -33,12 +40,8 @@ pub struct Metrics {
     // Jobs.
     jobs: IntGaugeVec,
     next_fire: Gauge,
-    job_last_success: GaugeVec,
-    job_last_failure: GaugeVec,
-    job_expected_by: GaugeVec,
-    /// Jobs whose "expected by" is held back while their fires go
-    /// unrecorded: the held instant, and the engine's latest value.
-    expected_holds: std::sync::Mutex<std::collections::HashMap<String, (f64, Option<f64>)>>,
+    /// The per-job series of monitored jobs.
+    pub per_job: JobSeries,
     // Supervision.
     loop_heartbeat: GaugeVec,
     loop_restarts: IntCounterVec,
@@ -70,65 +73,6 @@ impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
-}
-
-/// Registers `metric` (a static definition: failure is a programming error).
-pub(crate) fn reg<T: Collector + Clone + 'static>(r: &Registry, metric: Result<T, prometheus::Error>) -> T {
-    let metric = metric.unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-    r.register(Box::new(metric.clone()))
-        .unwrap_or_else(|e| unreachable!("metric registered twice: {e}"));
-    metric
-}
-
-pub(crate) fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help).namespace(NS)
-}
-
-fn hopts(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
-    HistogramOpts::new(name, help)
-        .namespace(NS)
-        .buckets(buckets.to_vec())
-}
-
-/// Latency buckets from 0.5 ms to 60 s.
-const LATENCY: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
-
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    reg(r, IntCounter::with_opts(opts(name, help)))
-}
-
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    reg(r, IntCounterVec::new(opts(name, help), labels))
-}
-
-fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
-    reg(r, Gauge::with_opts(opts(name, help)))
-}
-
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-    reg(r, GaugeVec::new(opts(name, help), labels))
-}
-
-fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    reg(r, IntGauge::with_opts(opts(name, help)))
-}
-
-fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    reg(r, IntGaugeVec::new(opts(name, help), labels))
-}
-
-fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
-    reg(r, Histogram::with_opts(hopts(name, help, buckets)))
-}
-
-fn histogram_vec(r: &Registry, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
-    reg(r, HistogramVec::new(hopts(name, help, buckets), labels))
-}
-
-fn unix_seconds(t: DateTime<Utc>) -> f64 {
-    t.timestamp_millis() as f64 / 1000.0
 }
 
 impl Metrics {
@@ -206,25 +150,7 @@ impl Metrics {
                 "next_fire_timestamp_seconds",
                 "Unix time of the soonest pending fire (0 when none).",
             ),
-            job_last_success: gauge_vec(
-                r,
-                "job_last_success_timestamp_seconds",
-                "Unix time of the last successful run of each job with `monitor: true`.",
-                &["job"],
-            ),
-            job_last_failure: gauge_vec(
-                r,
-                "job_last_failure_timestamp_seconds",
-                "Unix time of the last unsuccessful run of each job with `monitor: true`.",
-                &["job"],
-            ),
-            job_expected_by: gauge_vec(
-                r,
-                "job_expected_by_timestamp_seconds",
-                "For jobs with `monitor: true`: the next fire plus its misfire grace. Past it \
-                         without the value moving on, the job is overdue.",
-                &["job"],
-            ),
+            per_job: JobSeries::new(r),
             loop_heartbeat: gauge_vec(
                 r,
                 "loop_heartbeat_timestamp_seconds",
@@ -335,7 +261,6 @@ impl Metrics {
                 "Failed contacts with the control backend, by reason.",
                 &["reason"],
             ),
-            expected_holds: std::sync::Mutex::default(),
             registry,
         };
         for direction in ["forward", "backward"] {
@@ -400,98 +325,6 @@ impl Metrics {
     /// The soonest pending fire.
     pub fn set_next_fire(&self, at: Option<DateTime<Utc>>) {
         self.next_fire.set(at.map_or(0.0, unix_seconds));
-    }
-
-    /// A monitored job's run ended (`ok`: succeeded).
-    pub fn job_outcome(&self, job: &str, ok: bool, at: DateTime<Utc>) {
-        let family = if ok {
-            &self.job_last_success
-        } else {
-            &self.job_last_failure
-        };
-        family.with_label_values(&[job]).set(unix_seconds(at));
-    }
-
-    /// A monitored job's next deadline (the engine's plan). While the job
-    /// is held ([`Metrics::hold_expected_by`]) the series shows the held
-    /// instant, or the plan if it is earlier.
-    pub fn job_expected_by(&self, job: &str, by: Option<DateTime<Utc>>) {
-        let by = by.map(unix_seconds);
-        let shown = {
-            let mut holds = self
-                .expected_holds
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match holds.get_mut(job) {
-                Some((held, latest)) => {
-                    *latest = by;
-                    Some(by.map_or(*held, |b| b.min(*held)))
-                }
-                None => by,
-            }
-        };
-        self.show_expected_by(job, shown);
-    }
-
-    /// A fire of a monitored job due at `due` (plus its grace: `by`) was
-    /// not recorded — the database refused it. The job's "expected by"
-    /// stops at `by` until [`Metrics::release_expected_by`], so a dead
-    /// man's switch on it trips although the engine keeps planning.
-    pub fn hold_expected_by(&self, job: &str, by: DateTime<Utc>) {
-        let by = unix_seconds(by);
-        let shown = {
-            let mut holds = self
-                .expected_holds
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let current = self
-                .job_expected_by
-                .get_metric_with_label_values(&[job])
-                .ok()
-                .map(|g| g.get())
-                .filter(|v| *v > 0.0);
-            let hold = holds.entry(job.to_owned()).or_insert((by, current));
-            hold.0 = hold.0.min(by);
-            hold.0
-        };
-        self.show_expected_by(job, Some(shown));
-    }
-
-    /// The job's fires are recorded again: its series follows the engine's
-    /// plan again.
-    pub fn release_expected_by(&self, job: &str) {
-        let released = self
-            .expected_holds
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(job);
-        if let Some((_, latest)) = released {
-            self.show_expected_by(job, latest);
-        }
-    }
-
-    fn show_expected_by(&self, job: &str, at: Option<f64>) {
-        match at {
-            Some(at) => self.job_expected_by.with_label_values(&[job]).set(at),
-            None => {
-                let _ = self.job_expected_by.remove_label_values(&[job]);
-            }
-        }
-    }
-
-    /// Drops a job's series (deleted, renamed, or no longer monitored).
-    pub fn forget_job(&self, job: &str) {
-        self.expected_holds
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(job);
-        for family in [
-            &self.job_last_success,
-            &self.job_last_failure,
-            &self.job_expected_by,
-        ] {
-            let _ = family.remove_label_values(&[job]);
-        }
     }
 
     /// A supervised loop was restarted.
@@ -638,33 +471,5 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_held_expected_by_stays_until_released_then_follows_the_plan() {
-        let m = Metrics::new();
-        let t = |s: i64| DateTime::<Utc>::UNIX_EPOCH + chrono::TimeDelta::seconds(s);
-        let shown = |m: &Metrics| m.job_expected_by.with_label_values(&["j"]).get();
-        m.job_expected_by("j", Some(t(100)));
-        m.hold_expected_by("j", t(60));
-        assert_eq!(shown(&m), 60.0);
-        // The engine plans on: the series stays held, unless the plan is
-        // earlier still.
-        m.job_expected_by("j", Some(t(200)));
-        assert_eq!(shown(&m), 60.0);
-        m.job_expected_by("j", Some(t(50)));
-        assert_eq!(shown(&m), 50.0);
-        m.job_expected_by("j", Some(t(300)));
-        m.hold_expected_by("j", t(70));
-        assert_eq!(shown(&m), 60.0, "a later hold does not move the first one");
-        m.release_expected_by("j");
-        assert_eq!(shown(&m), 300.0);
-        m.job_expected_by("j", Some(t(400)));
-        assert_eq!(shown(&m), 400.0);
     }
 }
