@@ -6,6 +6,9 @@
 #  3. Prometheus scrapes it every second with deploy/prometheus/alerts.yml;
 #  4. the engine loop is made to hang; the CronguardLoopStale expression
 #     must return the engine's series and the alert must become active;
+#     so must CronguardJobOverdue for the monitored job (its `for` cut to
+#     0s in a copy of the rules), its labels naming the cronguard job
+#     (`job_name`) beside the scrape job (`job`);
 #  5. three more instances talk to misbehaving control backends
 #     (fake_backend.py): a full hang, the results endpoint down alone, and
 #     `Retry-After: 3600`. CronguardBackendResultsUndelivered must become
@@ -42,7 +45,7 @@ pids+=($!)
 base="http://127.0.0.1:$port"
 wait_for "curl -sf $base/readyz" 30
 curl -sf -X POST "$base/v1/jobs" -H 'content-type: application/json' \
-  -d '{"name":"tick","monitor":true,"schedule":{"kind":"cron","expr":"* * * * * *"},"action":{"kind":"http","method":"GET","url":"'"$base"'/livez"}}' >/dev/null
+  -d '{"name":"tick","monitor":true,"schedule":{"kind":"cron","expr":"* * * * * *"},"policy":{"misfire_grace":"1s"},"action":{"kind":"http","method":"GET","url":"'"$base"'/livez"}}' >/dev/null
 sleep 2
 
 echo "== three instances with misbehaving control backends"
@@ -67,13 +70,21 @@ curl -sf "$base/metrics" | promtool check metrics
 echo "ok"
 
 echo "== Prometheus scrapes cronguard"
+# The shipped rules, with CronguardJobOverdue's two-minute hold cut to 0s.
+python3 - "$here/alerts.yml" "$work/alerts.yml" <<'PY'
+import re, sys
+rules = open(sys.argv[1]).read()
+cut, n = re.subn(r"(alert: CronguardJobOverdue\n\s+expr: .+\n\s+for: )2m", r"\g<1>0s", rules)
+assert n == 1, "CronguardJobOverdue with for: 2m not found"
+open(sys.argv[2], "w").write(cut)
+PY
 prom_port=$(free_port)
 cat >"$work/prometheus.yml" <<YAML
 global:
   scrape_interval: 1s
   evaluation_interval: 1s
 rule_files:
-  - $here/alerts.yml
+  - $work/alerts.yml
 scrape_configs:
   - job_name: cronguard
     static_configs:
@@ -104,6 +115,22 @@ wait_for '[ "$(query "$expr")" = "engine=0" ]' 60
 echo "expression returns: $(query "$expr")"
 wait_for 'curl -sf "$prom/api/v1/alerts" | grep -q "\"alertname\":\"CronguardLoopStale\""' 60
 echo "CronguardLoopStale is active"
+# The monitored job's expected-by stopped moving with the engine: the alert
+# names the cronguard job, and the scrape job stays in `job`.
+overdue_labels() {
+  curl -sf "$prom/api/v1/alerts" | python3 -c '
+import json, sys
+for a in json.load(sys.stdin)["data"]["alerts"]:
+    if a["labels"]["alertname"] == "CronguardJobOverdue":
+        l = a["labels"]
+        print(l.get("job_name"), l.get("job"), "exported_job" in l, a["annotations"]["summary"])
+'
+}
+wait_for '[ -n "$(overdue_labels)" ]' 60
+labels=$(overdue_labels)
+echo "CronguardJobOverdue: $labels"
+[ "$labels" = "tick cronguard False cronguard job tick is overdue on 127.0.0.1:$port" ] \
+  || { echo "CronguardJobOverdue does not name the cronguard job: $labels" >&2; exit 1; }
 curl -s "$base/livez" || true
 echo
 

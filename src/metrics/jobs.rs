@@ -10,7 +10,9 @@ use prometheus::{GaugeVec, Registry};
 
 use super::declare::{gauge_vec, unix_seconds};
 
-/// The per-job series, labelled by job name.
+/// The per-job series, labelled `job_name`: not `job`, which Prometheus
+/// sets to the scrape job at scrape time (the series would arrive as
+/// `exported_job` and an alert would name the scrape job).
 pub struct JobSeries {
     last_success: GaugeVec,
     last_failure: GaugeVec,
@@ -27,20 +29,20 @@ impl JobSeries {
                 r,
                 "job_last_success_timestamp_seconds",
                 "Unix time of the last successful run of each job with `monitor: true`.",
-                &["job"],
+                &["job_name"],
             ),
             last_failure: gauge_vec(
                 r,
                 "job_last_failure_timestamp_seconds",
                 "Unix time of the last unsuccessful run of each job with `monitor: true`.",
-                &["job"],
+                &["job_name"],
             ),
             expected_by: gauge_vec(
                 r,
                 "job_expected_by_timestamp_seconds",
                 "For jobs with `monitor: true`: the next fire plus its misfire grace. Past it \
                      without the value moving on, the job is overdue.",
-                &["job"],
+                &["job_name"],
             ),
             holds: Mutex::default(),
         }

@@ -20,7 +20,7 @@ mod declare;
 mod jobs;
 
 use self::declare::{
-    LATENCY, NS, counter, counter_vec, gauge, gauge_vec, histogram, histogram_vec, int_gauge, int_gauge_vec,
+    LATENCY, counter, counter_vec, gauge, gauge_vec, histogram, histogram_vec, int_gauge, int_gauge_vec,
     unix_seconds,
 };
 pub(crate) use self::declare::{opts, reg};
@@ -95,7 +95,7 @@ impl Metrics {
             .set(1);
         #[cfg(target_os = "linux")]
         {
-            let process = prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, NS);
+            let process = prometheus::process_collector::ProcessCollector::for_self();
             r.register(Box::new(process))
                 .unwrap_or_else(|e| unreachable!("process collector: {e}"));
         }

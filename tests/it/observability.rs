@@ -121,7 +121,7 @@ async fn every_counter_moves_by_exactly_what_happened() {
         ("cronguard_store_commit_seconds", "histogram"),
         ("cronguard_database_size_bytes", "gauge"),
         ("cronguard_build_info", "gauge"),
-        ("cronguard_process_resident_memory_bytes", "gauge"),
+        ("process_resident_memory_bytes", "gauge"),
     ] {
         assert!(
             m.contains(&format!("# TYPE {family} {kind}\n")),
@@ -150,13 +150,13 @@ async fn scheduled_fires_feed_lateness_and_monitored_jobs_get_their_own_series()
     assert!(sample(&m, "cronguard_fire_lateness_seconds_count").unwrap() >= 1.0);
     let success = sample(
         &m,
-        r#"cronguard_job_last_success_timestamp_seconds{job="watched"}"#,
+        r#"cronguard_job_last_success_timestamp_seconds{job_name="watched"}"#,
     )
     .unwrap();
     assert!((success - hit.at.timestamp() as f64).abs() < 5.0, "{success}");
     let expected_by = sample(
         &m,
-        r#"cronguard_job_expected_by_timestamp_seconds{job="watched"}"#,
+        r#"cronguard_job_expected_by_timestamp_seconds{job_name="watched"}"#,
     )
     .unwrap();
     let next = hit.scheduled_at().timestamp() as f64;

@@ -186,7 +186,7 @@ async fn fires_the_full_disk_refuses_are_counted_and_recorded_missed_once_it_is_
     let expected_by = async || {
         sample(
             &service.metrics().await,
-            "cronguard_job_expected_by_timestamp_seconds{job=\"watched\"}",
+            "cronguard_job_expected_by_timestamp_seconds{job_name=\"watched\"}",
         )
     };
     eventually("runs recorded", || async {
