@@ -12,7 +12,8 @@
 //! - the domain, parsed and validated, no I/O: [`schedule`], [`policy`],
 //!   [`action`], [`job`], [`run`];
 //! - [`metrics`] (every metric), [`procfs`] (the process table),
-//!   [`protocol`] (the control backend's wire types);
+//!   [`protocol`] (the control backend's wire types), [`standing`] (a
+//!   job's last run, failures and health);
 //! - [`store`]: the database, one writer with group commit;
 //! - [`executor`]: HTTP calls and child processes in process groups;
 //! - [`loops`]: the `Loop` abstraction, its restart supervision, and the
@@ -53,6 +54,7 @@ pub mod schedule;
 pub mod secrets;
 pub mod shutdown;
 pub mod spec;
+pub mod standing;
 pub mod store;
 pub mod supervisor;
 pub mod validation;

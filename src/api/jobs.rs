@@ -14,11 +14,13 @@ use utoipa::ToSchema;
 use super::auth::{Principal, Scope};
 use super::error::{ApiError, Problem};
 use super::extract::{JsonBody, MaybeJson, Params, PathParam};
+use super::probes::HealthCounts;
 use super::redaction::{check_reference_scope, redact, unredact};
 use super::{ApiContext, PageParams};
 use crate::action::ActionSpec;
 use crate::job::{Job, JobDefinition, JobId, JobSpec, Source, check_note};
 use crate::run::Run;
+use crate::standing::{JobHealth, LastRun, Standing};
 use crate::store::{JobFilter, JobKey, NewJob, Replacement};
 use crate::validation::{FieldError, FieldErrors};
 
@@ -46,10 +48,23 @@ pub struct JobView {
     pub updated_at: DateTime<Utc>,
     /// The definition; `PUT` accepts it back unchanged.
     pub spec: JobSpec,
+    /// The job at a glance (`docs/observability.md`, "Job health"): the first
+    /// of `paused`, `late`, `failing`, `finished`, `pending`, `ok` that
+    /// applies.
+    pub health: JobHealth,
+    /// The last run that ended (absent before the first).
+    pub last_run: Option<LastRun>,
+    /// When a run last succeeded.
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// When a run last failed or timed out.
+    pub last_failure_at: Option<DateTime<Utc>>,
+    /// Runs that failed or timed out since the last success.
+    pub consecutive_failures: u32,
 }
 
 impl JobView {
-    fn from_job(job: &Job) -> Self {
+    fn new(job: &Job, standing: Standing, now: DateTime<Utc>) -> Self {
+        let health = standing.health(job, now);
         let mut spec = job.def.spec.clone();
         spec.paused = Some(job.paused);
         redact(&mut spec);
@@ -64,6 +79,11 @@ impl JobView {
             created_at: job.created_at,
             updated_at: job.updated_at,
             spec,
+            health,
+            last_run: standing.last_run,
+            last_success_at: standing.last_success_at,
+            last_failure_at: standing.last_failure_at,
+            consecutive_failures: standing.consecutive_failures,
         }
     }
 }
@@ -116,9 +136,29 @@ fn changed_fields(old: &JobSpec, new: &JobSpec) -> Vec<String> {
     keys
 }
 
+/// The views of `jobs`, with their standing as stored now.
+async fn views(ctx: &ApiContext, jobs: &[Job]) -> Result<Vec<JobView>, ApiError> {
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let mut standings = ctx.services.store.jobs().standings(&ids).await?;
+    let now = ctx.services.clock.now();
+    Ok(jobs
+        .iter()
+        .map(|job| JobView::new(job, standings.remove(&job.id).unwrap_or_default(), now))
+        .collect())
+}
+
 /// A job response with its `ETag`.
-fn job_response(status: StatusCode, job: &Job) -> Response {
-    let mut response = (status, Json(JobView::from_job(job))).into_response();
+async fn job_response(ctx: &ApiContext, status: StatusCode, job: &Job) -> Result<Response, ApiError> {
+    let standing = ctx
+        .services
+        .store
+        .jobs()
+        .standings(&[job.id])
+        .await?
+        .remove(&job.id)
+        .unwrap_or_default();
+    let view = JobView::new(job, standing, ctx.services.clock.now());
+    let mut response = (status, Json(view)).into_response();
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", job.version)) {
         response.headers_mut().insert(header::ETAG, etag);
     }
@@ -127,7 +167,7 @@ fn job_response(status: StatusCode, job: &Job) -> Response {
     {
         response.headers_mut().insert(header::LOCATION, location);
     }
-    response
+    Ok(response)
 }
 
 /// Validates a spec against the server's settings and the current time.
@@ -202,15 +242,16 @@ pub async fn create_job(
         })
         .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.create", job = %job.id, name = %job.name(), "job created");
-    Ok(job_response(StatusCode::CREATED, &job))
+    job_response(&ctx, StatusCode::CREATED, &job).await
 }
 
-/// List jobs, filtered by labels and paused state.
+/// List jobs, filtered by labels, paused state, source and health.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
     params(
         ("label" = Option<Vec<String>>, Query, pattern = r"^[A-Za-z0-9._/-]{1,63}=", description = "`key=value`; repeat to require several labels"),
         ("paused" = Option<bool>, Query, description = "Only paused (true) or active (false) jobs"),
         ("source" = Option<Source>, Query, description = "Only jobs from this source"),
+        ("health" = Option<Vec<JobHealth>>, Query, style = Form, explode = false, description = "Only jobs in one of these health values, comma-separated (`failing,late`)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Page size, 1 to 500 (default 50)"),
         ("cursor" = Option<String>, Query, format = Uuid, description = "`next_cursor` of the previous page"),
     ),
@@ -222,7 +263,8 @@ pub async fn list_jobs(
     State(ctx): State<Arc<ApiContext>>,
     params: Params,
 ) -> Result<Json<JobPage>, ApiError> {
-    params.only(&["label", "paused", "source", "limit", "cursor"])?;
+    params.only(&["label", "paused", "source", "health", "limit", "cursor"])?;
+    let health = health_filter(&params)?;
     let mut labels = Vec::new();
     for label in params.all("label") {
         let Some((key, value)) = label.split_once('=').filter(|(k, _)| crate::job::label_key_ok(k)) else {
@@ -252,16 +294,88 @@ pub async fn list_jobs(
         source,
     };
     let page = PageParams::<JobId>::parse(&params)?;
-    let found = ctx
-        .services
-        .store
-        .jobs()
-        .list(&filter, page.cursor, page.limit)
-        .await?;
+    if health.is_empty() {
+        let found = ctx
+            .services
+            .store
+            .jobs()
+            .list(&filter, page.cursor, page.limit)
+            .await?;
+        return Ok(Json(JobPage {
+            items: views(&ctx, &found.items).await?,
+            next_cursor: found.next,
+        }));
+    }
+    let limit = page.limit as usize;
+    let mut items = Vec::with_capacity(limit + 1);
+    let mut cursor = page.cursor;
+    // Health is judged against "now", so it is filtered here, a chunk of
+    // stored jobs at a time, until the page is full or the jobs run out.
+    loop {
+        let found = ctx
+            .services
+            .store
+            .jobs()
+            .list(&filter, cursor, HEALTH_SCAN_CHUNK)
+            .await?;
+        let more = found.next.is_some();
+        cursor = found.items.last().map(|j| j.id);
+        let mut matching = views(&ctx, &found.items).await?;
+        matching.retain(|v| health.contains(&v.health));
+        items.extend(matching);
+        if items.len() > limit || !more {
+            break;
+        }
+    }
+    let next_cursor = (items.len() > limit).then(|| {
+        items.truncate(limit);
+        items.last().map(|v| v.id.to_string())
+    });
     Ok(Json(JobPage {
-        items: found.items.iter().map(JobView::from_job).collect(),
-        next_cursor: found.next,
+        items,
+        next_cursor: next_cursor.flatten(),
     }))
+}
+
+/// Every job counted by health, a chunk of stored jobs at a time.
+pub(super) async fn health_counts(ctx: &ApiContext) -> Result<HealthCounts, ApiError> {
+    let mut counts = HealthCounts::default();
+    let mut cursor = None;
+    loop {
+        let found = ctx
+            .services
+            .store
+            .jobs()
+            .list(&JobFilter::default(), cursor, HEALTH_SCAN_CHUNK)
+            .await?;
+        cursor = found.items.last().map(|j| j.id);
+        for view in views(ctx, &found.items).await? {
+            counts.add(view.health);
+        }
+        if found.next.is_none() {
+            return Ok(counts);
+        }
+    }
+}
+
+/// Stored jobs read at once while filtering on health.
+const HEALTH_SCAN_CHUNK: u32 = 500;
+
+/// `health=failing,late` (repeatable); empty when absent.
+fn health_filter(params: &Params) -> Result<Vec<JobHealth>, ApiError> {
+    let mut wanted = Vec::new();
+    for list in params.all("health") {
+        for word in list.split(',') {
+            let h = word.parse::<JobHealth>().map_err(|detail| ApiError::BadQuery {
+                name: "health".into(),
+                detail,
+            })?;
+            if !wanted.contains(&h) {
+                wanted.push(h);
+            }
+        }
+    }
+    Ok(wanted)
 }
 
 /// Get a job by id or name.
@@ -276,7 +390,7 @@ pub async fn get_job(
     PathParam(key): PathParam,
 ) -> Result<Response, ApiError> {
     let job = find(&ctx, &key).await?;
-    Ok(job_response(StatusCode::OK, &job))
+    job_response(&ctx, StatusCode::OK, &job).await
 }
 
 /// Reads `If-Match` as a job version.
@@ -344,7 +458,7 @@ pub async fn replace_job(
         })
         .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.replace", job = %job.id, name = %job.name(), version = job.version, changed = ?changed, "job replaced");
-    Ok(job_response(StatusCode::OK, &job))
+    job_response(&ctx, StatusCode::OK, &job).await
 }
 
 /// Delete a job and its run history; its live runs are cancelled.
@@ -397,7 +511,7 @@ pub async fn pause_job(
         .set_paused(job.id, true, note, ctx.services.clock.now())
         .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.pause", job = %job.id, name = %job.name(), note = job.pause_note.as_deref(), "job paused");
-    Ok(job_response(StatusCode::OK, &job))
+    job_response(&ctx, StatusCode::OK, &job).await
 }
 
 /// Resume a job: it fires again from now on (fires due while paused are
@@ -421,7 +535,7 @@ pub async fn resume_job(
         .set_paused(job.id, false, None, ctx.services.clock.now())
         .await?;
     tracing::info!(target: "audit", principal = %principal.name, action = "job.resume", job = %job.id, name = %job.name(), "job resumed");
-    Ok(job_response(StatusCode::OK, &job))
+    job_response(&ctx, StatusCode::OK, &job).await
 }
 
 /// Run a job now. The overlap policy applies unless `force=true`: the run

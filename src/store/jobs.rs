@@ -1,11 +1,13 @@
 //! The jobs: definitions, pause state and the schedule cursor.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
 use super::{Ack, Backend, Inner, JobFilter, JobKey, NewJob, Page, Replacement, StoreError, writer};
 use crate::job::{Job, JobId};
+use crate::standing::Standing;
 
 /// The jobs: definitions, pause state and the schedule cursor (`Store::jobs`).
 pub struct Jobs<'a> {
@@ -87,6 +89,13 @@ impl Jobs<'_> {
     /// The jobs with these ids (missing ones are left out).
     pub async fn get_many(&self, ids: &[JobId]) -> Result<Vec<Arc<Job>>, StoreError> {
         self.inner.reads.get_jobs(ids).await
+    }
+
+    /// The standing of the jobs with these ids (missing ones are left
+    /// out): their last run, last success and failure, and failure count,
+    /// kept on their rows as their runs end.
+    pub async fn standings(&self, ids: &[JobId]) -> Result<HashMap<JobId, Standing>, StoreError> {
+        self.inner.reads.standings(ids).await
     }
 
     /// Counts of jobs: (active, paused).

@@ -10,11 +10,12 @@ use sqlx::Row as _;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 
-use super::rows::{self, Columns, JOB_COLUMNS, RUN_COLUMNS, parse};
+use super::rows::{self, Columns, JOB_COLUMNS, RUN_COLUMNS, STANDING_COLUMNS, parse};
 use super::sql::Value;
 use super::{JobFilter, LastOutcomes, OutboxEntry, Page, RunFilter, StoreError};
 use crate::job::{Job, JobId, Timing};
 use crate::run::{Incarnation, Run, RunId, RunStatus};
+use crate::standing::Standing;
 
 /// The async read pool.
 #[derive(Clone)]
@@ -266,6 +267,19 @@ impl Pool {
             }
         }
         Ok(jobs)
+    }
+
+    pub async fn standings(&self, ids: &[JobId]) -> Result<HashMap<JobId, Standing>, StoreError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut q = Query::new(format!("SELECT {STANDING_COLUMNS} FROM jobs WHERE id IN "));
+            q.list(chunk.iter().map(ToString::to_string));
+            for row in self.all(q).await? {
+                let (id, standing) = rows::standing(&row)?;
+                found.insert(id, standing);
+            }
+        }
+        Ok(found)
     }
 
     pub async fn count_jobs(&self) -> Result<(u64, u64), StoreError> {

@@ -13,10 +13,16 @@ use super::StoreError;
 use crate::action::ActionPolicy;
 use crate::job::{Job, JobId, JobSpec, Source};
 use crate::run::{Incarnation, Run, RunId};
+use crate::standing::{LastRun, Standing};
 
 /// Columns selected for a job, in the order [`job`] reads them.
 pub const JOB_COLUMNS: &str =
     "id, spec, paused, pause_note, source, version, created_at, updated_at, cursor_at, runs_started";
+
+/// Columns selected for a job's standing, in the order [`standing`] reads
+/// them.
+pub const STANDING_COLUMNS: &str = "id, consecutive_failures, last_run_id, last_run_status, \
+     last_run_scheduled_at, last_run_ended_at, last_run_error, last_success_at, last_failure_at";
 
 /// Columns selected for a run, in the order [`run`] reads them.
 pub const RUN_COLUMNS: &str = "id, job_id, job_name, scheduled_at, scheduled_until, fires, status, \
@@ -130,6 +136,30 @@ pub fn job(row: &(impl Columns + ?Sized)) -> Result<Job, StoreError> {
         cursor_at: instant(row.int(8)?)?,
         runs_started: row.int(9)?.try_into().unwrap_or(0),
     })
+}
+
+/// Decodes a job's standing selected with [`STANDING_COLUMNS`].
+pub fn standing(row: &(impl Columns + ?Sized)) -> Result<(JobId, Standing), StoreError> {
+    let id = parse::<JobId>(&row.text(0)?, "job id")?;
+    let last_run = match row.opt_text(2)? {
+        Some(run) => Some(LastRun {
+            id: parse(&run, "last run id")?,
+            status: parse(&row.text(3)?, "last run status")?,
+            scheduled_at: instant(row.int(4)?)?,
+            ended_at: instant(row.int(5)?)?,
+            error: row.opt_text(6)?,
+        }),
+        None => None,
+    };
+    Ok((
+        id,
+        Standing {
+            last_run,
+            last_success_at: opt_instant(row.opt_int(7)?)?,
+            last_failure_at: opt_instant(row.opt_int(8)?)?,
+            consecutive_failures: u32::try_from(row.int(1)?).unwrap_or(u32::MAX),
+        },
+    ))
 }
 
 /// Decodes a job row into a shared job.
