@@ -12,6 +12,7 @@
 //! batch down with it.
 
 mod claims;
+mod endings;
 mod history;
 mod incarnations;
 mod jobs;
@@ -406,7 +407,7 @@ impl Writer {
                     // Consecutive successes end in one statement (order
                     // kept: only neighbours are grouped).
                     let mut group = vec![op];
-                    while group.len() < runs::FINISH_GROUP
+                    while group.len() < endings::FINISH_GROUP
                         && let Some(next) = ops.next_if(Op::is_success_finish)
                     {
                         group.push(next);
@@ -537,7 +538,7 @@ fn finish_successes(tx: &mut dyn Tx, group: Vec<Op>, outbox: bool) -> Vec<Pendin
             _ => None,
         })
         .collect();
-    let ended = runs::finish_successes(tx, finishes.iter().map(|(id, o, at, _)| (*id, o, *at)))
+    let ended = endings::finish_successes(tx, finishes.iter().map(|(id, o, at, _)| (*id, o, *at)))
         .unwrap_or_else(|e| {
             // The transaction is lost with it: each run's own statement
             // below then fails with the database's error.
@@ -548,7 +549,7 @@ fn finish_successes(tx: &mut dyn Tx, group: Vec<Op>, outbox: bool) -> Vec<Pendin
         .into_iter()
         .map(|(id, outcome, at, reply)| {
             if !ended.contains(&id) {
-                return pending(reply, runs::finish(tx, id, outcome, at, outbox, true));
+                return pending(reply, endings::finish(tx, id, outcome, at, outbox, true));
             }
             let recorded = if outbox {
                 outbox::record_run(tx, id, at).map(|()| ((), None))
