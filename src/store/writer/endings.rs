@@ -8,7 +8,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::runs::job_id;
-use super::{Applied, load_job};
+use super::{Applied, Op, Pending, Reply, RunOp, load_job, pending};
 use crate::run::{Outcome, RunId, RunStatus};
 use crate::store::Conflict;
 use crate::store::rows::{attempt_log_json, ms};
@@ -197,4 +197,43 @@ fn auto_pause(
         }
         _ => Ok(None),
     }
+}
+
+/// Ends a group of successful runs (shared database) in one statement;
+/// a run it did not end (already final, gone) takes the one-by-one path,
+/// which says why.
+pub(super) fn finish_group(tx: &mut dyn Tx, group: Vec<Op>, outbox: bool) -> Vec<Pending> {
+    let finishes: Vec<(RunId, Outcome, DateTime<Utc>, Reply<()>)> = group
+        .into_iter()
+        .filter_map(|op| match op {
+            Op::Runs(RunOp::Finish {
+                id,
+                outcome,
+                at,
+                reply,
+            }) => Some((id, outcome, at, reply)),
+            _ => None,
+        })
+        .collect();
+    let ended =
+        finish_successes(tx, finishes.iter().map(|(id, o, at, _)| (*id, o, *at))).unwrap_or_else(|e| {
+            // The transaction is lost with it: each run's own statement
+            // below then fails with the database's error.
+            tracing::error!(error = %e, runs = finishes.len(), "could not end a group of runs");
+            HashSet::new()
+        });
+    finishes
+        .into_iter()
+        .map(|(id, outcome, at, reply)| {
+            if !ended.contains(&id) {
+                return pending(reply, finish(tx, id, outcome, at, outbox, true));
+            }
+            let recorded = if outbox {
+                super::outbox::record_run(tx, id, at).map(|()| ((), None))
+            } else {
+                Ok(((), None))
+            };
+            pending(reply, recorded)
+        })
+        .collect()
 }

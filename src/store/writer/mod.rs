@@ -18,9 +18,9 @@ mod incarnations;
 mod jobs;
 mod lanes;
 mod outbox;
+mod pending;
 mod runs;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as queue;
@@ -35,13 +35,14 @@ pub use self::incarnations::IncarnationOp;
 pub use self::jobs::JobOp;
 use self::lanes::Lanes;
 pub use self::outbox::OutboxOp;
+use self::pending::{Applied, CommitError, Pending, pending, plain};
 pub use self::runs::RunOp;
 use super::fault::{StorageFault, Writability};
 use super::rows::ms;
 use super::sql::{Tx, first, values};
 use super::{JobChange, StoreError};
 use crate::job::{Job, JobId};
-use crate::run::{Outcome, RunId, RunStatus};
+use crate::run::RunStatus;
 use crate::store::Conflict;
 
 /// Most operations committed in one transaction. Small enough that the
@@ -78,9 +79,6 @@ pub enum Op {
     /// Write one row, to learn whether the database takes writes.
     Probe { at: DateTime<Utc>, reply: Reply<()> },
 }
-
-/// Replies and publishes once the commit is known (its error, if any).
-type Finish = Box<dyn FnOnce(Option<&CommitError>, &mpsc::UnboundedSender<JobChange>) + Send>;
 
 impl Op {
     /// Answers the operation with `e` without applying it.
@@ -121,68 +119,6 @@ impl Op {
                     | RunOp::RecordAttempt { .. }
             )
         )
-    }
-}
-
-/// What to do once the batch's commit is known: reply, publish changes.
-pub struct Pending {
-    finish: Finish,
-    /// The job whose change will be published (other replicas are told).
-    changed: Option<JobId>,
-    /// The operation failed in the database: on PostgreSQL the transaction
-    /// must go back to before it.
-    database_error: bool,
-    /// The database refused the operation for a fault of its own (not a
-    /// constraint of the data).
-    storage_fault: Option<(StorageFault, String)>,
-}
-
-/// What an operation produced: the caller's value and, once committed, the
-/// job change to publish.
-type Applied<T> = Result<(T, Option<JobChange>), StoreError>;
-
-fn pending<T: Send + 'static>(reply: Reply<T>, applied: Applied<T>) -> Pending {
-    let (result, change) = match applied {
-        Ok((value, change)) => (Ok(value), change),
-        Err(e) => (Err(e), None),
-    };
-    let changed = change.as_ref().and_then(|c| match c {
-        JobChange::Upserted(job) => Some(job.id),
-        JobChange::Removed(id) => Some(*id),
-        JobChange::Stale(_) | JobChange::Resync => None,
-    });
-    let database_error = matches!(result, Err(StoreError::Database(_)));
-    let storage_fault = match &result {
-        Err(e @ StoreError::Database(_)) => StorageFault::outage(e).map(|f| (f, e.to_string())),
-        _ => None,
-    };
-    let finish = Box::new(
-        move |commit_error: Option<&CommitError>, changes: &mpsc::UnboundedSender<JobChange>| {
-            match commit_error {
-                Some(e) => {
-                    let _ = reply.send(Err(StoreError::Unavailable {
-                        fault: e.fault,
-                        detail: e.detail.clone(),
-                    }));
-                }
-                None => {
-                    if result.is_ok()
-                        && let Some(change) = change
-                    {
-                        // The engine may be restarting; the change is then
-                        // covered by its reload from the store.
-                        let _ = changes.send(change);
-                    }
-                    let _ = reply.send(result);
-                }
-            }
-        },
-    );
-    Pending {
-        finish,
-        changed,
-        database_error,
-        storage_fault,
     }
 }
 
@@ -400,43 +336,7 @@ impl Writer {
             });
         }
         let mut ops = batch.drain(..).peekable();
-        let outcome = (|| {
-            self.conn.begin()?;
-            while let Some(op) = ops.next() {
-                if shared && op.is_success_finish() && ops.peek().is_some_and(Op::is_success_finish) {
-                    // Consecutive successes end in one statement (order
-                    // kept: only neighbours are grouped).
-                    let mut group = vec![op];
-                    while group.len() < endings::FINISH_GROUP
-                        && let Some(next) = ops.next_if(Op::is_success_finish)
-                    {
-                        group.push(next);
-                    }
-                    done.extend(finish_successes(&mut *self.conn, group, outbox));
-                    continue;
-                }
-                let pending = if shared && op.may_fail() {
-                    // One failed statement aborts a PostgreSQL transaction:
-                    // contain it to its own operation.
-                    self.conn.execute("SAVEPOINT batch_op", &[])?;
-                    let pending = apply(&mut *self.conn, op, outbox, true);
-                    let end = if pending.database_error {
-                        "ROLLBACK TO SAVEPOINT batch_op"
-                    } else {
-                        "RELEASE SAVEPOINT batch_op"
-                    };
-                    self.conn.execute(end, &[])?;
-                    pending
-                } else {
-                    apply(&mut *self.conn, op, outbox, shared)
-                };
-                done.push(pending);
-            }
-            if shared {
-                notify(&mut *self.conn, done.iter().filter_map(|p| p.changed))?;
-            }
-            self.conn.commit()
-        })();
+        let outcome = self.apply_all(&mut ops, &mut done, outbox, shared);
         let error = outcome.err().map(|e| {
             self.conn.rollback();
             CommitError {
@@ -478,6 +378,56 @@ impl Writer {
         failure.map(|f| f.fault)
     }
 
+    /// Begins, applies every operation of the batch in order, and commits.
+    /// An error leaves the rest of `ops` unapplied.
+    fn apply_all(
+        &mut self,
+        ops: &mut std::iter::Peekable<std::vec::Drain<'_, Op>>,
+        done: &mut Vec<Pending>,
+        outbox: bool,
+        shared: bool,
+    ) -> Result<(), StoreError> {
+        self.conn.begin()?;
+        while let Some(op) = ops.next() {
+            if shared && op.is_success_finish() && ops.peek().is_some_and(Op::is_success_finish) {
+                // Consecutive successes end in one statement (order kept:
+                // only neighbours are grouped).
+                let mut group = vec![op];
+                while group.len() < endings::FINISH_GROUP
+                    && let Some(next) = ops.next_if(Op::is_success_finish)
+                {
+                    group.push(next);
+                }
+                done.extend(endings::finish_group(&mut *self.conn, group, outbox));
+                continue;
+            }
+            let pending = if shared && op.may_fail() {
+                self.apply_contained(op, outbox)?
+            } else {
+                apply(&mut *self.conn, op, outbox, shared)
+            };
+            done.push(pending);
+        }
+        if shared {
+            notify(&mut *self.conn, done.iter().filter_map(|p| p.changed))?;
+        }
+        self.conn.commit()
+    }
+
+    /// Applies `op` in a savepoint: one failed statement aborts a
+    /// PostgreSQL transaction, so its failure is contained to it.
+    fn apply_contained(&mut self, op: Op, outbox: bool) -> Result<Pending, StoreError> {
+        self.conn.execute("SAVEPOINT batch_op", &[])?;
+        let pending = apply(&mut *self.conn, op, outbox, true);
+        let end = if pending.database_error {
+            "ROLLBACK TO SAVEPOINT batch_op"
+        } else {
+            "RELEASE SAVEPOINT batch_op"
+        };
+        self.conn.execute(end, &[])?;
+        Ok(pending)
+    }
+
     /// Logs and publishes a change of writability: one line when writes
     /// start failing, one when they work again, not one per write.
     fn observe(&self, failure: Option<&CommitError>, ops: usize, metrics: &crate::metrics::Metrics) {
@@ -500,13 +450,6 @@ impl Writer {
     }
 }
 
-/// Why a group commit failed.
-#[derive(Debug, Clone)]
-pub struct CommitError {
-    fault: StorageFault,
-    detail: String,
-}
-
 /// Checkpoints the WAL every [`CHECKPOINT_EVERY`] (passive: never waits
 /// for readers or the writer) until `stop` disconnects.
 fn checkpoint(conn: Connection, stop: queue::Receiver<()>) {
@@ -520,49 +463,6 @@ fn checkpoint(conn: Connection, stop: queue::Receiver<()>) {
 fn upserted(job: Arc<Job>) -> (Arc<Job>, Option<JobChange>) {
     let change = JobChange::Upserted(job.clone());
     (job, Some(change))
-}
-
-/// Ends a group of successful runs (shared database) in one statement;
-/// a run it did not end (already final, gone) takes the one-by-one path,
-/// which says why.
-fn finish_successes(tx: &mut dyn Tx, group: Vec<Op>, outbox: bool) -> Vec<Pending> {
-    let finishes: Vec<(RunId, Outcome, DateTime<Utc>, Reply<()>)> = group
-        .into_iter()
-        .filter_map(|op| match op {
-            Op::Runs(RunOp::Finish {
-                id,
-                outcome,
-                at,
-                reply,
-            }) => Some((id, outcome, at, reply)),
-            _ => None,
-        })
-        .collect();
-    let ended = endings::finish_successes(tx, finishes.iter().map(|(id, o, at, _)| (*id, o, *at)))
-        .unwrap_or_else(|e| {
-            // The transaction is lost with it: each run's own statement
-            // below then fails with the database's error.
-            tracing::error!(error = %e, runs = finishes.len(), "could not end a group of runs");
-            HashSet::new()
-        });
-    finishes
-        .into_iter()
-        .map(|(id, outcome, at, reply)| {
-            if !ended.contains(&id) {
-                return pending(reply, endings::finish(tx, id, outcome, at, outbox, true));
-            }
-            let recorded = if outbox {
-                outbox::record_run(tx, id, at).map(|()| ((), None))
-            } else {
-                Ok(((), None))
-            };
-            pending(reply, recorded)
-        })
-        .collect()
-}
-
-fn plain<T>(result: Result<T, StoreError>) -> Applied<T> {
-    result.map(|v| (v, None))
 }
 
 /// The channel on which replicas announce job changes (`docs/scaling.md`).
