@@ -5,97 +5,24 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::auth::{Principal, Scope};
 use super::error::{ApiError, Problem};
 use super::extract::{JsonBody, MaybeJson, Params, PathParam};
-use super::probes::HealthCounts;
-use super::redaction::{check_reference_scope, redact, unredact};
+pub use super::job_view::{JobPage, JobView};
+use super::job_view::{health_filter, job_response, list};
+use super::redaction::{check_reference_scope, unredact};
 use super::{ApiContext, PageParams};
 use crate::action::ActionSpec;
 use crate::job::{Job, JobDefinition, JobId, JobSpec, Source, check_note};
 use crate::run::Run;
-use crate::standing::{JobHealth, LastRun, Standing};
+use crate::standing::JobHealth;
 use crate::store::{JobFilter, JobKey, NewJob, Replacement};
 use crate::validation::{FieldError, FieldErrors};
-
-/// A job as the API shows it.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct JobView {
-    /// Identity (UUID v7).
-    pub id: JobId,
-    /// Unique name (also in `spec`).
-    pub name: String,
-    /// Bumped on every change; sent as the `ETag`, expected in `If-Match`.
-    pub version: i64,
-    /// Who owns the definition.
-    pub source: Source,
-    /// Whether fires are suspended.
-    pub paused: bool,
-    /// Why it was paused.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pause_note: Option<String>,
-    /// The next scheduled fire (absent when paused or finished).
-    pub next_fire_at: Option<DateTime<Utc>>,
-    /// Creation time.
-    pub created_at: DateTime<Utc>,
-    /// Last change.
-    pub updated_at: DateTime<Utc>,
-    /// The definition; `PUT` accepts it back unchanged.
-    pub spec: JobSpec,
-    /// The job at a glance (`docs/observability.md`, "Job health"): the first
-    /// of `paused`, `late`, `failing`, `finished`, `pending`, `ok` that
-    /// applies.
-    pub health: JobHealth,
-    /// The last run that ended (absent before the first).
-    pub last_run: Option<LastRun>,
-    /// When a run last succeeded.
-    pub last_success_at: Option<DateTime<Utc>>,
-    /// When a run last failed or timed out.
-    pub last_failure_at: Option<DateTime<Utc>>,
-    /// Runs that failed or timed out since the last success.
-    pub consecutive_failures: u32,
-}
-
-impl JobView {
-    fn new(job: &Job, standing: Standing, now: DateTime<Utc>) -> Self {
-        let health = standing.health(job, now);
-        let mut spec = job.def.spec.clone();
-        spec.paused = Some(job.paused);
-        redact(&mut spec);
-        Self {
-            id: job.id,
-            name: job.name().to_owned(),
-            version: job.version,
-            source: job.source,
-            paused: job.paused,
-            pause_note: job.pause_note.clone(),
-            next_fire_at: job.next_fire(),
-            created_at: job.created_at,
-            updated_at: job.updated_at,
-            spec,
-            health,
-            last_run: standing.last_run,
-            last_success_at: standing.last_success_at,
-            last_failure_at: standing.last_failure_at,
-            consecutive_failures: standing.consecutive_failures,
-        }
-    }
-}
-
-/// A page of jobs.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct JobPage {
-    /// Jobs in creation order.
-    pub items: Vec<JobView>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
-    pub next_cursor: Option<String>,
-}
 
 /// Body of `pause`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -134,40 +61,6 @@ fn changed_fields(old: &JobSpec, new: &JobSpec) -> Vec<String> {
     keys.sort();
     keys.dedup();
     keys
-}
-
-/// The views of `jobs`, with their standing as stored now.
-async fn views(ctx: &ApiContext, jobs: &[Job]) -> Result<Vec<JobView>, ApiError> {
-    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
-    let mut standings = ctx.services.store.jobs().standings(&ids).await?;
-    let now = ctx.services.clock.now();
-    Ok(jobs
-        .iter()
-        .map(|job| JobView::new(job, standings.remove(&job.id).unwrap_or_default(), now))
-        .collect())
-}
-
-/// A job response with its `ETag`.
-async fn job_response(ctx: &ApiContext, status: StatusCode, job: &Job) -> Result<Response, ApiError> {
-    let standing = ctx
-        .services
-        .store
-        .jobs()
-        .standings(&[job.id])
-        .await?
-        .remove(&job.id)
-        .unwrap_or_default();
-    let view = JobView::new(job, standing, ctx.services.clock.now());
-    let mut response = (status, Json(view)).into_response();
-    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", job.version)) {
-        response.headers_mut().insert(header::ETAG, etag);
-    }
-    if status == StatusCode::CREATED
-        && let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id))
-    {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    Ok(response)
 }
 
 /// Validates a spec against the server's settings and the current time.
@@ -294,88 +187,9 @@ pub async fn list_jobs(
         source,
     };
     let page = PageParams::<JobId>::parse(&params)?;
-    if health.is_empty() {
-        let found = ctx
-            .services
-            .store
-            .jobs()
-            .list(&filter, page.cursor, page.limit)
-            .await?;
-        return Ok(Json(JobPage {
-            items: views(&ctx, &found.items).await?,
-            next_cursor: found.next,
-        }));
-    }
-    let limit = page.limit as usize;
-    let mut items = Vec::with_capacity(limit + 1);
-    let mut cursor = page.cursor;
-    // Health is judged against "now", so it is filtered here, a chunk of
-    // stored jobs at a time, until the page is full or the jobs run out.
-    loop {
-        let found = ctx
-            .services
-            .store
-            .jobs()
-            .list(&filter, cursor, HEALTH_SCAN_CHUNK)
-            .await?;
-        let more = found.next.is_some();
-        cursor = found.items.last().map(|j| j.id);
-        let mut matching = views(&ctx, &found.items).await?;
-        matching.retain(|v| health.contains(&v.health));
-        items.extend(matching);
-        if items.len() > limit || !more {
-            break;
-        }
-    }
-    let next_cursor = (items.len() > limit).then(|| {
-        items.truncate(limit);
-        items.last().map(|v| v.id.to_string())
-    });
-    Ok(Json(JobPage {
-        items,
-        next_cursor: next_cursor.flatten(),
-    }))
-}
-
-/// Every job counted by health, a chunk of stored jobs at a time.
-pub(super) async fn health_counts(ctx: &ApiContext) -> Result<HealthCounts, ApiError> {
-    let mut counts = HealthCounts::default();
-    let mut cursor = None;
-    loop {
-        let found = ctx
-            .services
-            .store
-            .jobs()
-            .list(&JobFilter::default(), cursor, HEALTH_SCAN_CHUNK)
-            .await?;
-        cursor = found.items.last().map(|j| j.id);
-        for view in views(ctx, &found.items).await? {
-            counts.add(view.health);
-        }
-        if found.next.is_none() {
-            return Ok(counts);
-        }
-    }
-}
-
-/// Stored jobs read at once while filtering on health.
-const HEALTH_SCAN_CHUNK: u32 = 500;
-
-/// `health=failing,late` (repeatable); empty when absent.
-fn health_filter(params: &Params) -> Result<Vec<JobHealth>, ApiError> {
-    let mut wanted = Vec::new();
-    for list in params.all("health") {
-        for word in list.split(',') {
-            let h = word.parse::<JobHealth>().map_err(|detail| ApiError::BadQuery {
-                name: "health".into(),
-                detail,
-            })?;
-            if !wanted.contains(&h) {
-                wanted.push(h);
-            }
-        }
-    }
-    Ok(wanted)
+    list(&ctx, &filter, &health, page.cursor, page.limit)
+        .await
+        .map(Json)
 }
 
 /// Get a job by id or name.

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod job_view;
 pub mod jobs;
 pub mod malformed;
 pub mod openapi;

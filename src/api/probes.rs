@@ -410,7 +410,7 @@ pub async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<Status>, 
         jobs: JobCounts {
             active,
             paused,
-            health: super::jobs::health_counts(&ctx).await?,
+            health: super::job_view::health_counts(&ctx).await?,
         },
         orphans: OrphanCounts {
             current: orphans.current.len(),
