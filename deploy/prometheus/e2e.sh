@@ -6,7 +6,7 @@
 #  3. Prometheus scrapes it every second with deploy/prometheus/alerts.yml;
 #  4. the engine loop is made to hang; the CronguardLoopStale expression
 #     must return the engine's series and the alert must become active;
-#     so must CronguardJobOverdue for the monitored job (its `for` cut to
+#     so must CronguardJobLate for the monitored job (its `for` cut to
 #     0s in a copy of the rules), its labels naming the cronguard job
 #     (`job_name`) beside the scrape job (`job`);
 #  5. three more instances talk to misbehaving control backends
@@ -70,12 +70,12 @@ curl -sf "$base/metrics" | promtool check metrics
 echo "ok"
 
 echo "== Prometheus scrapes cronguard"
-# The shipped rules, with CronguardJobOverdue's two-minute hold cut to 0s.
+# The shipped rules, with CronguardJobLate's two-minute hold cut to 0s.
 python3 - "$here/alerts.yml" "$work/alerts.yml" <<'PY'
 import re, sys
 rules = open(sys.argv[1]).read()
-cut, n = re.subn(r"(alert: CronguardJobOverdue\n\s+expr: .+\n\s+for: )2m", r"\g<1>0s", rules)
-assert n == 1, "CronguardJobOverdue with for: 2m not found"
+cut, n = re.subn(r"(alert: CronguardJobLate\n\s+expr: .+\n\s+for: )2m", r"\g<1>0s", rules)
+assert n == 1, "CronguardJobLate with for: 2m not found"
 open(sys.argv[2], "w").write(cut)
 PY
 prom_port=$(free_port)
@@ -121,16 +121,16 @@ overdue_labels() {
   curl -sf "$prom/api/v1/alerts" | python3 -c '
 import json, sys
 for a in json.load(sys.stdin)["data"]["alerts"]:
-    if a["labels"]["alertname"] == "CronguardJobOverdue":
+    if a["labels"]["alertname"] == "CronguardJobLate":
         l = a["labels"]
         print(l.get("job_name"), l.get("job"), "exported_job" in l, a["annotations"]["summary"])
 '
 }
 wait_for '[ -n "$(overdue_labels)" ]' 60
 labels=$(overdue_labels)
-echo "CronguardJobOverdue: $labels"
+echo "CronguardJobLate: $labels"
 [ "$labels" = "tick cronguard False cronguard job tick is overdue on 127.0.0.1:$port" ] \
-  || { echo "CronguardJobOverdue does not name the cronguard job: $labels" >&2; exit 1; }
+  || { echo "CronguardJobLate does not name the cronguard job: $labels" >&2; exit 1; }
 curl -s "$base/livez" || true
 echo
 

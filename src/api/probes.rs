@@ -218,6 +218,18 @@ pub async fn metrics(State(ctx): State<Arc<ApiContext>>) -> Result<Response, Api
     if let Some(contact) = &ctx.backend {
         contact.observe(ctx.services.clock.now());
     }
+    // Health is judged on read ("late" needs no loop to notice it), so
+    // the counts are too.
+    if let Ok(h) = super::job_view::health_counts(&ctx).await {
+        ctx.services.metrics.set_jobs_by_health(&[
+            ("ok", h.ok),
+            ("failing", h.failing),
+            ("late", h.late),
+            ("paused", h.paused),
+            ("pending", h.pending),
+            ("finished", h.finished),
+        ]);
+    }
     if let Some(size) = ctx.services.store.size_bytes().await {
         ctx.services.metrics.set_database_size(size);
     }

@@ -196,7 +196,7 @@ impl Engine {
         Ok(())
     }
 
-    /// Restores the last success and failure of monitored jobs.
+    /// Restores the per-job series of monitored jobs from their standing.
     async fn restore_monitored(&self, timings: &[Timing]) -> Result<(), StoreError> {
         let monitored: Vec<(JobId, &Arc<str>)> = timings
             .iter()
@@ -206,15 +206,15 @@ impl Engine {
             return Ok(());
         }
         let ids: Vec<JobId> = monitored.iter().map(|(id, _)| *id).collect();
-        let outcomes = self.ctx.services.store.runs().last_outcomes(&ids).await?;
+        let standings = self.ctx.services.store.jobs().standings(&ids).await?;
         for (id, name) in monitored {
-            if let Some((success, failure)) = outcomes.get(&id) {
-                if let Some(at) = success {
-                    self.ctx.services.metrics.per_job.outcome(name, true, *at);
-                }
-                if let Some(at) = failure {
-                    self.ctx.services.metrics.per_job.outcome(name, false, *at);
-                }
+            if let Some(s) = standings.get(&id) {
+                self.ctx.services.metrics.per_job.restore(
+                    name,
+                    s.last_success_at,
+                    s.last_failure_at,
+                    s.consecutive_failures,
+                );
             }
         }
         Ok(())

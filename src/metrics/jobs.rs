@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
-use prometheus::{GaugeVec, Registry};
+use prometheus::{GaugeVec, IntGaugeVec, Registry};
 
-use super::declare::{gauge_vec, unix_seconds};
+use super::declare::{gauge_vec, int_gauge_vec, unix_seconds};
 
 /// The per-job series, labelled `job_name`: not `job`, which Prometheus
 /// sets to the scrape job at scrape time (the series would arrive as
@@ -17,6 +17,7 @@ pub struct JobSeries {
     last_success: GaugeVec,
     last_failure: GaugeVec,
     expected_by: GaugeVec,
+    consecutive_failures: IntGaugeVec,
     /// Jobs whose "expected by" is held back while their fires go
     /// unrecorded: the held instant, and the engine's latest value.
     holds: Mutex<HashMap<String, (f64, Option<f64>)>>,
@@ -44,8 +45,34 @@ impl JobSeries {
                      without the value moving on, the job is overdue.",
                 &["job_name"],
             ),
+            consecutive_failures: int_gauge_vec(
+                r,
+                "job_consecutive_failures",
+                "For jobs with `monitor: true`: runs that failed or timed out since the last success.",
+                &["job_name"],
+            ),
             holds: Mutex::default(),
         }
+    }
+
+    /// A monitored job's standing as stored, at startup: its last success
+    /// and failure and its current streak of failures.
+    pub fn restore(
+        &self,
+        job: &str,
+        last_success: Option<DateTime<Utc>>,
+        last_failure: Option<DateTime<Utc>>,
+        failures: u32,
+    ) {
+        if let Some(at) = last_success {
+            self.last_success.with_label_values(&[job]).set(unix_seconds(at));
+        }
+        if let Some(at) = last_failure {
+            self.last_failure.with_label_values(&[job]).set(unix_seconds(at));
+        }
+        self.consecutive_failures
+            .with_label_values(&[job])
+            .set(i64::from(failures));
     }
 
     /// A monitored job's run ended (`ok`: succeeded).
@@ -56,6 +83,12 @@ impl JobSeries {
             &self.last_failure
         };
         family.with_label_values(&[job]).set(unix_seconds(at));
+        let failures = self.consecutive_failures.with_label_values(&[job]);
+        if ok {
+            failures.set(0);
+        } else {
+            failures.inc();
+        }
     }
 
     /// A monitored job's next deadline (the engine's plan). While the job
@@ -134,12 +167,32 @@ impl JobSeries {
         for family in [&self.last_success, &self.last_failure, &self.expected_by] {
             let _ = family.remove_label_values(&[job]);
         }
+        let _ = self.consecutive_failures.remove_label_values(&[job]);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_count_up_until_a_success() {
+        let m = JobSeries::new(&Registry::new());
+        let t = DateTime::<Utc>::UNIX_EPOCH;
+        let failures = |m: &JobSeries| m.consecutive_failures.with_label_values(&["j"]).get();
+        m.restore("j", None, Some(t), 2);
+        assert_eq!(failures(&m), 2);
+        m.outcome("j", false, t);
+        assert_eq!(failures(&m), 3);
+        m.outcome("j", true, t);
+        assert_eq!(failures(&m), 0);
+        m.forget("j");
+        assert!(
+            m.consecutive_failures
+                .get_metric_with_label_values(&["j"])
+                .is_ok_and(|g| g.get() == 0)
+        );
+    }
 
     #[test]
     fn a_held_expected_by_stays_until_released_then_follows_the_plan() {

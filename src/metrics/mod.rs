@@ -39,6 +39,7 @@ pub struct Metrics {
     run_duration: Histogram,
     // Jobs.
     jobs: IntGaugeVec,
+    jobs_by_health: IntGaugeVec,
     next_fire: Gauge,
     /// The per-job series of monitored jobs.
     pub per_job: JobSeries,
@@ -144,6 +145,12 @@ impl Metrics {
                 "jobs",
                 "Registered jobs by state (active, paused).",
                 &["state"],
+            ),
+            jobs_by_health: int_gauge_vec(
+                r,
+                "jobs_by_health",
+                "Every job by health (paused, late, failing, finished, pending, ok), counted when scraped.",
+                &["health"],
             ),
             next_fire: gauge(
                 r,
@@ -320,6 +327,15 @@ impl Metrics {
     pub fn set_jobs(&self, active: usize, paused: usize) {
         self.jobs.with_label_values(&["active"]).set(active as i64);
         self.jobs.with_label_values(&["paused"]).set(paused as i64);
+    }
+
+    /// Jobs counted by health value.
+    pub fn set_jobs_by_health(&self, counts: &[(&str, u64)]) {
+        for (health, n) in counts {
+            self.jobs_by_health
+                .with_label_values(&[health])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
 
     /// The soonest pending fire.

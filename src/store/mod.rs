@@ -144,9 +144,6 @@ pub struct OutboxEntry {
     pub payload: String,
 }
 
-/// When a job last succeeded and last failed.
-pub type LastOutcomes = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
-
 /// A page of results and the cursor for the next one.
 #[derive(Debug, Clone)]
 pub struct Page<T> {

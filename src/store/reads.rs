@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqlitePool, SqliteRow};
 
 use super::rows::{self, Columns, JOB_COLUMNS, RUN_COLUMNS, STANDING_COLUMNS, parse};
 use super::sql::Value;
-use super::{JobFilter, LastOutcomes, OutboxEntry, Page, RunFilter, StoreError};
+use super::{JobFilter, OutboxEntry, Page, RunFilter, StoreError};
 use crate::job::{Job, JobId, Timing};
 use crate::run::{Incarnation, Run, RunId, RunStatus};
 use crate::standing::Standing;
@@ -341,25 +341,6 @@ impl Pool {
                     .parse()
                     .map_err(|e| StoreError::corrupt("runs.status", e))?;
                 out.insert(parse(&row.text(0)?, "run id")?, status);
-            }
-        }
-        Ok(out)
-    }
-
-    pub async fn last_outcomes(&self, jobs: &[JobId]) -> Result<HashMap<JobId, LastOutcomes>, StoreError> {
-        let mut out = HashMap::with_capacity(jobs.len());
-        for chunk in jobs.chunks(500) {
-            let mut q = Query::new(
-                "SELECT job_id, MAX(CASE WHEN status = 'succeeded' THEN ended_at END), \
-                 MAX(CASE WHEN status IN ('failed', 'timed_out') THEN ended_at END) \
-                 FROM runs WHERE job_id IN ",
-            );
-            q.list(chunk.iter().map(ToString::to_string))
-                .push(" GROUP BY job_id");
-            for row in self.all(q).await? {
-                let success = row.opt_int(1)?.map(rows::instant).transpose()?;
-                let failure = row.opt_int(2)?.map(rows::instant).transpose()?;
-                out.insert(parse(&row.text(0)?, "job id")?, (success, failure));
             }
         }
         Ok(out)

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Ack, Backend, Inner, LastOutcomes, Page, RunFilter, StoreError, writer};
+use super::{Ack, Backend, Inner, Page, RunFilter, StoreError, writer};
 use crate::job::JobId;
 use crate::run::{Incarnation, Outcome, Run, RunId, RunStatus};
 
@@ -120,15 +120,6 @@ impl Runs<'_> {
         ids: &[RunId],
     ) -> Result<std::collections::HashMap<RunId, RunStatus>, StoreError> {
         self.inner.reads.run_statuses(ids).await
-    }
-
-    /// For each job: the end of its last successful run and of its last
-    /// failed or timed-out run.
-    pub async fn last_outcomes(
-        &self,
-        jobs: &[JobId],
-    ) -> Result<std::collections::HashMap<JobId, LastOutcomes>, StoreError> {
-        self.inner.reads.last_outcomes(jobs).await
     }
 
     /// One run.

@@ -165,7 +165,7 @@ async fn scheduled_fires_feed_lateness_and_monitored_jobs_get_their_own_series()
         "{expected_by} vs {next}"
     );
     assert!(
-        !m.contains(r#"job="unwatched""#),
+        !m.contains(r#"job_name="unwatched""#),
         "unmonitored jobs have no per-job series"
     );
     assert!(sample(&m, "cronguard_next_fire_timestamp_seconds").unwrap() > next);
@@ -326,4 +326,52 @@ async fn every_exported_or_referenced_metric_is_documented() {
             "{file} uses undocumented metrics: {unknown:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_monitored_jobs_failure_streak_is_a_series_that_survives_a_restart() {
+    let app = TestApp::spawn().await;
+    let failing = json!({"kind": "test", "fail_attempts": 99});
+    app.create(json!({"name": "flaky", "monitor": true, "schedule": yearly(), "action": failing}))
+        .await;
+    app.create(json!({"name": "quiet", "schedule": yearly(), "action": {"kind": "test"}}))
+        .await;
+    for _ in 0..2 {
+        let run = app.trigger("flaky").await;
+        app.final_run(run.id).await;
+    }
+    let streak = r#"cronguard_job_consecutive_failures{job_name="flaky"}"#;
+    let m = app.metrics().await;
+    assert_eq!(sample(&m, streak), Some(2.0), "{m}");
+    assert_eq!(sample(&m, r#"cronguard_jobs_by_health{health="failing"}"#), Some(1.0));
+    assert_eq!(sample(&m, r#"cronguard_jobs_by_health{health="pending"}"#), Some(1.0));
+    assert_eq!(sample(&m, r#"cronguard_jobs_by_health{health="ok"}"#), Some(0.0));
+    assert!(!m.contains(r#"job_name="quiet""#), "unmonitored jobs have no per-job series");
+
+    // Restarted, the streak is read back from the job's standing.
+    let dir = app.dir.clone();
+    app.stop().await;
+    let app = TestApp::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    })
+    .await;
+    let restored = eventually("the streak restored", || async {
+        sample(&app.metrics().await, streak).filter(|n| *n == 2.0)
+    })
+    .await;
+    assert_eq!(restored, 2.0);
+
+    // A success ends it.
+    let (_, job) = app.get("/v1/jobs/flaky").await;
+    let mut spec = job["spec"].clone();
+    spec["action"] = json!({"kind": "test"});
+    let put = app.client.put(app.url("/v1/jobs/flaky")).json(&spec).send().await.unwrap();
+    assert_eq!(put.status(), 200);
+    let run = app.trigger("flaky").await;
+    app.final_run(run.id).await;
+    let m = app.metrics().await;
+    assert_eq!(sample(&m, streak), Some(0.0), "{m}");
+    assert_eq!(sample(&m, r#"cronguard_jobs_by_health{health="ok"}"#), Some(1.0));
+    app.stop().await;
 }
