@@ -14,6 +14,7 @@ pub mod config;
 pub mod contact;
 pub mod metrics;
 pub mod pull;
+mod rejections;
 pub mod upload;
 
 pub use self::config::{BackendConfig, Secret};

@@ -10,9 +10,9 @@
 //!   to the backend on the next upload) and the rest still apply; if a job
 //!   of that name already exists, it keeps its last good definition;
 //! - rejections are reported in a bounded size whatever the list's: the
-//!   first [`MAX_DETAILED`] with their reasons, all of them counted by
-//!   reason, in one commit — and only when the set of rejected items
-//!   changed since the last report;
+//!   first 100 with their reasons, all of them counted by reason, in one
+//!   commit — and only when the set of rejected items changed since the
+//!   last report (`rejections.rs`);
 //! - the loop beats while it decodes and validates, so a huge list is slow
 //!   work, not a hung loop;
 //! - an unchanged item causes no write; a changed one is a replace (same
@@ -23,16 +23,18 @@
 //!   or partial apply is retried in full at the next pull.
 
 use futures_util::future::BoxFuture;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{BackendClient, Pulled};
 use super::contact::{Contact, Direction};
 use super::metrics::SyncMetrics;
+use super::rejections::Rejections;
 use crate::action::ActionPolicy;
 use crate::fault::Faults;
 use crate::health::Heartbeat;
@@ -51,12 +53,6 @@ const CHUNK: usize = 256;
 const MAX_RETRY: Duration = Duration::from_secs(10);
 /// Items decoded and validated between heartbeats.
 const ITEMS_PER_BEAT: usize = 1024;
-/// Rejections of one list reported with their reasons; the rest are
-/// counted in the list's summary.
-pub const MAX_DETAILED: usize = 100;
-/// Distinct reasons counted in a summary; the rest count as `other`.
-const MAX_REASONS: usize = 32;
-
 /// The sync loop and what it needs.
 pub struct Puller {
     /// The backend.
@@ -85,45 +81,6 @@ pub struct PullState {
     reported: Option<[u8; 32]>,
 }
 
-/// The rejections of one list: the first [`MAX_DETAILED`] in full, every
-/// one counted by reason and folded into a digest of the whole set.
-struct Rejections {
-    detailed: Vec<(String, Vec<FieldError>)>,
-    total: u64,
-    by_reason: BTreeMap<String, u64>,
-    digest: sha2::Sha256,
-}
-
-impl Rejections {
-    fn new() -> Self {
-        Self {
-            detailed: Vec::new(),
-            total: 0,
-            by_reason: BTreeMap::new(),
-            digest: sha2::Digest::new(),
-        }
-    }
-
-    fn push(&mut self, label: String, item: &RawValue, errors: Vec<FieldError>) {
-        use sha2::Digest;
-        self.total += 1;
-        let mut reason = errors.first().map_or_else(String::new, |e| e.pointer.clone());
-        if self.by_reason.len() >= MAX_REASONS && !self.by_reason.contains_key(&reason) {
-            reason = "other".into();
-        }
-        *self.by_reason.entry(reason).or_default() += 1;
-        self.digest.update(label.as_bytes());
-        self.digest.update(item.get().as_bytes());
-        for e in &errors {
-            self.digest.update(e.pointer.as_bytes());
-            self.digest.update(e.detail.as_bytes());
-        }
-        if self.detailed.len() < MAX_DETAILED {
-            self.detailed.push((label, errors));
-        }
-    }
-}
-
 /// What one reconciliation did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -137,6 +94,17 @@ pub struct Applied {
     pub rejected: u64,
     /// Some write lost a race with the local API: retry at the next pull.
     pub retry: bool,
+}
+
+/// The backend's list as read, and what it is reconciled against.
+struct Listed<'a> {
+    items: Vec<Box<RawValue>>,
+    /// Each item's name, if it has one.
+    names: Vec<Option<String>>,
+    /// The stored jobs by name.
+    existing: &'a HashMap<String, Arc<Job>>,
+    /// Jobs that may still be created under `--max-jobs`.
+    room: Option<u64>,
 }
 
 enum Write {
@@ -235,8 +203,6 @@ impl Puller {
             .map(|j| (j.name().to_owned(), j))
             .collect();
         let mut applied = Applied::default();
-        let mut rejections = Rejections::new();
-
         // The names the list holds: what is not among them is deleted.
         let mut names = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
@@ -246,12 +212,50 @@ impl Puller {
             }
             names.push(item_name(item));
         }
-        let listed: HashSet<&str> = names.iter().flatten().map(String::as_str).collect();
-        let deletes: Vec<&Arc<Job>> = existing
-            .values()
-            .filter(|j| j.source == Source::Backend && !listed.contains(j.name()))
-            .collect();
-        for chunk in deletes.chunks(CHUNK) {
+        {
+            let listed: HashSet<&str> = names.iter().flatten().map(String::as_str).collect();
+            let unlisted: Vec<&Arc<Job>> = existing
+                .values()
+                .filter(|j| j.source == Source::Backend && !listed.contains(j.name()))
+                .collect();
+            self.delete(&unlisted, now, &mut applied, heartbeat).await?;
+        }
+        let room = self
+            .max_jobs
+            .map(|max| max.saturating_sub(existing.len() as u64 - applied.deleted));
+        let listed = Listed {
+            items,
+            names,
+            existing: &existing,
+            room,
+        };
+        let rejections = self.write_listed(listed, now, &mut applied, heartbeat).await?;
+        applied.rejected = rejections.total;
+        self.report(rejections, state, now).await?;
+        self.counters.applied("created", applied.created);
+        self.counters.applied("updated", applied.updated);
+        self.counters.applied("deleted", applied.deleted);
+        if applied.created + applied.updated + applied.deleted + applied.rejected > 0 {
+            tracing::info!(
+                created = applied.created,
+                updated = applied.updated,
+                deleted = applied.deleted,
+                rejected = applied.rejected,
+                "backend jobs reconciled"
+            );
+        }
+        Ok(applied)
+    }
+
+    /// Deletes the backend's jobs its list no longer holds.
+    async fn delete(
+        &self,
+        unlisted: &[&Arc<Job>],
+        now: DateTime<Utc>,
+        applied: &mut Applied,
+        heartbeat: &Heartbeat,
+    ) -> Result<(), StoreError> {
+        for chunk in unlisted.chunks(CHUNK) {
             let acks: Vec<_> = chunk
                 .iter()
                 .map(|j| self.services.store.jobs().delete(j.id, now))
@@ -268,10 +272,25 @@ impl Puller {
             }
             heartbeat.beat();
         }
-        let mut room = self
-            .max_jobs
-            .map(|max| max.saturating_sub(existing.len() as u64 - applied.deleted));
+        Ok(())
+    }
 
+    /// Creates or replaces every listed job that changed, in chunks that
+    /// share group commits; returns what it rejected.
+    async fn write_listed(
+        &self,
+        listed: Listed<'_>,
+        now: DateTime<Utc>,
+        applied: &mut Applied,
+        heartbeat: &Heartbeat,
+    ) -> Result<Rejections, StoreError> {
+        let Listed {
+            items,
+            names,
+            existing,
+            mut room,
+        } = listed;
+        let mut rejections = Rejections::new();
         let mut named: HashSet<String> = HashSet::new();
         let mut chunk = Vec::with_capacity(CHUNK);
         for (index, (item, name)) in items.into_iter().zip(names).enumerate() {
@@ -283,7 +302,7 @@ impl Puller {
                 .clone()
                 .filter(|n| check_name(n).is_ok())
                 .unwrap_or_else(|| format!("#{index}"));
-            match self.plan_item(&item, name, &existing, &mut named, now) {
+            match self.plan_item(&item, name, existing, &mut named, now) {
                 Ok(None) => {}
                 Ok(Some(write)) => {
                     if let (Write::Create(_), Some(room)) = (&write, &mut room) {
@@ -299,7 +318,7 @@ impl Puller {
                     }
                     chunk.push((label, item, write));
                     if chunk.len() == CHUNK {
-                        self.write_chunk(std::mem::take(&mut chunk), &mut applied, &mut rejections)
+                        self.write_chunk(std::mem::take(&mut chunk), applied, &mut rejections)
                             .await?;
                         heartbeat.beat();
                     }
@@ -307,9 +326,18 @@ impl Puller {
                 Err(errors) => rejections.push(label, &item, errors),
             }
         }
-        self.write_chunk(chunk, &mut applied, &mut rejections).await?;
+        self.write_chunk(chunk, applied, &mut rejections).await?;
+        Ok(rejections)
+    }
 
-        applied.rejected = rejections.total;
+    /// Logs and queues the rejections for the backend, once per distinct
+    /// set: an unchanged list rejected again is not reported again.
+    async fn report(
+        &self,
+        rejections: Rejections,
+        state: &mut PullState,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let digest: [u8; 32] = sha2::Digest::finalize(rejections.digest).into();
         if rejections.total > 0 && state.reported != Some(digest) {
             for (label, errors) in &rejections.detailed {
@@ -346,19 +374,7 @@ impl Puller {
                 .await?;
         }
         state.reported = (rejections.total > 0).then_some(digest);
-        self.counters.applied("created", applied.created);
-        self.counters.applied("updated", applied.updated);
-        self.counters.applied("deleted", applied.deleted);
-        if applied.created + applied.updated + applied.deleted + applied.rejected > 0 {
-            tracing::info!(
-                created = applied.created,
-                updated = applied.updated,
-                deleted = applied.deleted,
-                rejected = applied.rejected,
-                "backend jobs reconciled"
-            );
-        }
-        Ok(applied)
+        Ok(())
     }
 
     /// What to write for one item: nothing (unchanged), a create or a
@@ -369,7 +385,7 @@ impl Puller {
         name: Option<String>,
         existing: &HashMap<String, Arc<Job>>,
         named: &mut HashSet<String>,
-        now: chrono::DateTime<chrono::Utc>,
+        now: DateTime<Utc>,
     ) -> Result<Option<Write>, Vec<FieldError>> {
         if let Some(name) = name
             && !named.insert(name)

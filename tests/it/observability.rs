@@ -343,10 +343,19 @@ async fn a_monitored_jobs_failure_streak_is_a_series_that_survives_a_restart() {
     let streak = r#"cronguard_job_consecutive_failures{job_name="flaky"}"#;
     let m = app.metrics().await;
     assert_eq!(sample(&m, streak), Some(2.0), "{m}");
-    assert_eq!(sample(&m, r#"cronguard_jobs_by_health{health="failing"}"#), Some(1.0));
-    assert_eq!(sample(&m, r#"cronguard_jobs_by_health{health="pending"}"#), Some(1.0));
+    assert_eq!(
+        sample(&m, r#"cronguard_jobs_by_health{health="failing"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, r#"cronguard_jobs_by_health{health="pending"}"#),
+        Some(1.0)
+    );
     assert_eq!(sample(&m, r#"cronguard_jobs_by_health{health="ok"}"#), Some(0.0));
-    assert!(!m.contains(r#"job_name="quiet""#), "unmonitored jobs have no per-job series");
+    assert!(
+        !m.contains(r#"job_name="quiet""#),
+        "unmonitored jobs have no per-job series"
+    );
 
     // Restarted, the streak is read back from the job's standing.
     let dir = app.dir.clone();
@@ -366,7 +375,13 @@ async fn a_monitored_jobs_failure_streak_is_a_series_that_survives_a_restart() {
     let (_, job) = app.get("/v1/jobs/flaky").await;
     let mut spec = job["spec"].clone();
     spec["action"] = json!({"kind": "test"});
-    let put = app.client.put(app.url("/v1/jobs/flaky")).json(&spec).send().await.unwrap();
+    let put = app
+        .client
+        .put(app.url("/v1/jobs/flaky"))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(put.status(), 200);
     let run = app.trigger("flaky").await;
     app.final_run(run.id).await;
