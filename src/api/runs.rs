@@ -127,13 +127,7 @@ pub async fn get_run(
     PathParam(id): PathParam,
 ) -> Result<Json<Run>, ApiError> {
     let id = run_id(&id)?;
-    let run = ctx
-        .services
-        .store
-        .runs()
-        .get(id)
-        .await?
-        .ok_or(ApiError::NotFound("run"))?;
+    let run = find_run(&ctx, id).await?;
     Ok(Json(run))
 }
 
@@ -153,13 +147,7 @@ pub async fn cancel_run(
     PathParam(id): PathParam,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
     let id = run_id(&id)?;
-    let run = ctx
-        .services
-        .store
-        .runs()
-        .get(id)
-        .await?
-        .ok_or(ApiError::NotFound("run"))?;
+    let run = find_run(&ctx, id).await?;
     if run.status.is_final() {
         return Err(ApiError::RunAlreadyFinal);
     }
@@ -185,4 +173,14 @@ pub async fn cancel_run(
         .await?
         .ok_or(ApiError::NotFound("run"))?;
     Ok((StatusCode::ACCEPTED, Json(run)))
+}
+
+/// The run `id`, or 404.
+async fn find_run(ctx: &ApiContext, id: RunId) -> Result<Run, ApiError> {
+    ctx.services
+        .store
+        .runs()
+        .get(id)
+        .await?
+        .ok_or(ApiError::NotFound("run"))
 }
