@@ -80,9 +80,9 @@ pub enum ApiError {
     #[error("this needs the `{needed}` scope; the token has `{has}`")]
     Forbidden {
         /// The scope needed.
-        needed: super::auth::Scope,
+        needed: super::scope::Scope,
         /// The token's scope.
-        has: super::auth::Scope,
+        has: super::scope::Scope,
     },
     /// A quota would be exceeded (422).
     #[error("{0}")]

@@ -12,7 +12,6 @@ use utoipa::ToSchema;
 use super::ApiContext;
 use super::error::ApiError;
 use super::extract::Params;
-use super::probes::HealthCounts;
 use super::redaction::redact;
 use crate::job::{Job, JobId, JobSpec, Source};
 use crate::standing::{JobHealth, LastRun, Standing};
@@ -209,4 +208,36 @@ pub(super) fn health_filter(params: &Params) -> Result<Vec<JobHealth>, ApiError>
         }
     }
     Ok(wanted)
+}
+
+/// Jobs by health value.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct HealthCounts {
+    /// Its last run succeeded and its next fire is not overdue.
+    pub ok: u64,
+    /// Its last run failed or timed out.
+    pub failing: u64,
+    /// Its next fire is overdue (past jitter and misfire grace).
+    pub late: u64,
+    /// Paused.
+    pub paused: u64,
+    /// No run has ended yet.
+    pub pending: u64,
+    /// It will not fire again.
+    pub finished: u64,
+}
+
+impl HealthCounts {
+    /// Counts one job.
+    pub fn add(&mut self, health: JobHealth) {
+        let n = match health {
+            JobHealth::Ok => &mut self.ok,
+            JobHealth::Failing => &mut self.failing,
+            JobHealth::Late => &mut self.late,
+            JobHealth::Paused => &mut self.paused,
+            JobHealth::Pending => &mut self.pending,
+            JobHealth::Finished => &mut self.finished,
+        };
+        *n += 1;
+    }
 }

@@ -16,6 +16,7 @@ pub mod probes;
 pub mod redaction;
 pub mod runs;
 pub mod schedules;
+pub mod scope;
 pub mod serve;
 pub mod unread;
 

@@ -13,13 +13,13 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::ApiContext;
 use super::error::ApiError;
 use super::extract::Params;
-use crate::standing::JobHealth;
+use super::job_view::HealthCounts;
 
 /// One probe check.
 #[derive(Debug, Serialize, ToSchema)]
@@ -336,38 +336,6 @@ pub struct JobCounts {
     pub paused: u64,
     /// Jobs by health (`docs/observability.md`, "Job health").
     pub health: HealthCounts,
-}
-
-/// Jobs by health value.
-#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
-pub struct HealthCounts {
-    /// Its last run succeeded and its next fire is not overdue.
-    pub ok: u64,
-    /// Its last run failed or timed out.
-    pub failing: u64,
-    /// Its next fire is overdue (past jitter and misfire grace).
-    pub late: u64,
-    /// Paused.
-    pub paused: u64,
-    /// No run has ended yet.
-    pub pending: u64,
-    /// It will not fire again.
-    pub finished: u64,
-}
-
-impl HealthCounts {
-    /// Counts one job.
-    pub fn add(&mut self, health: JobHealth) {
-        let n = match health {
-            JobHealth::Ok => &mut self.ok,
-            JobHealth::Failing => &mut self.failing,
-            JobHealth::Late => &mut self.late,
-            JobHealth::Paused => &mut self.paused,
-            JobHealth::Pending => &mut self.pending,
-            JobHealth::Finished => &mut self.finished,
-        };
-        *n += 1;
-    }
 }
 
 /// Orphaned work.

@@ -5,8 +5,8 @@
 use std::collections::BTreeSet;
 
 use chrono::TimeDelta;
+use cronguard::api::job_view::HealthCounts;
 use cronguard::api::jobs::{JobPage, JobView};
-use cronguard::api::probes::HealthCounts;
 use cronguard::clock::ManualClock;
 use cronguard::fault::Fault;
 use cronguard::run::RunStatus;

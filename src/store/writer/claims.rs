@@ -11,13 +11,6 @@ use crate::store::StoreError;
 use crate::store::rows::ms;
 use crate::store::sql::{Tx, Value, first, values};
 
-/// How a run insert meets other writers on a shared database (replicas).
-pub struct Shared {
-    /// Start only while fewer runs of the job than this are live on other
-    /// replicas (the overlap policy across replicas).
-    pub guard: Option<u32>,
-}
-
 /// Inserts `run` on a shared database (replicas), in two round trips.
 ///
 /// The first statement locks the job's row (`FOR NO KEY UPDATE`, the lock

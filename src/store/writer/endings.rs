@@ -7,28 +7,12 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::runs::job_id;
-use super::{Applied, Op, Pending, Reply, RunOp, load_job, pending};
+use super::runs::{final_or_missing, job_id};
+use super::{Applied, load_job};
 use crate::run::{Outcome, RunId, RunStatus};
-use crate::store::Conflict;
 use crate::store::rows::{attempt_log_json, ms};
 use crate::store::sql::{Tx, all, first, values};
 use crate::store::{JobChange, StoreError};
-
-/// Why a run could not be ended: it is final already, or gone.
-pub(super) fn final_or_missing(c: &mut dyn Tx, id: RunId) -> StoreError {
-    let found = first(
-        c,
-        "SELECT 1 FROM runs WHERE id = $1",
-        &values![id.to_string()],
-        |_| Ok(()),
-    );
-    match found {
-        Ok(Some(())) => StoreError::Conflict(Conflict::AlreadyFinal),
-        Ok(None) => StoreError::Conflict(Conflict::NotFound),
-        Err(e) => e,
-    }
-}
 
 /// Records a run's final state and, on its job's row, the job's standing
 /// (last run, last success or failure, the consecutive-failure count);
@@ -197,43 +181,4 @@ fn auto_pause(
         }
         _ => Ok(None),
     }
-}
-
-/// Ends a group of successful runs (shared database) in one statement;
-/// a run it did not end (already final, gone) takes the one-by-one path,
-/// which says why.
-pub(super) fn finish_group(tx: &mut dyn Tx, group: Vec<Op>, outbox: bool) -> Vec<Pending> {
-    let finishes: Vec<(RunId, Outcome, DateTime<Utc>, Reply<()>)> = group
-        .into_iter()
-        .filter_map(|op| match op {
-            Op::Runs(RunOp::Finish {
-                id,
-                outcome,
-                at,
-                reply,
-            }) => Some((id, outcome, at, reply)),
-            _ => None,
-        })
-        .collect();
-    let ended =
-        finish_successes(tx, finishes.iter().map(|(id, o, at, _)| (*id, o, *at))).unwrap_or_else(|e| {
-            // The transaction is lost with it: each run's own statement
-            // below then fails with the database's error.
-            tracing::error!(error = %e, runs = finishes.len(), "could not end a group of runs");
-            HashSet::new()
-        });
-    finishes
-        .into_iter()
-        .map(|(id, outcome, at, reply)| {
-            if !ended.contains(&id) {
-                return pending(reply, finish(tx, id, outcome, at, outbox, true));
-            }
-            let recorded = if outbox {
-                super::outbox::record_run(tx, id, at).map(|()| ((), None))
-            } else {
-                Ok(((), None))
-            };
-            pending(reply, recorded)
-        })
-        .collect()
 }

@@ -19,6 +19,7 @@ mod jobs;
 mod lanes;
 mod outbox;
 mod pending;
+mod run_ops;
 mod runs;
 
 use std::sync::Arc;
@@ -36,7 +37,7 @@ pub use self::jobs::JobOp;
 use self::lanes::Lanes;
 pub use self::outbox::OutboxOp;
 use self::pending::{Applied, CommitError, Pending, pending, plain};
-pub use self::runs::RunOp;
+pub use self::run_ops::RunOp;
 use super::fault::{StorageFault, Writability};
 use super::rows::ms;
 use super::sql::{Tx, first, values};
@@ -398,7 +399,7 @@ impl Writer {
                 {
                     group.push(next);
                 }
-                done.extend(endings::finish_group(&mut *self.conn, group, outbox));
+                done.extend(run_ops::finish_group(&mut *self.conn, group, outbox));
                 continue;
             }
             let pending = if shared && op.may_fail() {
@@ -494,7 +495,7 @@ fn notify(tx: &mut dyn Tx, changed: impl Iterator<Item = JobId>) -> Result<(), S
 fn apply(tx: &mut dyn Tx, op: Op, outbox: bool, shared: bool) -> Pending {
     match op {
         Op::Jobs(op) => jobs::apply(tx, *op, outbox),
-        Op::Runs(op) => runs::apply(tx, op, outbox, shared),
+        Op::Runs(op) => run_ops::apply(tx, op, outbox, shared),
         Op::History(op) => history::apply(tx, op),
         Op::Outbox(op) => outbox::apply(tx, op),
         Op::Incarnations(op) => incarnations::apply(tx, op),

@@ -4,12 +4,9 @@
 
 use std::sync::Arc;
 
-use super::claims;
-use super::claims::Shared;
-use super::endings::{final_or_missing, finish};
-use super::{Applied, Pending, Reply, load_job, pending, plain};
+use super::{Applied, load_job};
 use crate::job::JobId;
-use crate::run::{Attempt, Incarnation, Outcome, Reason, Run, RunId, RunStatus, Trigger};
+use crate::run::{Attempt, Incarnation, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::Conflict;
 use crate::store::rows::{self, RUN_COLUMNS, attempt_log_json, ms};
 use crate::store::sql::{Tx, Value, all, first, is_foreign_key_violation, values};
@@ -68,13 +65,9 @@ pub(super) const RUN_VALUES: &str =
 /// Inserts a run; a scheduled fire also moves the job's cursor. A starting
 /// scheduled run over the job's `max_runs` is stored as skipped and
 /// reported as [`Conflict::LimitReached`].
-///
-/// On a shared database (`shared`) this is a claim: see
-/// [`super::claims::claim`].
-pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool, shared: Option<Shared>) -> Applied<()> {
-    if let Some(shared) = shared {
-        return super::claims::claim(c, run, outbox, shared.guard);
-    }
+/// (On a shared database a run is claimed instead: see
+/// [`super::claims::claim`].)
+pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
     match c.execute(
         &format!("{INSERT_RUN} VALUES ({RUN_VALUES}) ON CONFLICT DO NOTHING"),
         &run_values(run),
@@ -278,122 +271,17 @@ pub(super) fn orphan_if_live(
     Ok(orphaned)
 }
 
-/// Run writes, as the store queues them.
-pub enum RunOp {
-    Insert {
-        run: Run,
-        /// Replicas: start only while fewer runs of the job than this are
-        /// live on other replicas (the overlap policy across replicas).
-        guard: Option<u32>,
-        reply: Reply<()>,
-    },
-    Start {
-        id: RunId,
-        at: DateTime<Utc>,
-        reply: Reply<()>,
-    },
-    RecordAttempt {
-        id: RunId,
-        attempts: u32,
-        log: Vec<Attempt>,
-        reply: Reply<()>,
-    },
-    RecordProcess {
-        id: RunId,
-        pid: i32,
-        pgid: i32,
-        start_ticks: Option<u64>,
-        reply: Reply<()>,
-    },
-    Finish {
-        id: RunId,
-        outcome: Outcome,
-        at: DateTime<Utc>,
-        reply: Reply<()>,
-    },
-    OrphanForeign {
-        current: Incarnation,
-        at: DateTime<Utc>,
-        /// Replicas: only runs of incarnations whose last heartbeat is not
-        /// later than this (their lease expired), which are marked stopped.
-        expired_before: Option<DateTime<Utc>>,
-        reply: Reply<Vec<Run>>,
-    },
-    OrphanIfLive {
-        id: RunId,
-        at: DateTime<Utc>,
-        error: String,
-        reply: Reply<bool>,
-    },
-}
-
-/// Applies one RunOp inside the batch's transaction.
-pub(super) fn apply(tx: &mut dyn Tx, op: RunOp, outbox: bool, shared: bool) -> Pending {
-    match op {
-        RunOp::Insert { run, guard, reply } => pending(
-            reply,
-            insert(tx, &run, outbox, shared.then_some(claims::Shared { guard })),
-        ),
-        RunOp::Start { id, at, reply } => pending(reply, start(tx, id, at, outbox)),
-        RunOp::RecordAttempt {
-            id,
-            attempts,
-            log,
-            reply,
-        } => pending(reply, plain(record_attempt(tx, id, attempts, &log))),
-        RunOp::RecordProcess {
-            id,
-            pid,
-            pgid,
-            start_ticks,
-            reply,
-        } => pending(reply, plain(record_process(tx, id, pid, pgid, start_ticks))),
-        RunOp::Finish {
-            id,
-            outcome,
-            at,
-            reply,
-        } => pending(reply, finish(tx, id, outcome, at, outbox, shared)),
-        RunOp::OrphanForeign {
-            current,
-            at,
-            expired_before,
-            reply,
-        } => pending(
-            reply,
-            plain(orphan_foreign(tx, current, at, expired_before, outbox)),
-        ),
-        RunOp::OrphanIfLive { id, at, error, reply } => {
-            pending(reply, plain(orphan_if_live(tx, id, at, &error, outbox)))
-        }
-    }
-}
-
-impl RunOp {
-    /// Answers the operation with `e` without applying it.
-    pub(super) fn fail(self, e: StoreError) {
-        match self {
-            Self::Insert { reply, .. } => {
-                let _ = reply.send(Err(e));
-            }
-            Self::Start { reply, .. } => {
-                let _ = reply.send(Err(e));
-            }
-            Self::RecordAttempt { reply, .. } => {
-                let _ = reply.send(Err(e));
-            }
-            Self::RecordProcess { reply, .. } => {
-                let _ = reply.send(Err(e));
-            }
-            Self::Finish { reply, .. } => {
-                let _ = reply.send(Err(e));
-            }
-            Self::OrphanForeign { reply, .. } => {
-                let _ = reply.send(Err(e));
-            }
-            Self::OrphanIfLive { reply, .. } => {
-                let _ = reply.send(Err(e));
-            }
-        }
+/// Why a run could not be started or ended: it is final already, or gone.
+pub(super) fn final_or_missing(c: &mut dyn Tx, id: RunId) -> StoreError {
+    let found = first(
+        c,
+        "SELECT 1 FROM runs WHERE id = $1",
+        &values![id.to_string()],
+        |_| Ok(()),
+    );
+    match found {
+        Ok(Some(())) => StoreError::Conflict(Conflict::AlreadyFinal),
+        Ok(None) => StoreError::Conflict(Conflict::NotFound),
+        Err(e) => e,
     }
 }
