@@ -13,8 +13,9 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::job::Job;
+use crate::job::{Job, JobId, Timing};
 use crate::run::{RunId, RunStatus};
+use crate::schedule::Schedule;
 
 /// Longest one-line error kept with the last run.
 pub const ERROR_LINE_CHARS: usize = 200;
@@ -130,21 +131,47 @@ impl FromStr for JobHealth {
 impl Standing {
     /// The job's health at `now`.
     pub fn health(&self, job: &Job, now: DateTime<Utc>) -> JobHealth {
-        if job.paused {
+        let when = When {
+            id: job.id,
+            schedule: &job.def.schedule,
+            grace: job.def.policy.misfire_grace,
+            paused: job.paused,
+            next: job.next_fire(),
+        };
+        self.judge(&when, now)
+    }
+
+    /// The same judgement from what the engine keeps of a job (no whole
+    /// definition to read): counting every job stays cheap.
+    pub fn health_of(&self, timing: &Timing, now: DateTime<Utc>) -> JobHealth {
+        let next = if timing.paused || timing.exhausted {
+            None
+        } else {
+            timing.schedule.next_after(timing.cursor_at)
+        };
+        let when = When {
+            id: timing.id,
+            schedule: &timing.schedule,
+            grace: timing.misfire_grace,
+            paused: timing.paused,
+            next,
+        };
+        self.judge(&when, now)
+    }
+
+    fn judge(&self, when: &When<'_>, now: DateTime<Utc>) -> JobHealth {
+        if when.paused {
             return JobHealth::Paused;
         }
-        let next = job.next_fire();
-        if let Some(next) = next {
-            let jitter = job.def.schedule.jitter_for(job.id.0, next);
-            let grace = job.def.policy.misfire_grace;
-            let expected_by = next + delta(jitter) + delta(grace);
-            if now > expected_by {
+        if let Some(next) = when.next {
+            let jitter = when.schedule.jitter_for(when.id.0, next);
+            if now > next + delta(jitter) + delta(when.grace) {
                 return JobHealth::Late;
             }
         }
         if self.consecutive_failures > 0 {
             JobHealth::Failing
-        } else if next.is_none() {
+        } else if when.next.is_none() {
             JobHealth::Finished
         } else if self.last_run.is_none() {
             JobHealth::Pending
@@ -152,6 +179,16 @@ impl Standing {
             JobHealth::Ok
         }
     }
+}
+
+/// What health needs of a job's timing.
+struct When<'a> {
+    id: JobId,
+    schedule: &'a Schedule,
+    grace: std::time::Duration,
+    paused: bool,
+    /// The next nominal fire (none when paused or exhausted).
+    next: Option<DateTime<Utc>>,
 }
 
 fn delta(d: std::time::Duration) -> TimeDelta {

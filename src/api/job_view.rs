@@ -169,25 +169,19 @@ pub(super) async fn list(
     })
 }
 
-/// Every job counted by health, a chunk of stored jobs at a time.
+/// Every job counted by health, judged from the light timings the engine
+/// loads (not whole definitions) and every job's standing.
 pub(super) async fn health_counts(ctx: &ApiContext) -> Result<HealthCounts, ApiError> {
+    let jobs = ctx.services.store.jobs();
+    let timings = jobs.timings().await?;
+    let mut standings = jobs.all_standings().await?;
+    let now = ctx.services.clock.now();
     let mut counts = HealthCounts::default();
-    let mut cursor = None;
-    loop {
-        let found = ctx
-            .services
-            .store
-            .jobs()
-            .list(&JobFilter::default(), cursor, HEALTH_SCAN_CHUNK)
-            .await?;
-        cursor = found.items.last().map(|j| j.id);
-        for view in views(ctx, &found.items).await? {
-            counts.add(view.health);
-        }
-        if found.next.is_none() {
-            return Ok(counts);
-        }
+    for timing in &timings {
+        let standing = standings.remove(&timing.id).unwrap_or_default();
+        counts.add(standing.health_of(timing, now));
     }
+    Ok(counts)
 }
 
 /// Stored jobs read at once while filtering on health.

@@ -98,6 +98,11 @@ impl Jobs<'_> {
         self.inner.reads.standings(ids).await
     }
 
+    /// The standing of every job.
+    pub async fn all_standings(&self) -> Result<HashMap<JobId, Standing>, StoreError> {
+        self.inner.reads.all_standings().await
+    }
+
     /// Counts of jobs: (active, paused).
     pub async fn count(&self) -> Result<(u64, u64), StoreError> {
         self.inner.reads.count_jobs().await

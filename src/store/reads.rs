@@ -282,6 +282,18 @@ impl Pool {
         Ok(found)
     }
 
+    pub async fn all_standings(&self) -> Result<HashMap<JobId, Standing>, StoreError> {
+        let mut found = HashMap::new();
+        let q = Query::new(format!("SELECT {STANDING_COLUMNS} FROM jobs"));
+        self.each(q, |row| {
+            let (id, standing) = rows::standing(row)?;
+            found.insert(id, standing);
+            Ok(())
+        })
+        .await?;
+        Ok(found)
+    }
+
     pub async fn count_jobs(&self) -> Result<(u64, u64), StoreError> {
         let q = Query::new(
             "SELECT COUNT(CASE WHEN paused = 0 THEN 1 END), COUNT(CASE WHEN paused = 1 THEN 1 END) FROM jobs",
