@@ -187,10 +187,14 @@ pub(super) async fn health_counts(ctx: &ApiContext) -> Result<HealthCounts, ApiE
 /// Stored jobs read at once while filtering on health.
 const HEALTH_SCAN_CHUNK: u32 = 500;
 
-/// `health=failing,late` (repeatable); empty when absent.
+/// `health=failing,late` (repeatable); empty when absent, or given as an
+/// empty list (`health=`: no filter).
 pub(super) fn health_filter(params: &Params) -> Result<Vec<JobHealth>, ApiError> {
     let mut wanted = Vec::new();
     for list in params.all("health") {
+        if list.is_empty() {
+            continue;
+        }
         for word in list.split(',') {
             let h = word.parse::<JobHealth>().map_err(|detail| ApiError::BadQuery {
                 name: "health".into(),

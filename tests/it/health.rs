@@ -143,7 +143,7 @@ on_both_databases! {
 }
 
 #[tokio::test]
-async fn an_unknown_health_value_is_a_precise_problem() {
+async fn an_unknown_health_value_is_a_precise_problem_and_an_empty_list_no_filter() {
     let app = TestApp::spawn().await;
     let (status, problem) = app.get("/v1/jobs?health=ok,sad").await;
     assert_eq!(status, 400, "{problem}");
@@ -153,5 +153,10 @@ async fn an_unknown_health_value_is_a_precise_problem() {
         detail.contains("`health`") && detail.contains("`sad` is not one of"),
         "{problem}"
     );
+    // An empty list is no filter (the schema allows an empty array).
+    let (status, page) = app.get("/v1/jobs?health=").await;
+    assert_eq!(status, 200, "{page}");
+    let (status, problem) = app.get("/v1/jobs?health=ok,,late").await;
+    assert_eq!(status, 400, "an empty item in a list is no health: {problem}");
     app.stop().await;
 }
