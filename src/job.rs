@@ -122,6 +122,10 @@ pub struct JobSpec {
     /// default to keep the metric cardinality bounded.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub monitor: bool,
+    /// Whom to tell about failures, recoveries and other events
+    /// (docs/notifications.md); the operator's defaults when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<crate::notification::NotifySpec>,
 }
 
 fn is_default_policy(p: &PolicySpec) -> bool {
@@ -155,6 +159,9 @@ impl JobSpec {
         let schedule = errors.take(Schedule::parse(&self.schedule, "/schedule"));
         let action = errors.take(self.action.parse(actions, "/action"));
         let policy = errors.take(self.policy.parse("/policy"));
+        if let Some(notify) = &self.notify {
+            notify.check(actions, "/notify", &mut errors);
+        }
         match (schedule, action, policy) {
             (Some(schedule), Some(action), Some(policy)) if errors.is_empty() => Ok(JobDefinition {
                 spec: self,

@@ -10,7 +10,8 @@
 //!   [`shutdown`] (signals), [`spec`] (OpenAPI post-processing),
 //!   [`validation`] (field errors);
 //! - the domain, parsed and validated, no I/O: [`schedule`], [`policy`],
-//!   [`action`], [`job`], [`run`];
+//!   [`action`], [`notification`] (whom a job tells, signed messages),
+//!   [`job`], [`run`];
 //! - [`metrics`] (every metric), [`procfs`] (the process table),
 //!   [`protocol`] (the control backend's wire types), [`standing`] (a
 //!   job's last run, failures and health);
@@ -20,6 +21,7 @@
 //!   `Services` every loop shares;
 //! - [`supervisor`]: owns every run's task, applies overlap policy, drains;
 //! - [`retention`]: keeps run history within its bounds;
+//! - [`notifier`]: routes and delivers notifications, signed, with backoff;
 //! - [`orphans`]: accounting for work whose owner vanished;
 //! - [`cluster`]: replicas sharing one PostgreSQL database;
 //! - [`engine`]: the timer heap that turns schedules into fires;
@@ -44,6 +46,8 @@ pub mod health;
 pub mod job;
 pub mod loops;
 pub mod metrics;
+pub mod notification;
+pub mod notifier;
 pub mod orphans;
 pub mod policy;
 pub mod procfs;

@@ -144,30 +144,15 @@ impl Standing {
     /// The same judgement from what the engine keeps of a job (no whole
     /// definition to read): counting every job stays cheap.
     pub fn health_of(&self, timing: &Timing, now: DateTime<Utc>) -> JobHealth {
-        let next = if timing.paused || timing.exhausted {
-            None
-        } else {
-            timing.schedule.next_after(timing.cursor_at)
-        };
-        let when = When {
-            id: timing.id,
-            schedule: &timing.schedule,
-            grace: timing.misfire_grace,
-            paused: timing.paused,
-            next,
-        };
-        self.judge(&when, now)
+        self.judge(&When::of(timing), now)
     }
 
     fn judge(&self, when: &When<'_>, now: DateTime<Utc>) -> JobHealth {
         if when.paused {
             return JobHealth::Paused;
         }
-        if let Some(next) = when.next {
-            let jitter = when.schedule.jitter_for(when.id.0, next);
-            if now > next + delta(jitter) + delta(when.grace) {
-                return JobHealth::Late;
-            }
+        if when.deadline().is_some_and(|by| now > by) {
+            return JobHealth::Late;
         }
         if self.consecutive_failures > 0 {
             JobHealth::Failing
@@ -189,6 +174,36 @@ struct When<'a> {
     paused: bool,
     /// The next nominal fire (none when paused or exhausted).
     next: Option<DateTime<Utc>>,
+}
+
+impl<'a> When<'a> {
+    fn of(timing: &'a Timing) -> Self {
+        let next = if timing.paused || timing.exhausted {
+            None
+        } else {
+            timing.schedule.next_after(timing.cursor_at)
+        };
+        When {
+            id: timing.id,
+            schedule: &timing.schedule,
+            grace: timing.misfire_grace,
+            paused: timing.paused,
+            next,
+        }
+    }
+
+    /// The instant by which the next fire should have started: the fire,
+    /// its jitter and the misfire grace.
+    fn deadline(&self) -> Option<DateTime<Utc>> {
+        let next = self.next?;
+        Some(next + delta(self.schedule.jitter_for(self.id.0, next)) + delta(self.grace))
+    }
+}
+
+/// The deadline a job is late past at `now` (health `late`), judged from
+/// what the engine keeps of it; `None` when it is not late.
+pub fn overdue(timing: &Timing, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    When::of(timing).deadline().filter(|by| now > *by)
 }
 
 fn delta(d: std::time::Duration) -> TimeDelta {

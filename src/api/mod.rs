@@ -11,6 +11,7 @@ pub mod extract;
 pub mod job_view;
 pub mod jobs;
 pub mod malformed;
+pub mod notifications;
 pub mod openapi;
 pub mod probes;
 pub mod redaction;

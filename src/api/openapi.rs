@@ -11,7 +11,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiContext, jobs, probes, runs, schedules};
+use super::{ApiContext, jobs, notifications, probes, runs, schedules};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -26,6 +26,7 @@ use super::{ApiContext, jobs, probes, runs, schedules};
         (name = "jobs", description = "Job definitions and their lifecycle"),
         (name = "runs", description = "Run history and cancellation"),
         (name = "schedules", description = "Schedule previews"),
+        (name = "notifications", description = "Failure, recovery and other notifications, and their delivery"),
         (name = "health", description = "Probes and metrics"),
     )
 )]
@@ -44,6 +45,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiContext>> {
         .routes(routes!(runs::list_runs))
         .routes(routes!(runs::get_run))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(notifications::list_notifications))
         .routes(routes!(schedules::preview_schedule))
         .routes(routes!(probes::livez))
         .routes(routes!(probes::readyz))

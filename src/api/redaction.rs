@@ -10,7 +10,8 @@
 //!
 //! `${CRONGUARD_SECRET_*}` references name the operator's secrets, so only
 //! an `admin` token may add one to a job or change the destination of a
-//! job that has one.
+//! job that has one; the same holds for a job's notification destinations
+//! (`notify.to`) that hold a reference.
 
 use std::collections::BTreeSet;
 
@@ -149,6 +150,16 @@ pub fn check_reference_scope(
 ) -> Result<(), ApiError> {
     if principal.scope >= Scope::Admin {
         return Ok(());
+    }
+    // Notification destinations: a reference names where to send, or the
+    // signing key; any change to destinations that hold one is an admin's.
+    let destinations = |s: &JobSpec| s.notify.as_ref().and_then(|n| n.to.clone());
+    let notify_refs = spec.notify.as_ref().is_some_and(|n| !n.references().is_empty());
+    if notify_refs && stored.is_none_or(|old| destinations(old) != destinations(spec)) {
+        return Err(ApiError::Forbidden {
+            needed: Scope::Admin,
+            has: principal.scope,
+        });
     }
     let wanted = references(&spec.action);
     if wanted.is_empty() {

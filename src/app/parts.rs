@@ -28,6 +28,7 @@ use crate::executor::{Executor, ExecutorConfig};
 use crate::fault::Faults;
 use crate::health::Health;
 use crate::loops::{Loop, Services};
+use crate::notifier::{Notifier, NotifierConfig, NotifyMetrics};
 use crate::orphans::Orphans;
 use crate::orphans::reaper::Reaper;
 use crate::retention::Retention;
@@ -62,7 +63,10 @@ pub(super) struct Parts {
 }
 
 /// The run supervisor, a handle to it, and the orphan reaper.
-type Runs = (Arc<Mutex<Supervisor>>, SupervisorHandle, Arc<Reaper>);
+/// How long one notification attempt may take.
+const NOTIFY_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+type Runs = (Arc<Mutex<Supervisor>>, SupervisorHandle, Arc<Reaper>, Executor);
 
 impl Cx {
     /// Records this incarnation, settles what earlier ones left (alone,
@@ -116,7 +120,7 @@ impl Cx {
             deny_private_networks: self.config.deny_private_networks,
             loading: false,
         };
-        let (supervisor, handle, reaper) = self.runs(&actions)?;
+        let (supervisor, handle, reaper, executor) = self.runs(&actions)?;
         let engine = EngineLoop::new(
             EngineContext {
                 services: self.services.clone(),
@@ -132,11 +136,23 @@ impl Cx {
             defaults: self.config.history,
             interval: self.config.retention_interval,
         };
+        let notifier = Notifier {
+            counters: NotifyMetrics::new(&self.services.metrics),
+            services: self.services.clone(),
+            executor,
+            config: NotifierConfig {
+                defaults: self.config.notify.clone(),
+                give_up_after: self.config.notify_give_up_after,
+                attempt_timeout: NOTIFY_ATTEMPT_TIMEOUT,
+                actions: actions.clone(),
+            },
+        };
         let mut loops: Vec<Arc<dyn Loop>> = vec![
             Arc::new(engine),
             supervisor.clone(),
             reaper.clone(),
             Arc::new(retention),
+            Arc::new(notifier),
         ];
         let mut contact = None;
         if let Some(b) = &self.config.backend {
@@ -181,7 +197,7 @@ impl Cx {
         let (supervisor, handle) = Supervisor::new(
             TaskContext {
                 services: self.services.clone(),
-                executor,
+                executor: executor.clone(),
             },
             SupervisorConfig {
                 max_running: self.config.max_running,
@@ -198,7 +214,7 @@ impl Cx {
             processes,
             interval: self.config.reaper_interval,
         });
-        Ok((supervisor, handle, reaper))
+        Ok((supervisor, handle, reaper, executor))
     }
 
     /// The control backend's loops. Startup never waits for the backend:

@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::store::Synchronous;
 
 mod backend;
+mod notify;
 mod settings;
 
 pub use self::settings::{LogFormat, Settings};
@@ -80,6 +81,10 @@ pub struct Config {
     pub max_jobs: Option<u64>,
     /// The control backend, when configured.
     pub backend: Option<crate::backend::BackendConfig>,
+    /// The operator's default notification events and destination.
+    pub notify: crate::notification::Defaults,
+    /// How long a notification is retried.
+    pub notify_give_up_after: Duration,
     /// Whether this process owns its process tree: child subreaper, stray
     /// detection and zombie reaping. Set by `cronguard serve`, not a
     /// setting: an embedding process (the test suite) owns its own tree.
@@ -152,6 +157,11 @@ impl Config {
     /// Applies defaults and validates.
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
         let backend = backend::backend(&s)?;
+        let guard = crate::action::ActionPolicy {
+            deny_private_networks: s.deny_private_networks.unwrap_or(false),
+            ..crate::action::ActionPolicy::default()
+        };
+        let (notify, notify_give_up_after) = notify::notify(&s, &guard)?;
         let listen_text = s.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen = listen_text.parse().map_err(|_| ConfigError {
             setting: "listen",
@@ -251,6 +261,8 @@ impl Config {
             action_proxy: action_proxy(s.action_proxy.as_deref())?,
             max_jobs: s.max_jobs,
             backend,
+            notify,
+            notify_give_up_after,
             process_supervision: false,
             command_shim: None,
         })

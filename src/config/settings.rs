@@ -166,6 +166,36 @@ pub struct Settings {
     #[arg(long, env = "CRONGUARD_UPLOAD_BATCH", value_name = "N")]
     pub upload_batch: Option<usize>,
 
+    /// Default notification destination for jobs without their own `notify.to` (an http(s) URL; a Slack incoming-webhook URL with --notify-format slack) [default: none]
+    #[arg(
+        long,
+        env = "CRONGUARD_NOTIFY_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub notify_url: Option<String>,
+
+    /// What the default destination receives: `webhook` (signed JSON event) or `slack` [default: webhook]
+    #[arg(long, env = "CRONGUARD_NOTIFY_FORMAT", value_name = "FORMAT")]
+    pub notify_format: Option<String>,
+
+    /// Signing secret of the default webhook destination (`whsec_` + base64, as Standard Webhooks); prefer the environment variable [default: unsigned]
+    #[arg(
+        long,
+        env = "CRONGUARD_NOTIFY_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub notify_secret: Option<String>,
+
+    /// Events reported by jobs without their own `notify.on`, comma-separated, from failure, recovery, missed, orphaned, late, auto_paused [default: failure,recovery,orphaned,auto_paused]
+    #[arg(long, env = "CRONGUARD_NOTIFY_ON", value_name = "EVENTS")]
+    pub notify_on: Option<String>,
+
+    /// Stop retrying a notification this long after its event (then it is `failed`, counted and logged) [default: 24h]
+    #[arg(long, env = "CRONGUARD_NOTIFY_GIVE_UP_AFTER", value_name = "DURATION")]
+    pub notify_give_up_after: Option<String>,
+
     /// Log filter, e.g. `info` or `info,cronguard=debug` [default: info]
     #[arg(long, env = "CRONGUARD_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -229,6 +259,11 @@ impl Settings {
             backend_max_body_bytes,
             outbox_limit,
             upload_batch,
+            notify_url,
+            notify_format,
+            notify_secret,
+            notify_on,
+            notify_give_up_after,
             log,
             log_format,
         )

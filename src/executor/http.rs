@@ -109,6 +109,31 @@ pub(super) async fn execute(
     }
 }
 
+/// One POST; `Ok` on a 2xx status.
+pub(super) async fn post(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    timeout: std::time::Duration,
+) -> Result<u16, String> {
+    let sent = client
+        .post(url.clone())
+        .headers(headers)
+        .body(body)
+        .timeout(timeout)
+        .send()
+        .await;
+    match sent {
+        Ok(response) if response.status().is_success() => Ok(response.status().as_u16()),
+        Ok(response) => Err(format!(
+            "HTTP status {} is not a success status",
+            response.status().as_u16()
+        )),
+        Err(e) => Err(truncate(error_chain(&e.without_url()), MAX_ERROR_LEN)),
+    }
+}
+
 /// The job's headers with `${CRONGUARD_SECRET_*}` references resolved.
 fn expand_headers(headers: &HeaderMap) -> Result<HeaderMap, String> {
     let mut out = headers.clone();

@@ -142,6 +142,24 @@ impl Executor {
         &self.inner.processes
     }
 
+    /// Sends one notification: a POST of `body` to `url` on the actions'
+    /// client, under the same SSRF guard and proxy rules. `Ok` with the
+    /// status when a 2xx answered; otherwise why not (without the URL: a
+    /// secret URL must not reach a log line or the API).
+    pub async fn post(
+        &self,
+        url: &reqwest::Url,
+        headers: reqwest::header::HeaderMap,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<u16, String> {
+        let cfg = &self.inner.config;
+        if cfg.actions.deny_private_networks {
+            http::check_destination(url, cfg.action_proxy.is_some()).await?;
+        }
+        http::post(&self.inner.http, url, headers, body, timeout).await
+    }
+
     /// Runs one attempt. `cancel` ends it early with `cancelled`.
     pub async fn execute(
         &self,

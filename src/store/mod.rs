@@ -16,6 +16,7 @@ pub mod fault;
 mod history;
 mod incarnations;
 mod jobs;
+mod notices;
 mod outbox;
 mod point;
 mod postgres;
@@ -42,6 +43,7 @@ pub use self::fault::{Failing, StorageFault};
 pub use self::history::History;
 pub use self::incarnations::Incarnations;
 pub use self::jobs::Jobs;
+pub use self::notices::{Notice, NoticeFilter, Notices, Route, Settled};
 pub use self::outbox::Outbox;
 pub use self::postgres::Notifications;
 pub use self::replicas::Replica;
@@ -279,6 +281,11 @@ impl Store {
     /// The outbox of results and rejections for the control backend.
     pub fn outbox(&self) -> Outbox<'_> {
         Outbox { inner: &self.inner }
+    }
+
+    /// Notifications: recorded events, their destinations and delivery.
+    pub fn notices(&self) -> Notices<'_> {
+        Notices { inner: &self.inner }
     }
 
     /// Incarnations of the service: start and stop, and among replicas the lease, the live set and change notifications.

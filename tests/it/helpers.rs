@@ -489,8 +489,13 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// A receiver on `addr` (a port that was down until now, say).
+    pub async fn start_on(addr: &str) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         fn record(tx: &mpsc::UnboundedSender<Hit>, path: String, headers: HeaderMap, body: Bytes) {
             let _ = tx.send(Hit {
@@ -581,6 +586,12 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A loopback port nothing listens on (yet): bound, then released.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
 }
 
 /// The real `cronguard` binary, started with `serve`.

@@ -14,6 +14,7 @@ mod commands;
 mod dst;
 mod health;
 mod http_edge;
+mod notifications;
 mod observability;
 mod openapi;
 mod policies;

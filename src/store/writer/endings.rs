@@ -2,13 +2,15 @@
 //! standing (last run, last success and failure, the consecutive-failure
 //! count) and the pause `auto_pause_after` asks for.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use super::notices::{Notice, record};
 use super::runs::{final_or_missing, job_id};
 use super::{Applied, load_job};
+use crate::notification::Event;
 use crate::run::{Outcome, RunId, RunStatus};
 use crate::store::rows::{attempt_log_json, ms};
 use crate::store::sql::{Tx, all, first, values};
@@ -32,17 +34,21 @@ pub(super) fn finish(
     debug_assert!(o.status.is_final());
     const FINISH: &str = "UPDATE runs SET status = $1, reason = $2, ended_at = $3, attempts = $4, exit_code = $5, \
          http_status = $6, error = $7, output = $8, attempt_log = COALESCE($9, attempt_log) \
-         WHERE id = $10 AND status IN ('queued', 'running') RETURNING job_id, scheduled_at";
+         WHERE id = $10 AND status IN ('queued', 'running') RETURNING job_id, scheduled_at, job_name";
+    const SUCCEEDED: &str = "UPDATE jobs SET consecutive_failures = 0, last_run_id = $10, last_run_status = $1, \
+         last_run_scheduled_at = r.scheduled_at, last_run_ended_at = $3, last_run_error = NULL, last_success_at = $3 \
+         FROM r WHERE jobs.id = r.job_id";
     let with_it = shared && o.status == RunStatus::Succeeded;
     let sql = if with_it {
+        // Two updates on disjoint rows: whether the job had failed before
+        // (a recovery to report) comes back without reading it first.
         format!(
-            "WITH r AS ({FINISH}), j AS (UPDATE jobs SET consecutive_failures = 0, last_run_id = $10, \
-             last_run_status = $1, last_run_scheduled_at = r.scheduled_at, last_run_ended_at = $3, \
-             last_run_error = NULL, last_success_at = $3 FROM r WHERE jobs.id = r.job_id) \
-             SELECT job_id, scheduled_at FROM r"
+            "WITH r AS ({FINISH}), j AS ({SUCCEEDED} AND jobs.consecutive_failures = 0), \
+             k AS ({SUCCEEDED} AND jobs.consecutive_failures > 0 RETURNING jobs.id) \
+             SELECT job_id, scheduled_at, job_name, (SELECT COUNT(*) FROM k) FROM r"
         )
     } else {
-        FINISH.to_owned()
+        format!("{FINISH}, CAST(0 AS BIGINT)")
     };
     let status = o.status;
     let error = o.error.as_deref().map(crate::standing::error_line);
@@ -61,28 +67,85 @@ pub(super) fn finish(
             attempt_log_json(&o.attempt_log),
             id.to_string(),
         ],
-        |row| Ok((row.text(0)?, row.int(1)?)),
+        |row| Ok((row.text(0)?, row.int(1)?, row.text(2)?, row.int(3)? > 0)),
     )?;
-    let Some((job, scheduled_at)) = ended else {
+    let Some((job, scheduled_at, job_name, recovered)) = ended else {
         return Err(final_or_missing(c, id));
     };
     if outbox {
         super::outbox::record_run(c, id, at)?;
     }
-    if with_it || matches!(status, RunStatus::Skipped | RunStatus::Missed) {
+    let notice = |event, first, detail| Notice {
+        event,
+        job_id: &job,
+        job_name: &job_name,
+        run: Some(id),
+        first,
+        detail,
+        at,
+    };
+    if with_it {
+        if recovered {
+            record(c, notice(Event::Recovery, true, None))?;
+        }
         return Ok(((), None));
     }
-    let failures = stand(c, &job, id, status, scheduled_at, at, error)?;
-    match failures {
-        Some(counted) if matches!(status, RunStatus::Failed | RunStatus::TimedOut) => {
-            Ok(((), auto_pause(c, &job, counted, at)?))
+    match status {
+        RunStatus::Skipped => return Ok(((), None)),
+        RunStatus::Missed => {
+            record(c, notice(Event::Missed, true, error))?;
+            return Ok(((), None));
         }
-        _ => Ok(((), None)),
+        RunStatus::Orphaned => record(c, notice(Event::Orphaned, true, error.clone()))?,
+        _ => {}
     }
+    let stood = match status {
+        // The common case first: a success that ends no streak.
+        RunStatus::Succeeded => match stand(c, &job, id, status, scheduled_at, at, None, true)? {
+            Some(stood) => Some(stood),
+            None => {
+                let stood = stand(c, &job, id, status, scheduled_at, at, None, false)?;
+                if stood.is_some() {
+                    record(c, notice(Event::Recovery, true, None))?;
+                }
+                stood
+            }
+        },
+        _ => stand(c, &job, id, status, scheduled_at, at, error.clone(), false)?,
+    };
+    let Some(stood) = stood else { return Ok(((), None)) };
+    if !matches!(status, RunStatus::Failed | RunStatus::TimedOut) {
+        return Ok(((), None));
+    }
+    let first_failure = stood.failures == 1;
+    if first_failure || stood.every_failure {
+        record(c, notice(Event::Failure, first_failure, error))?;
+    }
+    let paused = auto_pause(c, &job, &stood, at)?;
+    if let Some(JobChange::Upserted(paused)) = &paused {
+        let note = paused.pause_note.clone();
+        record(c, notice(Event::AutoPaused, true, note))?;
+    }
+    Ok(((), paused))
 }
 
-/// Writes a run's end into its job's standing; returns the job's
-/// consecutive failures, its `auto_pause_after` and whether it is paused.
+/// The job (id, name) whose failure streak a success ended.
+pub(super) type Recovered = Option<(String, String)>;
+
+/// A job's standing after a run's end, as the pause and the
+/// notifications need it.
+struct Stood {
+    failures: i64,
+    auto_pause_after: Option<i64>,
+    paused: bool,
+    /// The job asks to hear of every failure (a text match on its spec;
+    /// the notifier checks the parsed spec).
+    every_failure: bool,
+}
+
+/// Writes a run's end into its job's standing. `unbroken`: only if the
+/// job has no failure streak (`None` otherwise, or when the job is gone).
+#[expect(clippy::too_many_arguments, reason = "one statement's parameters")]
 fn stand(
     c: &mut dyn Tx,
     job: &str,
@@ -91,18 +154,34 @@ fn stand(
     scheduled_at: i64,
     at: DateTime<Utc>,
     error: Option<String>,
-) -> Result<Option<(i64, Option<i64>, bool)>, StoreError> {
+    unbroken: bool,
+) -> Result<Option<Stood>, StoreError> {
+    let only = if unbroken {
+        " AND consecutive_failures = 0"
+    } else {
+        ""
+    };
     first(
         c,
-        "UPDATE jobs SET last_run_id = $1, last_run_status = $2, last_run_scheduled_at = $3, \
-         last_run_ended_at = $4, last_run_error = $5, \
-         last_success_at = CASE WHEN $2 = 'succeeded' THEN $4 ELSE last_success_at END, \
-         last_failure_at = CASE WHEN $2 IN ('failed', 'timed_out') THEN $4 ELSE last_failure_at END, \
-         consecutive_failures = CASE WHEN $2 = 'succeeded' THEN 0 \
-           WHEN $2 IN ('failed', 'timed_out') THEN consecutive_failures + 1 ELSE consecutive_failures END \
-         WHERE id = $6 RETURNING consecutive_failures, auto_pause_after, paused",
+        &format!(
+            "UPDATE jobs SET last_run_id = $1, last_run_status = $2, last_run_scheduled_at = $3, \
+             last_run_ended_at = $4, last_run_error = $5, \
+             last_success_at = CASE WHEN $2 = 'succeeded' THEN $4 ELSE last_success_at END, \
+             last_failure_at = CASE WHEN $2 IN ('failed', 'timed_out') THEN $4 ELSE last_failure_at END, \
+             consecutive_failures = CASE WHEN $2 = 'succeeded' THEN 0 \
+               WHEN $2 IN ('failed', 'timed_out') THEN consecutive_failures + 1 ELSE consecutive_failures END \
+             WHERE id = $6{only} RETURNING consecutive_failures, auto_pause_after, paused, \
+             CAST(CASE WHEN spec LIKE '%\"every_failure\":true%' THEN 1 ELSE 0 END AS BIGINT)"
+        ),
         &values![run.to_string(), status.as_str(), scheduled_at, ms(at), error, job],
-        |row| Ok((row.int(0)?, row.opt_int(1)?, row.int(2)? != 0)),
+        |row| {
+            Ok(Stood {
+                failures: row.int(0)?,
+                auto_pause_after: row.opt_int(1)?,
+                paused: row.int(2)? != 0,
+                every_failure: row.int(3)? != 0,
+            })
+        },
     )
 }
 
@@ -113,11 +192,13 @@ pub(super) const FINISH_GROUP: usize = 64;
 /// Ends successful runs in one statement (shared database): their rows
 /// are locked in id order, as orphaning locks them, so two writers cannot
 /// deadlock; then their jobs' standing records the batch's last run of
-/// each and their failure counts reset, runs before jobs as everywhere. Returns the runs it ended; the others were final or gone.
+/// each and their failure counts reset, runs before jobs as everywhere.
+/// Returns the runs it ended (the others were final or gone), each with
+/// its job's id and name when it ended a failure streak (a recovery).
 pub(super) fn finish_successes<'a>(
     c: &mut dyn Tx,
     runs: impl Iterator<Item = (RunId, &'a Outcome, DateTime<Utc>)>,
-) -> Result<HashSet<RunId>, StoreError> {
+) -> Result<HashMap<RunId, Recovered>, StoreError> {
     let mut params = Vec::new();
     let mut rows = Vec::new();
     for (id, o, at) in runs {
@@ -136,6 +217,9 @@ pub(super) fn finish_successes<'a>(
             attempt_log_json(&o.attempt_log),
         ]);
     }
+    const STANDING: &str = "consecutive_failures = 0, last_run_id = l.id, last_run_status = 'succeeded', \
+         last_run_scheduled_at = l.scheduled_at, last_run_ended_at = l.ended_at, last_run_error = NULL, \
+         last_success_at = l.ended_at";
     let sql = format!(
         "WITH v (id, ended_at, attempts, exit_code, http_status, error, output, attempt_log) AS (VALUES {}), \
          locked AS (SELECT runs.id FROM runs JOIN v ON runs.id = v.id \
@@ -144,21 +228,25 @@ pub(super) fn finish_successes<'a>(
            exit_code = v.exit_code, http_status = v.http_status, error = v.error, output = v.output, \
            attempt_log = COALESCE(v.attempt_log, runs.attempt_log) FROM v, locked \
            WHERE runs.id = v.id AND locked.id = v.id AND runs.status IN ('queued', 'running') \
-           RETURNING runs.id, runs.job_id, runs.scheduled_at, runs.ended_at), \
+           RETURNING runs.id, runs.job_id, runs.job_name, runs.scheduled_at, runs.ended_at), \
          l AS (SELECT DISTINCT ON (job_id) job_id, id, scheduled_at, ended_at FROM r \
            ORDER BY job_id, ended_at DESC, id DESC), \
-         j AS (UPDATE jobs SET consecutive_failures = 0, last_run_id = l.id, last_run_status = 'succeeded', \
-           last_run_scheduled_at = l.scheduled_at, last_run_ended_at = l.ended_at, last_run_error = NULL, \
-           last_success_at = l.ended_at FROM l WHERE jobs.id = l.job_id) \
-         SELECT id FROM r",
+         j AS (UPDATE jobs SET {STANDING} FROM l WHERE jobs.id = l.job_id AND jobs.consecutive_failures = 0), \
+         k AS (UPDATE jobs SET {STANDING} FROM l WHERE jobs.id = l.job_id AND jobs.consecutive_failures > 0 \
+           RETURNING l.id) \
+         SELECT r.id, r.job_id, r.job_name, CAST(CASE WHEN r.id IN (SELECT id FROM k) THEN 1 ELSE 0 END AS BIGINT) FROM r",
         rows.join(", ")
     );
-    let ended = all(c, &sql, &params, |row| row.text(0))?;
+    let ended = all(c, &sql, &params, |row| {
+        Ok((row.text(0)?, row.text(1)?, row.text(2)?, row.int(3)? != 0))
+    })?;
     ended
-        .iter()
-        .map(|id| {
-            id.parse()
-                .map_err(|_| StoreError::corrupt("run id", format!("`{id}` does not parse")))
+        .into_iter()
+        .map(|(id, job, name, recovered)| {
+            let id = id
+                .parse()
+                .map_err(|_| StoreError::corrupt("run id", format!("`{id}` does not parse")))?;
+            Ok((id, recovered.then_some((job, name))))
         })
         .collect()
 }
@@ -166,11 +254,12 @@ pub(super) fn finish_successes<'a>(
 fn auto_pause(
     c: &mut dyn Tx,
     job: &str,
-    (failures, limit, paused): (i64, Option<i64>, bool),
+    stood: &Stood,
     at: DateTime<Utc>,
 ) -> Result<Option<JobChange>, StoreError> {
-    match limit {
-        Some(limit) if failures >= limit && !paused => {
+    let failures = stood.failures;
+    match stood.auto_pause_after {
+        Some(limit) if failures >= limit && !stood.paused => {
             let note = format!("auto-paused after {failures} consecutive failed runs");
             c.execute(
                 "UPDATE jobs SET paused = 1, pause_note = $1, version = version + 1, updated_at = $2 WHERE id = $3",

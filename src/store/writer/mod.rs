@@ -17,6 +17,7 @@ mod history;
 mod incarnations;
 mod jobs;
 mod lanes;
+mod notices;
 mod outbox;
 mod pending;
 mod run_ops;
@@ -35,6 +36,7 @@ pub use self::history::HistoryOp;
 pub use self::incarnations::IncarnationOp;
 pub use self::jobs::JobOp;
 use self::lanes::Lanes;
+pub use self::notices::{NoticeOp, Route, Settled};
 pub use self::outbox::OutboxOp;
 use self::pending::{Applied, CommitError, Pending, pending, plain};
 pub use self::run_ops::RunOp;
@@ -73,6 +75,8 @@ pub enum Op {
     History(HistoryOp),
     /// See [`OutboxOp`].
     Outbox(OutboxOp),
+    /// See [`NoticeOp`].
+    Notices(NoticeOp),
     /// See [`IncarnationOp`].
     Incarnations(IncarnationOp),
     /// Commit what came before, acknowledge, and stop.
@@ -89,6 +93,7 @@ impl Op {
             Self::Runs(op) => op.fail(e),
             Self::History(op) => op.fail(e),
             Self::Outbox(op) => op.fail(e),
+            Self::Notices(op) => op.fail(e),
             Self::Incarnations(op) => op.fail(e),
             Self::Close { reply } | Self::Probe { reply, .. } => {
                 let _ = reply.send(Err(e));
@@ -498,6 +503,7 @@ fn apply(tx: &mut dyn Tx, op: Op, outbox: bool, shared: bool) -> Pending {
         Op::Runs(op) => run_ops::apply(tx, op, outbox, shared),
         Op::History(op) => history::apply(tx, op),
         Op::Outbox(op) => outbox::apply(tx, op),
+        Op::Notices(op) => notices::apply(tx, op),
         Op::Incarnations(op) => incarnations::apply(tx, op),
         Op::Close { reply } => pending(reply, Ok(((), None))),
         Op::Probe { at, reply } => {

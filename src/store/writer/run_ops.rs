@@ -2,7 +2,7 @@
 //! that own the statements: inserts, starts and records (`runs.rs`),
 //! claims on a shared database (`claims.rs`), ends (`endings.rs`).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
@@ -155,20 +155,33 @@ pub(super) fn finish_group(tx: &mut dyn Tx, group: Vec<Op>, outbox: bool) -> Vec
             // The transaction is lost with it: each run's own statement
             // below then fails with the database's error.
             tracing::error!(error = %e, runs = finishes.len(), "could not end a group of runs");
-            HashSet::new()
+            HashMap::new()
         });
     finishes
         .into_iter()
         .map(|(id, outcome, at, reply)| {
-            if !ended.contains(&id) {
+            let Some(recovered) = ended.get(&id) else {
                 return pending(reply, finish(tx, id, outcome, at, outbox, true));
-            }
-            let recorded = if outbox {
-                super::outbox::record_run(tx, id, at).map(|()| ((), None))
-            } else {
-                Ok(((), None))
             };
-            pending(reply, recorded)
+            let mut recorded = Ok(());
+            if outbox {
+                recorded = super::outbox::record_run(tx, id, at);
+            }
+            if let (Ok(()), Some((job, name))) = (&recorded, recovered) {
+                recorded = super::notices::record(
+                    tx,
+                    super::notices::Notice {
+                        event: crate::notification::Event::Recovery,
+                        job_id: job,
+                        job_name: name,
+                        run: Some(id),
+                        first: true,
+                        detail: None,
+                        at,
+                    },
+                );
+            }
+            pending(reply, plain(recorded))
         })
         .collect()
 }

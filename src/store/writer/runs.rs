@@ -81,6 +81,26 @@ pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
     counters(c, run, outbox)
 }
 
+/// A run stored `missed` is an event for its job's notifications.
+pub(super) fn record_missed(c: &mut dyn Tx, run: &Run) -> Result<(), StoreError> {
+    if run.status != RunStatus::Missed {
+        return Ok(());
+    }
+    let job_id = run.job_id.to_string();
+    super::notices::record(
+        c,
+        super::notices::Notice {
+            event: crate::notification::Event::Missed,
+            job_id: &job_id,
+            job_name: &run.job_name,
+            run: Some(run.id),
+            first: true,
+            detail: run.error.as_deref().map(crate::standing::error_line),
+            at: run.created_at,
+        },
+    )
+}
+
 pub(super) fn run_values(run: &Run) -> Vec<Value> {
     Vec::from(values![
         run.id.to_string(),
@@ -110,6 +130,7 @@ fn counters(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
     if outbox && run.status.is_final() {
         super::outbox::record_run(c, run.id, run.created_at)?;
     }
+    record_missed(c, run)?;
     if !counts_toward_limit(run.trigger) {
         return Ok(((), None));
     }
@@ -251,7 +272,8 @@ pub(super) fn orphan_foreign(
     Ok(runs)
 }
 
-/// Marks one run `orphaned` if it is still live; whether it was.
+/// Marks one run `orphaned` if it is still live (and records the event
+/// for its job's notifications); whether it was.
 pub(super) fn orphan_if_live(
     c: &mut dyn Tx,
     id: RunId,
@@ -259,16 +281,32 @@ pub(super) fn orphan_if_live(
     error: &str,
     outbox: bool,
 ) -> Result<bool, StoreError> {
-    let changed = c.execute(
+    let orphaned = first(
+        c,
         "UPDATE runs SET status = 'orphaned', ended_at = $1, error = $2 \
-         WHERE id = $3 AND status IN ('queued', 'running')",
+         WHERE id = $3 AND status IN ('queued', 'running') RETURNING job_id, job_name",
         &values![ms(at), error, id.to_string()],
+        |row| Ok((row.text(0)?, row.text(1)?)),
     )?;
-    let orphaned = changed == 1;
-    if orphaned && outbox {
+    let Some((job_id, job_name)) = orphaned else {
+        return Ok(false);
+    };
+    if outbox {
         super::outbox::record_run(c, id, at)?;
     }
-    Ok(orphaned)
+    super::notices::record(
+        c,
+        super::notices::Notice {
+            event: crate::notification::Event::Orphaned,
+            job_id: &job_id,
+            job_name: &job_name,
+            run: Some(id),
+            first: true,
+            detail: Some(crate::standing::error_line(error)),
+            at,
+        },
+    )?;
+    Ok(true)
 }
 
 /// Why a run could not be started or ended: it is final already, or gone.
