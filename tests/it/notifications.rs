@@ -405,3 +405,82 @@ async fn destinations_keep_secrets_out_of_jobs_and_references_need_admin() {
     let (status, body) = post("admin-0123456789abcdef0", referenced).await;
     assert_eq!(status, 201, "{body}");
 }
+
+on_both_databases! {
+    /// Many jobs recovering in the same instant: on PostgreSQL their
+    /// successes end in one statement, which must still see each streak end.
+    #[tokio::test]
+    async fn many_jobs_failing_and_recovering_together_tell_one_of_each(db: Database) {
+        const JOBS: usize = 20;
+        let mut hook = Receiver::start().await;
+        let switch = Switch::start().await;
+        switch.set(false);
+        let mut options = Options::default().on(&db);
+        options.settings.notify_url = Some(hook.url("/hook"));
+        let app = TestApp::start(options).await;
+        for i in 0..JOBS {
+            app.create(json!({
+                "name": format!("j{i}"), "schedule": {"kind": "interval", "every": "1s"},
+                "action": {"kind": "http", "url": switch.url},
+            }))
+            .await;
+        }
+        eventually("every job failing", || async {
+            let (_, page) = app.get("/v1/jobs?health=failing&limit=100").await;
+            (page["items"].as_array().unwrap().len() == JOBS).then_some(())
+        })
+        .await;
+        switch.set(true);
+        eventually("every job ok again", || async {
+            let (_, page) = app.get("/v1/jobs?health=ok&limit=100").await;
+            (page["items"].as_array().unwrap().len() == JOBS).then_some(())
+        })
+        .await;
+        let mut told = std::collections::BTreeMap::<(String, String), u32>::new();
+        for _ in 0..2 * JOBS {
+            let hit = hook.next_on("/hook").await;
+            let body: Value = serde_json::from_slice(&hit.body).unwrap();
+            let key = (body["data"]["job_name"].as_str().unwrap().to_owned(), event_of(&hit));
+            *told.entry(key).or_default() += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(hook.drain().is_empty(), "more than one of each: {told:?}");
+        assert_eq!(told.len(), 2 * JOBS, "{told:?}");
+        assert!(told.values().all(|n| *n == 1), "{told:?}");
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn the_ssrf_guard_holds_for_notification_destinations() {
+    let mut options = Options::default();
+    options.settings.deny_private_networks = Some(true);
+    let app = TestApp::start(options).await;
+    let job = |name: &str, url: &str| {
+        json!({
+            "name": name, "schedule": yearly(), "action": {"kind": "test", "fail_attempts": 9},
+            "notify": {"to": [{"url": url}]},
+        })
+    };
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://[::1]:9/hook",
+        "http://169.254.169.254/hook",
+        "http://[::ffff:10.0.0.1]/",
+    ] {
+        let (status, body) = app.post("/v1/jobs", job("literal", url)).await;
+        assert_eq!(status, 422, "{url}: {body}");
+        assert_eq!(body["errors"][0]["pointer"], "/notify/to/0/url", "{body}");
+    }
+    // A name is checked when it resolves, as for actions.
+    app.create(job("named", "http://localhost:9/hook")).await;
+    run_once(&app, "named").await;
+    let refused = eventually("the delivery refused by the guard", || async {
+        let page = notifications(&app.base, "status=pending").await;
+        page.items.into_iter().find(|n| n.attempts >= 1)
+    })
+    .await;
+    let error = refused.last_error.unwrap();
+    assert!(error.contains("public address"), "{error}");
+    app.stop().await;
+}
