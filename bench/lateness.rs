@@ -25,9 +25,13 @@
 //! cronguard during the floor, at the measured one during its window — so
 //! the ratio says whether the API can starve the engine.
 //!
+//! Subscribers: `--subscribers 100` keeps that many clients reading every
+//! event of `GET /v1/events` during cronguard's window (the live feed's
+//! cost on the engine); they report how many events each received.
+//!
 //! Run: `cargo bench --bench lateness -- [--workload aligned|spread]
 //! [--jobs 100,1000] [--seconds 60] [--postgres URL --replicas 1,2,3]
-//! [--flood]`.
+//! [--flood] [--subscribers N]`.
 //! Not a test: it asserts nothing.
 
 #![allow(clippy::unwrap_used)] // A benchmark that cannot measure stops with the reason.
@@ -163,7 +167,43 @@ async fn converged(services: &[Service], n: usize) {
     }
 }
 
-async fn run(workload: Workload, n: usize, seconds: i64, target: Target, flood: bool) -> String {
+/// `n` clients reading every event from `base` until `stop`; each
+/// returns how many events it read.
+fn subscribe(
+    base: &str,
+    n: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..n)
+        .map(|_| {
+            let (url, stop) = (format!("{base}/v1/events"), stop.clone());
+            tokio::spawn(async move {
+                let mut response = reqwest::Client::new().get(url).send().await.expect("subscribe");
+                assert_eq!(response.status(), 200, "subscribe");
+                let mut events = 0;
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return events,
+                        chunk = response.chunk() => match chunk {
+                            Ok(Some(bytes)) => events += bytes.windows(7).filter(|w| *w == b"\nevent:" || *w == b"\revent:").count() as u64
+                                + u64::from(bytes.starts_with(b"event:")),
+                            _ => return events,
+                        },
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn run(
+    workload: Workload,
+    n: usize,
+    seconds: i64,
+    target: Target,
+    flood: bool,
+    subscribers: usize,
+) -> String {
     let receiver = ReceiverProcess::start().await;
     let expected = n as i64 * seconds / workload.period();
 
@@ -232,8 +272,15 @@ async fn run(workload: Workload, n: usize, seconds: i64, target: Target, flood: 
         converged(&services, n).await;
     }
     let flooding = flood.then(|| Flood::start(&base, seconds as u64 + 6));
+    let reading = tokio_util::sync::CancellationToken::new();
+    let readers = subscribe(&base, subscribers, reading.clone());
     let (start, end) = window(4, seconds);
     sleep_past(end, 3).await;
+    reading.cancel();
+    let mut read = Vec::new();
+    for reader in readers {
+        read.push(reader.await.unwrap_or(0));
+    }
     let ours = stats(&receiver.take().await, start, end);
     if let Some(flood) = flooding {
         flood.finish().await;
@@ -272,6 +319,12 @@ async fn run(workload: Workload, n: usize, seconds: i64, target: Target, flood: 
     };
     if flood {
         on.push_str(", both under the API flood");
+    }
+    if subscribers > 0 {
+        let (least, most) = (read.iter().min().unwrap_or(&0), read.iter().max().unwrap_or(&0));
+        on.push_str(&format!(
+            ", {subscribers} subscribers on /v1/events during cronguard's window (each read {least}..{most} events)"
+        ));
     }
     let rate = expected as f64 / seconds as f64;
     format!(
@@ -341,11 +394,15 @@ async fn bench() {
         "spread"
     };
     let flood = args.iter().any(|a| a == "--flood");
+    let subscribers: usize = arg("--subscribers").map_or(0, |s| s.parse().expect("--subscribers N"));
     println!("cronguard fire lateness vs the floor ({name}: HTTP to a loopback receiver process)");
     println!("{}", machine());
     for n in jobs {
         for target in &targets {
-            println!("{}", run(workload, n, seconds, target.clone(), flood).await);
+            println!(
+                "{}",
+                run(workload, n, seconds, target.clone(), flood, subscribers).await
+            );
         }
     }
 }

@@ -12,7 +12,8 @@
 //! - the domain, parsed and validated, no I/O: [`schedule`], [`policy`],
 //!   [`action`], [`notification`] (whom a job tells, signed messages),
 //!   [`job`], [`run`];
-//! - [`metrics`] (every metric), [`procfs`] (the process table),
+//! - [`metrics`] (every metric), [`events`] (the live feed of committed
+//!   changes), [`procfs`] (the process table),
 //!   [`protocol`] (the control backend's wire types), [`standing`] (a
 //!   job's last run, failures and health);
 //! - [`store`]: the database, one writer with group commit;
@@ -40,6 +41,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod events;
 pub mod executor;
 pub mod fault;
 pub mod health;

@@ -92,9 +92,12 @@ pub struct RunResult {
     /// What went wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Output tail.
+    /// Standard output tail (or an HTTP response body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// Standard error tail of a command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
     /// Each attempt, for runs with retries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempt_log: Vec<Attempt>,
@@ -119,6 +122,7 @@ impl RunResult {
             http_status: run.http_status,
             error: run.error.clone(),
             output: run.output.clone(),
+            stderr: run.stderr.clone(),
             attempt_log: run.attempt_log.clone(),
         }
     }

@@ -252,9 +252,13 @@ pub struct Run {
     /// What went wrong, in words.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Tail of the command's output or the HTTP response body.
+    /// Tail of the command's standard output, or the HTTP response body.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// Tail of the command's standard error (kept apart from `output`,
+    /// each bounded by `--output-tail-bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
     /// Process id of a command run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
@@ -314,8 +318,10 @@ pub struct Outcome {
     pub http_status: Option<u16>,
     /// Error text.
     pub error: Option<String>,
-    /// Output tail.
+    /// Standard output tail (or an HTTP response body).
     pub output: Option<String>,
+    /// Standard error tail.
+    pub stderr: Option<String>,
     /// Every attempt, when the run retried.
     pub attempt_log: Vec<Attempt>,
 }
@@ -331,6 +337,7 @@ impl Outcome {
             http_status: None,
             error: Some(truncate(error.into(), MAX_ERROR_LEN)),
             output: None,
+            stderr: None,
             attempt_log: Vec::new(),
         }
     }

@@ -121,6 +121,12 @@ pub enum ApiError {
     /// The service is shutting down (503).
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// `GET /v1/events` has its most subscribers (503).
+    #[error("{limit} clients are subscribed to events already (--events-max-subscribers); retry later")]
+    TooManySubscribers {
+        /// The limit.
+        limit: usize,
+    },
     /// The database cannot be written now (503); nothing was written.
     #[error("the database cannot be written ({0}); nothing was written, retry later")]
     StorageUnavailable(StorageFault),
@@ -227,6 +233,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "urn:cronguard:problem:shutting-down",
                 "Shutting down",
+            ),
+            Self::TooManySubscribers { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "urn:cronguard:problem:too-many-subscribers",
+                "Too many subscribers",
             ),
             Self::StorageUnavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod job_view;
 pub mod jobs;
@@ -15,6 +16,7 @@ pub mod notifications;
 pub mod openapi;
 pub mod probes;
 pub mod redaction;
+pub mod run_output;
 pub mod runs;
 pub mod schedules;
 pub mod scope;
@@ -74,6 +76,10 @@ pub struct ApiContext {
     /// Contact with the control backend, when one is configured (its jobs
     /// are then read-only here).
     pub backend: Option<Arc<crate::backend::Contact>>,
+    /// Subscribers to the live event feed.
+    pub feed: Arc<events::Feed>,
+    /// The output of command runs executing here.
+    pub live: Arc<crate::executor::live::LiveOutput>,
 }
 
 /// HTTP-level limits.

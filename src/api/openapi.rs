@@ -11,7 +11,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiContext, jobs, notifications, probes, runs, schedules};
+use super::{ApiContext, events, jobs, notifications, probes, run_output, runs, schedules};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -26,6 +26,7 @@ use super::{ApiContext, jobs, notifications, probes, runs, schedules};
         (name = "jobs", description = "Job definitions and their lifecycle"),
         (name = "runs", description = "Run history and cancellation"),
         (name = "schedules", description = "Schedule previews"),
+        (name = "events", description = "The live feed of job, run, orphan and backend-contact events (Server-Sent Events)"),
         (name = "notifications", description = "Failure, recovery and other notifications, and their delivery"),
         (name = "health", description = "Probes and metrics"),
     )
@@ -44,8 +45,10 @@ pub fn routes() -> OpenApiRouter<Arc<ApiContext>> {
         .routes(routes!(schedules::preview_job))
         .routes(routes!(runs::list_runs))
         .routes(routes!(runs::get_run))
+        .routes(routes!(run_output::run_output))
         .routes(routes!(runs::cancel_run))
         .routes(routes!(notifications::list_notifications))
+        .routes(routes!(events::events))
         .routes(routes!(schedules::preview_schedule))
         .routes(routes!(probes::livez))
         .routes(routes!(probes::readyz))

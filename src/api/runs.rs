@@ -111,7 +111,7 @@ pub async fn list_job_runs(
     page(&ctx, filter, &params).await
 }
 
-fn run_id(text: &str) -> Result<RunId, ApiError> {
+pub(super) fn run_id(text: &str) -> Result<RunId, ApiError> {
     text.parse().map_err(|_| ApiError::NotFound("run"))
 }
 
@@ -176,7 +176,7 @@ pub async fn cancel_run(
 }
 
 /// The run `id`, or 404.
-async fn find_run(ctx: &ApiContext, id: RunId) -> Result<Run, ApiError> {
+pub(super) async fn find_run(ctx: &ApiContext, id: RunId) -> Result<Run, ApiError> {
     ctx.services
         .store
         .runs()

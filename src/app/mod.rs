@@ -102,6 +102,7 @@ impl App {
                 source,
             })?;
         let metrics = Arc::new(Metrics::new());
+        let orphans = Arc::new(Orphans::new(metrics.clone(), store.events().clone()));
         Ok(Self {
             config,
             listener,
@@ -115,7 +116,7 @@ impl App {
             notices,
             membership,
             health: Arc::new(Health::new()),
-            orphans: Arc::new(Orphans::new(metrics)),
+            orphans,
             incarnation,
             faults: Arc::new(Faults::new()),
         })
@@ -165,6 +166,7 @@ impl App {
         tracing::info!(incarnation = %cx.incarnation, addr = %self.listener.local_addr().map_err(AppError::Serve)?, "cronguard started");
         let Parts {
             router,
+            streams,
             loops: main_loops,
             lease: lease_loops,
             supervisor,
@@ -206,7 +208,9 @@ impl App {
         // 4. The lease is released.
         lease_stop.cancel();
         leasing.join().await;
-        // 5. HTTP stops.
+        // 5. HTTP stops (event streams end first: the server waits for
+        //    every open response).
+        streams.cancel();
         http_stop.cancel();
         let served = server.wait().await.map_err(AppError::Serve);
         // 6. The store records the stop, commits what is left and closes.

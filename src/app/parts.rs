@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::AppError;
 use crate::action::ActionPolicy;
+use crate::api::events::Feed;
 use crate::api::{self, ApiContext, HttpLimits};
 use crate::backend::Contact;
 use crate::backend::client::BackendClient;
@@ -52,6 +53,9 @@ pub(super) struct Cx {
 /// The running service, before it runs.
 pub(super) struct Parts {
     pub router: Router,
+    /// Ends the live event streams (before the HTTP server stops, which
+    /// waits for open responses).
+    pub streams: tokio_util::sync::CancellationToken,
     /// Stopped by `stop`, in no particular order.
     pub loops: Vec<Arc<dyn Loop>>,
     /// Stopped only once every run is recorded.
@@ -62,10 +66,10 @@ pub(super) struct Parts {
     pub reaper: Arc<Reaper>,
 }
 
-/// The run supervisor, a handle to it, and the orphan reaper.
 /// How long one notification attempt may take.
 const NOTIFY_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The run supervisor, a handle to it, and the orphan reaper.
 type Runs = (Arc<Mutex<Supervisor>>, SupervisorHandle, Arc<Reaper>, Executor);
 
 impl Cx {
@@ -121,6 +125,7 @@ impl Cx {
             loading: false,
         };
         let (supervisor, handle, reaper, executor) = self.runs(&actions)?;
+        let live = executor.live();
         let engine = EngineLoop::new(
             EngineContext {
                 services: self.services.clone(),
@@ -138,6 +143,7 @@ impl Cx {
         };
         let notifier = Notifier {
             counters: NotifyMetrics::new(&self.services.metrics),
+            late: std::sync::Mutex::default(),
             services: self.services.clone(),
             executor,
             config: NotifierConfig {
@@ -169,8 +175,13 @@ impl Cx {
             }));
             leases.push(lease);
         }
+        let feed = Arc::new(Feed::new(
+            self.config.events_max_subscribers,
+            &self.services.metrics,
+        ));
         Ok(Parts {
-            router: self.router(handle, actions, contact),
+            router: self.router(handle, actions, contact, (&feed, live)),
+            streams: feed.stop.clone(),
             loops,
             lease: leases,
             supervisor,
@@ -226,6 +237,7 @@ impl Cx {
         let stale_after = b.poll_interval * 3 + b.timeout;
         let contact = Arc::new(Contact::new(
             self.services.metrics.clone(),
+            Some(self.services.store.events().clone()),
             b.contact_max_age,
             stale_after,
             self.services.clock.now(),
@@ -260,6 +272,7 @@ impl Cx {
         supervisor: SupervisorHandle,
         actions: ActionPolicy,
         backend: Option<Arc<Contact>>,
+        (feed, live): (&Arc<Feed>, Arc<crate::executor::live::LiveOutput>),
     ) -> Router {
         let ctx = Arc::new(ApiContext {
             services: self.services.clone(),
@@ -274,6 +287,8 @@ impl Cx {
             tokens: self.config.tokens.clone(),
             max_jobs: self.config.max_jobs,
             backend,
+            feed: feed.clone(),
+            live,
         });
         api::router(
             ctx,

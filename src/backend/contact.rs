@@ -128,6 +128,8 @@ pub struct Contact {
     /// that keeps succeeding says nothing new about results, so it does
     /// not cut short a `Retry-After` of the results endpoint.
     recovered: Notify,
+    /// The live feed, told when a direction starts failing or works again.
+    bus: Option<Arc<crate::events::Bus>>,
     /// With `--backend-contact-max-age`: liveness fails past it.
     pub max_age: Option<Duration>,
     /// Beyond this age a direction is shown as stale.
@@ -142,6 +144,7 @@ impl Contact {
     /// series in `metrics`' registry (once per process).
     pub fn new(
         metrics: Arc<Metrics>,
+        bus: Option<Arc<crate::events::Bus>>,
         max_age: Option<Duration>,
         stale_after: Duration,
         started: DateTime<Utc>,
@@ -210,6 +213,20 @@ impl Contact {
             outbox_oldest: AtomicI64::new(0),
             recovered: Notify::new(),
             max_age,
+            bus,
+        }
+    }
+
+    /// Tells the live feed that `direction` now works (`ok`) or fails.
+    fn publish(&self, direction: Direction, status: &str, at: DateTime<Utc>, detail: Option<String>) {
+        if let Some(bus) = &self.bus {
+            let mut event = crate::events::Event::new(crate::events::Kind::BackendContact, at)
+                .status(status)
+                .detail(direction.label());
+            if let Some(d) = detail {
+                event.detail = Some(format!("{}: {d}", direction.label()));
+            }
+            bus.publish([event]);
         }
     }
 
@@ -244,6 +261,7 @@ impl Contact {
         self.metrics.backend_contact(now);
         if failed > 0 {
             self.recovered.notify_waiters();
+            self.publish(direction, "ok", now, None);
         }
     }
 
@@ -251,6 +269,14 @@ impl Contact {
     pub fn failure(&self, direction: Direction, reason: &'static str, error: String) {
         let side = self.side(direction);
         let n = side.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == 1 {
+            self.publish(
+                direction,
+                "failing",
+                Utc::now(),
+                Some(crate::standing::error_line(&error)),
+            );
+        }
         self.gauges
             .consecutive_failures
             .with_label_values(&[direction.label()])
@@ -376,6 +402,7 @@ mod tests {
     fn one_direction_never_hides_the_other() {
         let contact = Contact::new(
             Arc::new(Metrics::new()),
+            None,
             Some(Duration::from_secs(300)),
             Duration::from_secs(100),
             t(0),
@@ -413,7 +440,13 @@ mod tests {
 
     #[test]
     fn a_backend_never_reached_is_as_stale_as_the_service_is_old() {
-        let contact = Contact::new(Arc::new(Metrics::new()), None, Duration::from_secs(100), t(0));
+        let contact = Contact::new(
+            Arc::new(Metrics::new()),
+            None,
+            None,
+            Duration::from_secs(100),
+            t(0),
+        );
         assert!(!contact.view(t(50)).stale);
         assert!(contact.view(t(101)).pull.stale);
     }

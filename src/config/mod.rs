@@ -81,6 +81,8 @@ pub struct Config {
     pub max_jobs: Option<u64>,
     /// The control backend, when configured.
     pub backend: Option<crate::backend::BackendConfig>,
+    /// Most subscribers to the live event feed.
+    pub events_max_subscribers: usize,
     /// The operator's default notification events and destination.
     pub notify: crate::notification::Defaults,
     /// How long a notification is retried.
@@ -261,6 +263,7 @@ impl Config {
             action_proxy: action_proxy(s.action_proxy.as_deref())?,
             max_jobs: s.max_jobs,
             backend,
+            events_max_subscribers: s.events_max_subscribers.unwrap_or(256),
             notify,
             notify_give_up_after,
             process_supervision: false,

@@ -166,6 +166,10 @@ pub struct Settings {
     #[arg(long, env = "CRONGUARD_UPLOAD_BATCH", value_name = "N")]
     pub upload_batch: Option<usize>,
 
+    /// Most clients subscribed to GET /v1/events at once; more get 503 [default: 256]
+    #[arg(long, env = "CRONGUARD_EVENTS_MAX_SUBSCRIBERS", value_name = "N")]
+    pub events_max_subscribers: Option<usize>,
+
     /// Default notification destination for jobs without their own `notify.to` (an http(s) URL; a Slack incoming-webhook URL with --notify-format slack) [default: none]
     #[arg(
         long,
@@ -259,6 +263,7 @@ impl Settings {
             backend_max_body_bytes,
             outbox_limit,
             upload_batch,
+            events_max_subscribers,
             notify_url,
             notify_format,
             notify_secret,

@@ -22,7 +22,7 @@ use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::pin::{Pin, pin};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -31,7 +31,8 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
 
-use super::{Limits, Occurrence, Tail};
+use super::live::{Pipe, Watch};
+use super::{Limits, Occurrence};
 use crate::action::CommandAction;
 use crate::run::{Outcome, RunId, RunStatus};
 
@@ -102,6 +103,8 @@ pub(super) struct Launch<'a> {
     pub shim: Option<&'a std::path::Path>,
     /// Leaders of live command runs.
     pub table: &'a ProcessTable,
+    /// Where followers read the output live.
+    pub live: &'a super::live::LiveOutput,
 }
 
 pub(super) async fn execute<F, Fut>(
@@ -141,9 +144,12 @@ where
     })
     .await;
 
-    let tail = Mutex::new(Tail::new(tail_bytes));
+    // Followers see the pipes close when this function returns (the last
+    // holder of the watch is gone, and it is unregistered).
+    let registered = launch.live.open(occurrence.run_id, tail_bytes);
+    let watch = registered.watch.clone();
     let mut capture = Capture {
-        reading: pin!(capture(child.stdout.take(), child.stderr.take(), &tail)),
+        reading: pin!(capture(child.stdout.take(), child.stderr.take(), &watch)),
         drained: false,
     };
     let (end, status) = wait(&mut child, group, limits, cancel, &mut capture).await;
@@ -154,11 +160,8 @@ where
     if !capture.drained {
         let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut capture.reading).await;
     }
-    let output = tail
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take_text();
-    let (run_status, error) = judge(end, &status, output.as_deref(), limits, launch.shim.is_some());
+    let (output, stderr) = watch.take();
+    let (run_status, error) = judge(end, &status, stderr.as_deref(), limits, launch.shim.is_some());
     Outcome {
         status: run_status,
         reason: None,
@@ -167,6 +170,7 @@ where
         http_status: None,
         error,
         output,
+        stderr,
         attempt_log: Vec::new(),
     }
 }
@@ -275,12 +279,12 @@ async fn wait(
 }
 
 /// The run's status and error from how the wait ended and how the leader
-/// exited. Under the shim, exit code 127 with the shim's report in the
-/// output means the program could not be started.
+/// exited. Under the shim, exit code 127 with the shim's report on
+/// standard error means the program could not be started.
 fn judge(
     end: End,
     status: &io::Result<ExitStatus>,
-    output: Option<&str>,
+    stderr: Option<&str>,
     limits: Limits,
     shim: bool,
 ) -> (RunStatus, Option<String>) {
@@ -296,7 +300,7 @@ fn judge(
         (End::Exited, Ok(s)) if s.success() => (RunStatus::Succeeded, None),
         (End::Exited, Ok(s)) if s.code() == Some(super::shim::CANNOT_START) && shim => {
             let reported =
-                output.and_then(|o| o.lines().find_map(|l| l.strip_prefix(super::shim::START_FAILED)));
+                stderr.and_then(|o| o.lines().find_map(|l| l.strip_prefix(super::shim::START_FAILED)));
             (
                 RunStatus::Failed,
                 Some(match reported {
@@ -320,8 +324,9 @@ fn judge(
     }
 }
 
-/// Reads both pipes into `tail` until both reach EOF.
-async fn capture(stdout: Option<ChildStdout>, stderr: Option<ChildStderr>, tail: &Mutex<Tail>) {
+/// Reads both pipes into their tails (and to live followers) until both
+/// reach EOF.
+async fn capture(stdout: Option<ChildStdout>, stderr: Option<ChildStderr>, watch: &Watch) {
     let mut out = stdout;
     let mut err = stderr;
     let mut buf_out = vec![0u8; 8192];
@@ -329,11 +334,11 @@ async fn capture(stdout: Option<ChildStdout>, stderr: Option<ChildStderr>, tail:
     loop {
         tokio::select! {
             r = async { out.as_mut()?.read(&mut buf_out).await.ok() }, if out.is_some() => match r {
-                Some(n) if n > 0 => tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(&buf_out[..n]),
+                Some(n) if n > 0 => watch.push(Pipe::Stdout, &buf_out[..n]),
                 _ => out = None,
             },
             r = async { err.as_mut()?.read(&mut buf_err).await.ok() }, if err.is_some() => match r {
-                Some(n) if n > 0 => tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(&buf_err[..n]),
+                Some(n) if n > 0 => watch.push(Pipe::Stderr, &buf_err[..n]),
                 _ => err = None,
             },
             else => return,

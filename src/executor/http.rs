@@ -88,6 +88,7 @@ pub(super) async fn execute(
                 http_status: Some(status),
                 error: (!ok).then(|| format!("HTTP status {status} is not a success status")),
                 output,
+                stderr: None,
                 attempt_log: Vec::new(),
             }
         }

@@ -7,6 +7,7 @@
 
 mod command;
 mod http;
+pub mod live;
 mod output;
 pub mod shim;
 #[cfg(feature = "fault-injection")]
@@ -81,6 +82,7 @@ struct Inner {
     http: reqwest::Client,
     store: Store,
     processes: ProcessTable,
+    live: Arc<live::LiveOutput>,
     #[cfg_attr(
         not(feature = "fault-injection"),
         expect(dead_code, reason = "used by the test action")
@@ -132,9 +134,15 @@ impl Executor {
                 http,
                 store,
                 processes: ProcessTable::default(),
+                live: Arc::default(),
                 clock,
             }),
         })
+    }
+
+    /// The output of command runs executing now, for live followers.
+    pub fn live(&self) -> Arc<live::LiveOutput> {
+        self.inner.live.clone()
     }
 
     /// The leaders of command runs alive now (for the stray reaper).
@@ -231,6 +239,7 @@ impl Executor {
                     command::Launch {
                         shim: cfg.shim.as_deref(),
                         table: &self.inner.processes,
+                        live: &self.inner.live,
                     },
                     on_spawn,
                 )

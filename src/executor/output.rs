@@ -41,6 +41,12 @@ impl Tail {
         self.buf.extend(bytes);
     }
 
+    /// The kept text so far (lossy UTF-8), without the omitted-bytes note.
+    pub fn text(&self) -> String {
+        let bytes: Vec<u8> = self.buf.iter().copied().collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
     /// Takes the text out, leaving an empty tail; see [`Tail::into_text`].
     pub fn take_text(&mut self) -> Option<String> {
         std::mem::replace(self, Tail::new(0)).into_text()

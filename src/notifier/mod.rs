@@ -65,6 +65,8 @@ pub struct Notifier {
     pub config: NotifierConfig,
     /// Its own series.
     pub counters: NotifyMetrics,
+    /// Overdue jobs already reported, with the deadline they passed.
+    pub late: std::sync::Mutex<HashMap<JobId, DateTime<Utc>>>,
 }
 
 /// When each periodic chore is due next.
@@ -142,7 +144,8 @@ impl Notifier {
         Ok(())
     }
 
-    /// Records a `late` event for every overdue job that reports it.
+    /// Publishes `job.health` `late` once per overdue job and deadline, and
+    /// records a `late` notification for those that report it.
     async fn judge_late(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
         let store = &self.services.store;
         let overdue: HashMap<JobId, DateTime<Utc>> = store
@@ -152,12 +155,33 @@ impl Notifier {
             .iter()
             .filter_map(|t| crate::standing::overdue(t, now).map(|by| (t.id, by)))
             .collect();
-        if overdue.is_empty() {
+        let fresh: Vec<JobId> = {
+            let mut seen = self
+                .late
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            seen.retain(|id, _| overdue.contains_key(id));
+            overdue
+                .iter()
+                .filter(|(id, by)| seen.insert(**id, **by) != Some(**by))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        if fresh.is_empty() {
             return Ok(());
         }
-        let ids: Vec<JobId> = overdue.keys().copied().collect();
-        for job in store.jobs().get_many(&ids).await? {
+        for job in store.jobs().get_many(&fresh).await? {
             let Some(by) = overdue.get(&job.id) else { continue };
+            store
+                .events()
+                .publish([crate::events::Event::new(crate::events::Kind::JobHealth, now)
+                    .job(job.id)
+                    .name(job.def.spec.name.clone())
+                    .status("late")
+                    .detail(format!(
+                        "expected to start by {}",
+                        by.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ))]);
             if self
                 .config
                 .defaults
@@ -167,12 +191,21 @@ impl Notifier {
                 continue;
             }
             let name = job.def.spec.name.clone();
-            if store
+            match store
                 .notices()
                 .record_late(job.id.to_string(), name.clone(), *by, now)
-                .await?
+                .await
             {
-                tracing::warn!(job = %name, expected_by = %by, "job is late");
+                Ok(true) => tracing::warn!(job = %name, expected_by = %by, "job is late"),
+                Ok(false) => {}
+                Err(e) => {
+                    // Judged again next round.
+                    self.late
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&job.id);
+                    return Err(e);
+                }
             }
         }
         Ok(())

@@ -135,6 +135,7 @@ pub struct OrphanReport {
 pub struct Orphans {
     state: Mutex<State>,
     metrics: Arc<Metrics>,
+    bus: Arc<crate::events::Bus>,
 }
 
 #[derive(Debug, Default)]
@@ -144,14 +145,15 @@ struct State {
 }
 
 impl Orphans {
-    /// An empty registry publishing to `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    /// An empty registry publishing to `metrics` and the live feed.
+    pub fn new(metrics: Arc<Metrics>, bus: Arc<crate::events::Bus>) -> Self {
         for kind in OrphanKind::ALL {
             metrics.set_orphans(kind.as_str(), 0);
         }
         Self {
             state: Mutex::default(),
             metrics,
+            bus,
         }
     }
 
@@ -168,6 +170,17 @@ impl Orphans {
             "orphan detected"
         );
         self.metrics.orphan_detected(finding.kind.as_str());
+        let remedy = serde_json::to_value(finding.remedy).unwrap_or_default();
+        let mut event = crate::events::Event::new(crate::events::Kind::OrphanDetected, finding.detected_at)
+            .status(finding.kind.as_str())
+            .detail(format!(
+                "{}: {}",
+                remedy.as_str().unwrap_or("reported"),
+                finding.detail
+            ));
+        event.job_id = finding.job;
+        event.run_id = finding.run;
+        self.bus.publish([event]);
         if finding.kind == OrphanKind::StrayProcess && finding.remedy == Remedy::Killed {
             self.metrics.stray_killed();
         }

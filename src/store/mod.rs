@@ -208,6 +208,8 @@ struct Inner {
     /// concurrency limit.
     writer: writer::Queue,
     outbox_signal: Arc<tokio::sync::Notify>,
+    /// The live feed the writer publishes committed changes to.
+    bus: Arc<crate::events::Bus>,
     backend: Backend,
 }
 
@@ -250,10 +252,11 @@ impl Store {
         options: &SqliteOptions,
         changes: mpsc::UnboundedSender<JobChange>,
     ) -> Result<(Self, writer::WriterTask), StoreError> {
+        let bus = Arc::new(crate::events::Bus::new());
         let (inner, task) = if postgres::is_postgres(&options.url) {
-            postgres::open(options, changes).await?
+            postgres::open(options, changes, bus).await?
         } else {
-            sqlite::open(options, changes).await?
+            sqlite::open(options, changes, bus).await?
         };
         Ok((
             Self {
@@ -281,6 +284,13 @@ impl Store {
     /// The outbox of results and rejections for the control backend.
     pub fn outbox(&self) -> Outbox<'_> {
         Outbox { inner: &self.inner }
+    }
+
+    /// The live feed of committed changes (`GET /v1/events`); other
+    /// parts publish what is not a commit (orphan detections, backend
+    /// contact) to it too.
+    pub fn events(&self) -> &Arc<crate::events::Bus> {
+        &self.inner.bus
     }
 
     /// Notifications: recorded events, their destinations and delivery.

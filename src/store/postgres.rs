@@ -44,6 +44,7 @@ fn connect_options(options: &SqliteOptions) -> Result<PgConnectOptions, StoreErr
 pub(super) async fn open(
     options: &SqliteOptions,
     changes: mpsc::UnboundedSender<JobChange>,
+    bus: std::sync::Arc<crate::events::Bus>,
 ) -> Result<(Inner, WriterTask), StoreError> {
     let connect = connect_options(options)?;
     // One plain connection first: a pool retries a refused connection
@@ -66,12 +67,14 @@ pub(super) async fn open(
         None,
         changes,
         options.outbox.then(|| outbox_signal.clone()),
+        bus.clone(),
     );
     Ok((
         Inner {
             reads: reads::Pool::Postgres(pool.clone()),
             writer: queue,
             outbox_signal,
+            bus,
             backend: Backend::Postgres(Remote { pool }),
         },
         writer.into_task(),

@@ -27,7 +27,7 @@ pub const STANDING_COLUMNS: &str = "id, consecutive_failures, last_run_id, last_
 /// Columns selected for a run, in the order [`run`] reads them.
 pub const RUN_COLUMNS: &str = "id, job_id, job_name, scheduled_at, scheduled_until, fires, status, \
      trigger, reason, created_at, started_at, ended_at, attempts, exit_code, http_status, error, \
-     output, pid, pgid, process_start_ticks, incarnation, attempt_log";
+     output, pid, pgid, process_start_ticks, incarnation, attempt_log, stderr";
 
 /// A result row, whichever driver read it: sqlx for the async reads,
 /// rusqlite for the writer thread (see `docs/decisions.md`). The decoders
@@ -193,6 +193,7 @@ pub fn run(row: &(impl Columns + ?Sized)) -> Result<Run, StoreError> {
         http_status: row.opt_int(14)?.and_then(|s| u16::try_from(s).ok()),
         error: row.opt_text(15)?,
         output: row.opt_text(16)?,
+        stderr: row.opt_text(22)?,
         pid: opt_i32(row.opt_int(17)?),
         pgid: opt_i32(row.opt_int(18)?),
         process_start_ticks: row.opt_int(19)?.and_then(|t| u64::try_from(t).ok()),

@@ -102,6 +102,12 @@ pub trait Tx {
         params: &[Value],
         each: &mut dyn FnMut(&dyn Columns) -> Result<(), StoreError>,
     ) -> Result<(), StoreError>;
+
+    /// Stages `event` for the live feed: published after the transaction
+    /// commits, dropped if it does not (the writer's batches only).
+    fn stage(&mut self, event: crate::events::Event) {
+        let _ = event;
+    }
 }
 
 /// The first row of a query, decoded.

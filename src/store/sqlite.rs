@@ -119,6 +119,7 @@ pub struct Local {
 pub(super) async fn open(
     options: &SqliteOptions,
     changes: mpsc::UnboundedSender<JobChange>,
+    bus: std::sync::Arc<crate::events::Bus>,
 ) -> Result<(Inner, WriterTask), StoreError> {
     let connect = options.connect_options()?;
     let path = connect.get_filename().to_path_buf();
@@ -143,6 +144,7 @@ pub(super) async fn open(
         Some(checkpointer),
         changes,
         options.outbox.then(|| outbox_signal.clone()),
+        bus.clone(),
     );
     let local = Local {
         point: PointReader::new(path.clone(), options.busy_timeout),
@@ -153,6 +155,7 @@ pub(super) async fn open(
             reads: reads::Pool::Sqlite(read),
             writer: queue,
             outbox_signal,
+            bus,
             backend: Backend::Sqlite(local),
         },
         writer.into_task(),

@@ -296,6 +296,7 @@ impl Supervisor {
             http_status: None,
             error: None,
             output: None,
+            stderr: None,
             pid: None,
             pgid: None,
             process_start_ticks: None,

@@ -99,6 +99,7 @@ fn fire(job: JobId, name: &str, at: DateTime<Utc>, by: Incarnation) -> Run {
         http_status: None,
         error: None,
         output: None,
+        stderr: None,
         pid: None,
         pgid: None,
         process_start_ticks: None,
@@ -213,6 +214,7 @@ fn successes_ending_together_each_get_their_answer() {
                 http_status: None,
                 error: None,
                 output: Some(format!("out {code}\n")),
+                stderr: Some(format!("err {code}\n")),
                 attempt_log: Vec::new(),
             };
             // Submitted without waiting in between: one writer batch.

@@ -47,15 +47,16 @@ async fn commands_get_their_identity_and_a_bounded_tail() {
     let run = app.final_run(run.id).await;
     assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
     let out = run.output.as_deref().unwrap();
-    // stdout and stderr are separate pipes: their interleaving is not fixed.
-    let line = out.lines().find(|l| !l.contains("oops")).unwrap();
+    // stdout and stderr are kept apart, each its own tail.
+    let line = out.lines().next().unwrap();
     let fields: Vec<_> = line.split(' ').collect();
     assert_eq!(fields[..2], [job.id.to_string(), run.id.to_string()], "{out}");
     assert_eq!(
         chrono::DateTime::parse_from_rfc3339(fields[2]).unwrap(),
         run.scheduled_at
     );
-    assert!(out.contains("oops"), "stderr is captured too: {out}");
+    assert!(!out.contains("oops"), "{out}");
+    assert_eq!(run.stderr.as_deref(), Some("oops\n"), "stderr is captured apart");
 
     // 200 kB of output: the run ends (the pipe is drained) and keeps the tail.
     app.create(command_job(

@@ -12,6 +12,7 @@ mod claims;
 mod clock;
 mod commands;
 mod dst;
+mod events;
 mod health;
 mod http_edge;
 mod notifications;

@@ -77,7 +77,7 @@ pub(super) fn claim(c: &mut dyn Tx, run: &Run, outbox: bool, guard: Option<u32>)
     if outbox && run.status.is_final() {
         super::outbox::record_run(c, run.id, run.created_at)?;
     }
-    runs::record_missed(c, run)?;
+    runs::inserted(c, run)?;
     if !starting {
         return Ok(((), None));
     }

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use super::notices::{Notice, record};
 use super::runs::{final_or_missing, job_id};
 use super::{Applied, load_job};
+use crate::events::{Event as FeedEvent, Kind};
 use crate::notification::Event;
 use crate::run::{Outcome, RunId, RunStatus};
 use crate::store::rows::{attempt_log_json, ms};
@@ -33,9 +34,10 @@ pub(super) fn finish(
 ) -> Applied<()> {
     debug_assert!(o.status.is_final());
     const FINISH: &str = "UPDATE runs SET status = $1, reason = $2, ended_at = $3, attempts = $4, exit_code = $5, \
-         http_status = $6, error = $7, output = $8, attempt_log = COALESCE($9, attempt_log) \
-         WHERE id = $10 AND status IN ('queued', 'running') RETURNING job_id, scheduled_at, job_name";
-    const SUCCEEDED: &str = "UPDATE jobs SET consecutive_failures = 0, last_run_id = $10, last_run_status = $1, \
+         http_status = $6, error = $7, output = $8, attempt_log = COALESCE($9, attempt_log), stderr = $10 \
+         WHERE id = $11 AND status IN ('queued', 'running') RETURNING job_id, scheduled_at, job_name";
+    // SQLite numbers `$N` by first appearance: keep them in order.
+    const SUCCEEDED: &str = "UPDATE jobs SET consecutive_failures = 0, last_run_id = $11, last_run_status = $1, \
          last_run_scheduled_at = r.scheduled_at, last_run_ended_at = $3, last_run_error = NULL, last_success_at = $3 \
          FROM r WHERE jobs.id = r.job_id";
     let with_it = shared && o.status == RunStatus::Succeeded;
@@ -65,6 +67,7 @@ pub(super) fn finish(
             o.error,
             o.output,
             attempt_log_json(&o.attempt_log),
+            o.stderr,
             id.to_string(),
         ],
         |row| Ok((row.text(0)?, row.int(1)?, row.text(2)?, row.int(3)? > 0)),
@@ -75,6 +78,29 @@ pub(super) fn finish(
     if outbox {
         super::outbox::record_run(c, id, at)?;
     }
+    let job_key = job_id(&job)?;
+    let kind = match status {
+        RunStatus::Skipped => Kind::RunSkipped,
+        RunStatus::Missed => Kind::RunMissed,
+        RunStatus::Orphaned => Kind::RunOrphaned,
+        _ => Kind::RunFinished,
+    };
+    let mut ended = FeedEvent::new(kind, at)
+        .job(job_key)
+        .name(job_name.clone())
+        .run(id)
+        .status(status.as_str());
+    ended.detail.clone_from(&error);
+    c.stage(ended);
+    let health = |c: &mut dyn Tx, health: &str| {
+        c.stage(
+            FeedEvent::new(Kind::JobHealth, at)
+                .job(job_key)
+                .name(job_name.clone())
+                .run(id)
+                .status(health),
+        );
+    };
     let notice = |event, first, detail| Notice {
         event,
         job_id: &job,
@@ -87,6 +113,7 @@ pub(super) fn finish(
     if with_it {
         if recovered {
             record(c, notice(Event::Recovery, true, None))?;
+            health(c, "ok");
         }
         return Ok(((), None));
     }
@@ -107,6 +134,7 @@ pub(super) fn finish(
                 let stood = stand(c, &job, id, status, scheduled_at, at, None, false)?;
                 if stood.is_some() {
                     record(c, notice(Event::Recovery, true, None))?;
+                    health(c, "ok");
                 }
                 stood
             }
@@ -118,19 +146,32 @@ pub(super) fn finish(
         return Ok(((), None));
     }
     let first_failure = stood.failures == 1;
+    if first_failure {
+        health(c, "failing");
+    }
     if first_failure || stood.every_failure {
         record(c, notice(Event::Failure, first_failure, error))?;
     }
     let paused = auto_pause(c, &job, &stood, at)?;
     if let Some(JobChange::Upserted(paused)) = &paused {
         let note = paused.pause_note.clone();
+        let mut event = FeedEvent::new(Kind::JobPaused, at)
+            .job(job_key)
+            .name(job_name.clone());
+        event.detail.clone_from(&note);
+        c.stage(event);
         record(c, notice(Event::AutoPaused, true, note))?;
     }
     Ok(((), paused))
 }
 
-/// The job (id, name) whose failure streak a success ended.
-pub(super) type Recovered = Option<(String, String)>;
+/// A success ended in a group: its job's id and name, and whether it
+/// ended the job's failure streak (a recovery).
+pub(super) struct Ended {
+    pub job: String,
+    pub name: String,
+    pub recovered: bool,
+}
 
 /// A job's standing after a run's end, as the pause and the
 /// notifications need it.
@@ -186,25 +227,24 @@ fn stand(
 }
 
 /// How many successes [`finish_successes`] ends in one statement at most
-/// (8 parameters each).
+/// (9 parameters each).
 pub(super) const FINISH_GROUP: usize = 64;
 
 /// Ends successful runs in one statement (shared database): their rows
 /// are locked in id order, as orphaning locks them, so two writers cannot
 /// deadlock; then their jobs' standing records the batch's last run of
 /// each and their failure counts reset, runs before jobs as everywhere.
-/// Returns the runs it ended (the others were final or gone), each with
-/// its job's id and name when it ended a failure streak (a recovery).
+/// Returns the runs it ended (the others were final or gone).
 pub(super) fn finish_successes<'a>(
     c: &mut dyn Tx,
     runs: impl Iterator<Item = (RunId, &'a Outcome, DateTime<Utc>)>,
-) -> Result<HashMap<RunId, Recovered>, StoreError> {
+) -> Result<HashMap<RunId, Ended>, StoreError> {
     let mut params = Vec::new();
     let mut rows = Vec::new();
     for (id, o, at) in runs {
         debug_assert_eq!(o.status, RunStatus::Succeeded);
         let n = params.len();
-        let slots: Vec<String> = (n + 1..=n + 8).map(|i| format!("${i}")).collect();
+        let slots: Vec<String> = (n + 1..=n + 9).map(|i| format!("${i}")).collect();
         rows.push(format!("({})", slots.join(", ")));
         params.extend(values![
             id.to_string(),
@@ -215,18 +255,19 @@ pub(super) fn finish_successes<'a>(
             o.error.clone(),
             o.output.clone(),
             attempt_log_json(&o.attempt_log),
+            o.stderr.clone(),
         ]);
     }
     const STANDING: &str = "consecutive_failures = 0, last_run_id = l.id, last_run_status = 'succeeded', \
          last_run_scheduled_at = l.scheduled_at, last_run_ended_at = l.ended_at, last_run_error = NULL, \
          last_success_at = l.ended_at";
     let sql = format!(
-        "WITH v (id, ended_at, attempts, exit_code, http_status, error, output, attempt_log) AS (VALUES {}), \
+        "WITH v (id, ended_at, attempts, exit_code, http_status, error, output, attempt_log, stderr) AS (VALUES {}), \
          locked AS (SELECT runs.id FROM runs JOIN v ON runs.id = v.id \
            WHERE runs.status IN ('queued', 'running') ORDER BY runs.id FOR NO KEY UPDATE OF runs), \
          r AS (UPDATE runs SET status = 'succeeded', reason = NULL, ended_at = v.ended_at, attempts = v.attempts, \
            exit_code = v.exit_code, http_status = v.http_status, error = v.error, output = v.output, \
-           attempt_log = COALESCE(v.attempt_log, runs.attempt_log) FROM v, locked \
+           attempt_log = COALESCE(v.attempt_log, runs.attempt_log), stderr = v.stderr FROM v, locked \
            WHERE runs.id = v.id AND locked.id = v.id AND runs.status IN ('queued', 'running') \
            RETURNING runs.id, runs.job_id, runs.job_name, runs.scheduled_at, runs.ended_at), \
          l AS (SELECT DISTINCT ON (job_id) job_id, id, scheduled_at, ended_at FROM r \
@@ -246,7 +287,7 @@ pub(super) fn finish_successes<'a>(
             let id = id
                 .parse()
                 .map_err(|_| StoreError::corrupt("run id", format!("`{id}` does not parse")))?;
-            Ok((id, recovered.then_some((job, name))))
+            Ok((id, Ended { job, name, recovered }))
         })
         .collect()
 }

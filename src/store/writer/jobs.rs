@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::{Pending, Reply, load_job, pending, upserted};
+use crate::events::{Event, Kind};
 use crate::job::{Job, JobDefinition, JobId};
 use crate::store::Conflict;
 use crate::store::JobChange;
@@ -11,6 +12,13 @@ use crate::store::sql::savepoint;
 use crate::store::sql::{Tx, all, is_unique_violation, values};
 use crate::store::{NewJob, Replacement, StoreError};
 use chrono::{DateTime, Utc};
+
+/// The feed's event for a job as now stored.
+fn job_event(kind: Kind, job: &Job) -> Event {
+    Event::new(kind, job.updated_at)
+        .job(job.id)
+        .name(job.def.spec.name.clone())
+}
 
 /// The policy values the store acts on itself, copied into columns:
 /// `max_runs`, `auto_pause_after`, history `keep_last` and `max_age` (ms).
@@ -143,7 +151,7 @@ pub(super) fn set_paused(
     paused: bool,
     note: Option<String>,
     now: DateTime<Utc>,
-) -> Result<Arc<Job>, StoreError> {
+) -> Result<(Arc<Job>, bool), StoreError> {
     let current = load_job(c, id)?;
     let note = if paused {
         note.or(current.pause_note.clone())
@@ -151,7 +159,7 @@ pub(super) fn set_paused(
         None
     };
     if current.paused == paused && current.pause_note == note {
-        return Ok(Arc::new(current));
+        return Ok((Arc::new(current), false));
     }
     let resumed = current.paused && !paused;
     let cursor_at = if resumed { now } else { current.cursor_at };
@@ -160,7 +168,7 @@ pub(super) fn set_paused(
          consecutive_failures = CASE WHEN $5 = 1 THEN 0 ELSE consecutive_failures END WHERE id = $6",
         &values![paused, note, ms(now), ms(cursor_at), resumed, id.to_string()],
     )?;
-    load_job(c, id).map(Arc::new)
+    Ok((Arc::new(load_job(c, id)?), current.paused != paused))
 }
 
 pub(super) fn delete(c: &mut dyn Tx, id: JobId, at: DateTime<Utc>, outbox: bool) -> Result<(), StoreError> {
@@ -223,10 +231,16 @@ pub(super) fn apply(tx: &mut dyn Tx, op: JobOp, outbox: bool) -> Pending {
     match op {
         JobOp::Create { job, reply } => {
             let result = savepoint(tx, |c| create(c, job));
+            if let Ok(job) = &result {
+                tx.stage(job_event(Kind::JobCreated, job));
+            }
             pending(reply, result.map(upserted))
         }
         JobOp::Replace { replacement, reply } => {
             let result = savepoint(tx, |c| replace(c, replacement));
+            if let Ok(job) = &result {
+                tx.stage(job_event(Kind::JobUpdated, job));
+            }
             pending(reply, result.map(upserted))
         }
         JobOp::SetPaused {
@@ -237,10 +251,23 @@ pub(super) fn apply(tx: &mut dyn Tx, op: JobOp, outbox: bool) -> Pending {
             reply,
         } => {
             let result = savepoint(tx, |c| set_paused(c, id, paused, note, now));
-            pending(reply, result.map(upserted))
+            if let Ok((job, true)) = &result {
+                let kind = if job.paused {
+                    Kind::JobPaused
+                } else {
+                    Kind::JobResumed
+                };
+                let mut event = job_event(kind, job);
+                event.detail.clone_from(&job.pause_note);
+                tx.stage(event);
+            }
+            pending(reply, result.map(|(job, _)| upserted(job)))
         }
         JobOp::Delete { id, at, reply } => {
             let result = delete(tx, id, at, outbox);
+            if result.is_ok() {
+                tx.stage(Event::new(Kind::JobDeleted, at).job(id));
+            }
             pending(reply, result.map(|()| ((), Some(JobChange::Removed(id)))))
         }
     }

@@ -22,6 +22,7 @@ mod outbox;
 mod pending;
 mod run_ops;
 mod runs;
+mod staging;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,6 +41,7 @@ pub use self::notices::{NoticeOp, Route, Settled};
 pub use self::outbox::OutboxOp;
 use self::pending::{Applied, CommitError, Pending, pending, plain};
 pub use self::run_ops::RunOp;
+use self::staging::{Staging, contained};
 use super::fault::{StorageFault, Writability};
 use super::rows::ms;
 use super::sql::{Tx, first, values};
@@ -65,6 +67,10 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// One queued write.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "run writes are most of every fire: boxing them would cost an allocation per fire to save a copy"
+)]
 pub enum Op {
     /// See [`JobOp`] (boxed: a job is large, and job writes are rare
     /// beside the run writes every fire makes).
@@ -199,6 +205,9 @@ pub struct Writer {
     /// outbox, and this is notified after each commit.
     outbox: Option<Arc<tokio::sync::Notify>>,
     writability: Arc<Writability>,
+    /// The live feed, and the events of the batch being committed.
+    bus: Arc<crate::events::Bus>,
+    staged: Vec<crate::events::Event>,
 }
 
 /// The writer, for the app to run and await at shutdown.
@@ -238,6 +247,7 @@ impl Writer {
         checkpointer: Option<Connection>,
         changes: mpsc::UnboundedSender<JobChange>,
         outbox: Option<Arc<tokio::sync::Notify>>,
+        bus: Arc<crate::events::Bus>,
     ) -> (Self, Queue) {
         let (tx, rx) = queue::channel();
         let depth = Arc::new(AtomicUsize::new(0));
@@ -256,6 +266,8 @@ impl Writer {
                 changes,
                 outbox,
                 writability,
+                bus,
+                staged: Vec::new(),
             },
             queue,
         )
@@ -378,6 +390,10 @@ impl Writer {
         {
             signal.notify_one();
         }
+        let staged = std::mem::take(&mut self.staged);
+        if error.is_none() {
+            self.bus.publish(staged);
+        }
         for d in done {
             (d.finish)(error.as_ref(), &self.changes);
         }
@@ -385,7 +401,8 @@ impl Writer {
     }
 
     /// Begins, applies every operation of the batch in order, and commits.
-    /// An error leaves the rest of `ops` unapplied.
+    /// An error leaves the rest of `ops` unapplied. The batch's events are
+    /// left in `self.staged`, to publish once the commit is known.
     fn apply_all(
         &mut self,
         ops: &mut std::iter::Peekable<std::vec::Drain<'_, Op>>,
@@ -394,6 +411,10 @@ impl Writer {
         shared: bool,
     ) -> Result<(), StoreError> {
         self.conn.begin()?;
+        let tx = &mut Staging {
+            conn: &mut *self.conn,
+            events: &mut self.staged,
+        };
         while let Some(op) = ops.next() {
             if shared && op.is_success_finish() && ops.peek().is_some_and(Op::is_success_finish) {
                 // Consecutive successes end in one statement (order kept:
@@ -404,34 +425,20 @@ impl Writer {
                 {
                     group.push(next);
                 }
-                done.extend(run_ops::finish_group(&mut *self.conn, group, outbox));
+                done.extend(run_ops::finish_group(tx, group, outbox));
                 continue;
             }
             let pending = if shared && op.may_fail() {
-                self.apply_contained(op, outbox)?
+                contained(tx, op, outbox)?
             } else {
-                apply(&mut *self.conn, op, outbox, shared)
+                apply(tx, op, outbox, shared)
             };
             done.push(pending);
         }
         if shared {
-            notify(&mut *self.conn, done.iter().filter_map(|p| p.changed))?;
+            notify(tx, done.iter().filter_map(|p| p.changed))?;
         }
-        self.conn.commit()
-    }
-
-    /// Applies `op` in a savepoint: one failed statement aborts a
-    /// PostgreSQL transaction, so its failure is contained to it.
-    fn apply_contained(&mut self, op: Op, outbox: bool) -> Result<Pending, StoreError> {
-        self.conn.execute("SAVEPOINT batch_op", &[])?;
-        let pending = apply(&mut *self.conn, op, outbox, true);
-        let end = if pending.database_error {
-            "ROLLBACK TO SAVEPOINT batch_op"
-        } else {
-            "RELEASE SAVEPOINT batch_op"
-        };
-        self.conn.execute(end, &[])?;
-        Ok(pending)
+        tx.conn.commit()
     }
 
     /// Logs and publishes a change of writability: one line when writes

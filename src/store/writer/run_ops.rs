@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::claims;
-use super::endings::{finish, finish_successes};
+use super::endings::{Ended, finish, finish_successes};
 use super::runs::{insert, orphan_foreign, orphan_if_live, record_attempt, record_process, start};
 use super::{Op, Pending, Reply, pending, plain};
+use crate::events::{Event, Kind};
 use crate::run::{Attempt, Incarnation, Outcome, Run, RunId};
 use crate::store::StoreError;
 use crate::store::sql::Tx;
@@ -134,6 +135,23 @@ impl RunOp {
     }
 }
 
+/// The feed's events of a success ended in a group: the run's end, and
+/// its job's recovery when it ended a streak.
+fn stage_success(tx: &mut dyn Tx, id: RunId, at: DateTime<Utc>, ended: &Ended) {
+    let Ok(job) = ended.job.parse() else { return };
+    let event = |kind, status| {
+        Event::new(kind, at)
+            .job(job)
+            .name(ended.name.clone())
+            .run(id)
+            .status(status)
+    };
+    tx.stage(event(Kind::RunFinished, "succeeded"));
+    if ended.recovered {
+        tx.stage(event(Kind::JobHealth, "ok"));
+    }
+}
+
 /// Ends a group of successful runs (shared database) in one statement;
 /// a run it did not end (already final, gone) takes the one-by-one path,
 /// which says why.
@@ -160,20 +178,21 @@ pub(super) fn finish_group(tx: &mut dyn Tx, group: Vec<Op>, outbox: bool) -> Vec
     finishes
         .into_iter()
         .map(|(id, outcome, at, reply)| {
-            let Some(recovered) = ended.get(&id) else {
+            let Some(this) = ended.get(&id) else {
                 return pending(reply, finish(tx, id, outcome, at, outbox, true));
             };
             let mut recorded = Ok(());
             if outbox {
                 recorded = super::outbox::record_run(tx, id, at);
             }
-            if let (Ok(()), Some((job, name))) = (&recorded, recovered) {
+            stage_success(tx, id, at, this);
+            if recorded.is_ok() && this.recovered {
                 recorded = super::notices::record(
                     tx,
                     super::notices::Notice {
                         event: crate::notification::Event::Recovery,
-                        job_id: job,
-                        job_name: name,
+                        job_id: &this.job,
+                        job_name: &this.name,
                         run: Some(id),
                         first: true,
                         detail: None,

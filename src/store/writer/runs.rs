@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::{Applied, load_job};
+use crate::events::{Event, Kind};
 use crate::job::JobId;
 use crate::run::{Attempt, Incarnation, Reason, Run, RunId, RunStatus, Trigger};
 use crate::store::Conflict;
@@ -81,8 +82,24 @@ pub(super) fn insert(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
     counters(c, run, outbox)
 }
 
-/// A run stored `missed` is an event for its job's notifications.
-pub(super) fn record_missed(c: &mut dyn Tx, run: &Run) -> Result<(), StoreError> {
+/// What a newly stored run tells: its event on the live feed, and for a
+/// `missed` one the job's notifications.
+pub(super) fn inserted(c: &mut dyn Tx, run: &Run) -> Result<(), StoreError> {
+    let kind = match run.status {
+        RunStatus::Queued => Kind::RunQueued,
+        RunStatus::Running => Kind::RunStarted,
+        RunStatus::Skipped => Kind::RunSkipped,
+        RunStatus::Missed => Kind::RunMissed,
+        RunStatus::Orphaned => Kind::RunOrphaned,
+        _ => Kind::RunFinished,
+    };
+    let mut event = Event::new(kind, run.created_at)
+        .job(run.job_id)
+        .name(run.job_name.clone())
+        .run(run.id)
+        .status(run.status.as_str());
+    event.detail = run.error.as_deref().map(crate::standing::error_line);
+    c.stage(event);
     if run.status != RunStatus::Missed {
         return Ok(());
     }
@@ -130,7 +147,7 @@ fn counters(c: &mut dyn Tx, run: &Run, outbox: bool) -> Applied<()> {
     if outbox && run.status.is_final() {
         super::outbox::record_run(c, run.id, run.created_at)?;
     }
-    record_missed(c, run)?;
+    inserted(c, run)?;
     if !counts_toward_limit(run.trigger) {
         return Ok(((), None));
     }
@@ -178,17 +195,24 @@ pub(super) fn start(c: &mut dyn Tx, id: RunId, at: DateTime<Utc>, outbox: bool) 
     let row = first(
         c,
         "UPDATE runs SET status = 'running', started_at = $1 WHERE id = $2 AND status = 'queued' \
-         RETURNING job_id, trigger",
+         RETURNING job_id, trigger, job_name",
         &values![ms(at), id.to_string()],
-        |row| Ok((row.text(0)?, row.text(1)?)),
+        |row| Ok((row.text(0)?, row.text(1)?, row.text(2)?)),
     )?;
-    let Some((job, trigger)) = row else {
+    let Some((job, trigger, name)) = row else {
         return Err(final_or_missing(c, id));
     };
     let trigger: Trigger = trigger
         .parse()
         .map_err(|e| StoreError::corrupt("runs.trigger", e))?;
     let job = job_id(&job)?;
+    c.stage(
+        Event::new(Kind::RunStarted, at)
+            .job(job)
+            .name(name)
+            .run(id)
+            .status("running"),
+    );
     if !counts_toward_limit(trigger) {
         return Ok(((), None));
     }
@@ -209,10 +233,22 @@ pub(super) fn record_attempt(
     attempts: u32,
     log: &[Attempt],
 ) -> Result<(), StoreError> {
-    c.execute(
-        "UPDATE runs SET attempts = $1, attempt_log = $2 WHERE id = $3 AND status = 'running'",
+    let job = first(
+        c,
+        "UPDATE runs SET attempts = $1, attempt_log = $2 WHERE id = $3 AND status = 'running' \
+         RETURNING job_id, job_name",
         &values![i64::from(attempts), attempt_log_json(log), id.to_string()],
+        |row| Ok((row.text(0)?, row.text(1)?)),
     )?;
+    if let (Some((job, name)), Some(last)) = (job, log.last()) {
+        let mut event = Event::new(Kind::RunAttempt, last.ended_at)
+            .job(job_id(&job)?)
+            .name(name)
+            .run(id)
+            .status(last.status.as_str());
+        event.detail = last.error.as_deref().map(crate::standing::error_line);
+        c.stage(event);
+    }
     Ok(())
 }
 
@@ -288,17 +324,25 @@ pub(super) fn orphan_if_live(
         &values![ms(at), error, id.to_string()],
         |row| Ok((row.text(0)?, row.text(1)?)),
     )?;
-    let Some((job_id, job_name)) = orphaned else {
+    let Some((job_id_text, job_name)) = orphaned else {
         return Ok(false);
     };
     if outbox {
         super::outbox::record_run(c, id, at)?;
     }
+    c.stage(
+        Event::new(Kind::RunOrphaned, at)
+            .job(job_id(&job_id_text)?)
+            .name(job_name.clone())
+            .run(id)
+            .status("orphaned")
+            .detail(crate::standing::error_line(error)),
+    );
     super::notices::record(
         c,
         super::notices::Notice {
             event: crate::notification::Event::Orphaned,
-            job_id: &job_id,
+            job_id: &job_id_text,
             job_name: &job_name,
             run: Some(id),
             first: true,
