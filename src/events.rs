@@ -134,7 +134,7 @@ impl fmt::Display for Kind {
 }
 
 /// One event as subscribers receive it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Event {
     /// `<epoch>-<seq>`: increasing within one run of the service; send it
     /// back as `Last-Event-ID` to resume.
@@ -158,6 +158,9 @@ pub struct Event {
     /// One line more (an error, a note, a direction).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The event as an SSE frame, written once for every subscriber.
+    #[serde(skip)]
+    frame: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl Event {
@@ -172,7 +175,21 @@ impl Event {
             run_id: None,
             status: None,
             detail: None,
+            frame: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The SSE frame (`event:`, `id:`, `data:` JSON), written the first
+    /// time a subscriber needs it (never on the writer's thread) and
+    /// shared by every subscriber after.
+    pub fn frame(&self) -> bytes::Bytes {
+        self.frame
+            .get_or_init(|| {
+                let json = serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned());
+                // Compact JSON holds no raw newline: one `data:` line.
+                bytes::Bytes::from(format!("event: {}\nid: {}\ndata: {json}\n\n", self.kind, self.id))
+            })
+            .clone()
     }
 
     /// About job `id`.

@@ -11,10 +11,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::sse::{Event as Sse, KeepAlive};
-use futures_util::{Stream, StreamExt, stream};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::{StreamExt, stream};
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -30,6 +33,9 @@ use crate::store::JobKey;
 
 /// Events queued for one subscriber before it counts as behind.
 pub const QUEUE: usize = 1024;
+/// A comment line after this long without an event (proxies keep the
+/// connection).
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// The feed's subscribers: how many, at most how many, and when their
 /// streams must end (shutdown).
@@ -157,7 +163,7 @@ pub async fn events(
     State(ctx): State<Arc<ApiContext>>,
     headers: HeaderMap,
     params: Params,
-) -> Result<axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     params.only(&["kind", "job", "last_event_id"])?;
     let filter = filter(&ctx, &params).await?;
     let from_header = headers.get("last-event-id").and_then(|v| v.to_str().ok());
@@ -171,32 +177,37 @@ pub async fn events(
     let sub = ctx.services.store.events().subscribe(last.as_deref());
     let (tx, rx) = mpsc::channel(QUEUE);
     let lagged = Arc::new(AtomicBool::new(false));
-    tokio::spawn(forward(
-        sub.live,
-        filter.clone(),
-        tx,
-        lagged.clone(),
-        slot,
-        ctx.feed.stop.clone(),
-    ));
-    let mut first: Vec<Sse> = sub.gap.iter().map(gap).collect();
-    first.extend(sub.backlog.iter().filter(|e| filter.wants(e)).map(|e| sse(e)));
+    tokio::spawn(forward(sub.live, filter.clone(), tx, lagged.clone(), slot, ctx.feed.stop.clone()));
+    let mut first: Vec<Bytes> = sub.gap.iter().map(gap).collect();
+    first.extend(sub.backlog.iter().filter(|e| filter.wants(e)).map(|e| e.frame()));
+    // Frames are written once per event and shared by every subscriber:
+    // the body is a stream of those bytes, with a comment line when
+    // nothing happened for a while.
     let live = stream::unfold((rx, lagged, false), |(mut rx, lagged, ended)| async move {
         if ended {
             return None;
         }
-        match rx.recv().await {
-            Some(e) => Some((sse(&e), (rx, lagged, false))),
-            None if lagged.load(Ordering::Acquire) => {
-                let event = Sse::default()
-                    .event("lagged")
-                    .data("this subscriber fell behind and was disconnected; reconnect with Last-Event-ID");
-                Some((event, (rx, lagged, true)))
-            }
-            None => None,
+        match tokio::time::timeout(KEEP_ALIVE, rx.recv()).await {
+            Err(_) => Some((Bytes::from_static(b":\n\n"), (rx, lagged, false))),
+            Ok(Some(e)) => Some((e.frame(), (rx, lagged, false))),
+            Ok(None) if lagged.load(Ordering::Acquire) => Some((
+                Bytes::from_static(
+                    b"event: lagged\ndata: this subscriber fell behind and was disconnected; reconnect with Last-Event-ID\n\n",
+                ),
+                (rx, lagged, true),
+            )),
+            Ok(None) => None,
         }
     });
-    Ok(axum::response::Sse::new(stream::iter(first).chain(live).map(Ok)).keep_alive(KeepAlive::default()))
+    let body = Body::from_stream(stream::iter(first).chain(live).map(Ok::<_, Infallible>));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 /// Copies matching live events into the subscriber's queue until the
@@ -237,16 +248,7 @@ async fn forward(
     }
 }
 
-fn sse(e: &Event) -> Sse {
-    let event = Sse::default().event(e.kind.as_str()).id(e.id.clone());
-    match serde_json::to_string(e) {
-        Ok(json) => event.data(json),
-        Err(_) => event.data("{}"),
-    }
-}
-
-fn gap(g: &Gap) -> Sse {
-    Sse::default()
-        .event("gap")
-        .data(serde_json::to_string(g).unwrap_or_default())
+fn gap(g: &Gap) -> Bytes {
+    let json = serde_json::to_string(g).unwrap_or_default();
+    Bytes::from(format!("event: gap\ndata: {json}\n\n"))
 }
