@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use bytes::BytesMut;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -31,8 +32,11 @@ use crate::job::JobId;
 use crate::metrics::{Metrics, opts, reg};
 use crate::store::JobKey;
 
-/// Events queued for one subscriber before it counts as behind.
-pub const QUEUE: usize = 1024;
+/// Events joined into one write at most.
+const BATCH: usize = 64;
+/// Writes queued for one subscriber before it counts as behind: at most
+/// `QUEUE * BATCH` = 1,024 events.
+pub const QUEUE: usize = 16;
 /// A comment line after this long without an event (proxies keep the
 /// connection).
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -189,7 +193,7 @@ pub async fn events(
         }
         match tokio::time::timeout(KEEP_ALIVE, rx.recv()).await {
             Err(_) => Some((Bytes::from_static(b":\n\n"), (rx, lagged, false))),
-            Ok(Some(e)) => Some((e.frame(), (rx, lagged, false))),
+            Ok(Some(frames)) => Some((frames, (rx, lagged, false))),
             Ok(None) if lagged.load(Ordering::Acquire) => Some((
                 Bytes::from_static(
                     b"event: lagged\ndata: this subscriber fell behind and was disconnected; reconnect with Last-Event-ID\n\n",
@@ -210,34 +214,51 @@ pub async fn events(
         .into_response())
 }
 
-/// Copies matching live events into the subscriber's queue until the
-/// client goes, the server stops, or the queue is full (then `lagged`).
+/// Copies matching live events into the subscriber's queue — the frames
+/// of whatever is waiting, joined into one write — until the client
+/// goes, the server stops, or the queue is full (then `lagged`).
 async fn forward(
     mut live: broadcast::Receiver<Arc<Event>>,
     filter: Filter,
-    tx: mpsc::Sender<Arc<Event>>,
+    tx: mpsc::Sender<Bytes>,
     lagged: Arc<AtomicBool>,
     slot: Slot,
     stop: CancellationToken,
 ) {
-    loop {
+    'feed: loop {
         let received = tokio::select! {
             () = tx.closed() => break,
             () = stop.cancelled() => break,
             r = live.recv() => r,
         };
-        let event = match received {
-            Ok(event) => event,
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                lagged.store(true, Ordering::Release);
+        let mut batch = BytesMut::new();
+        let mut next = received.map_err(|e| match e {
+            broadcast::error::RecvError::Lagged(_) => broadcast::error::TryRecvError::Lagged(0),
+            broadcast::error::RecvError::Closed => broadcast::error::TryRecvError::Closed,
+        });
+        let mut taken = 0;
+        loop {
+            match next {
+                Ok(event) => {
+                    if filter.wants(&event) {
+                        batch.extend_from_slice(&event.frame());
+                    }
+                    taken += 1;
+                }
+                Err(broadcast::error::TryRecvError::Empty) => break,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    lagged.store(true, Ordering::Release);
+                    break 'feed;
+                }
+                Err(broadcast::error::TryRecvError::Closed) => break 'feed,
+            }
+            if taken == BATCH {
                 break;
             }
-            Err(broadcast::error::RecvError::Closed) => break,
-        };
-        if !filter.wants(&event) {
-            continue;
+            next = live.try_recv();
         }
-        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
+        if !batch.is_empty() && tx.try_send(batch.freeze()).is_err() {
+            // Full: the client reads slower than events come.
             lagged.store(true, Ordering::Release);
             break;
         }
