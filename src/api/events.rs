@@ -34,9 +34,10 @@ use crate::store::JobKey;
 
 /// Events joined into one write at most.
 const BATCH: usize = 64;
-/// Writes queued for one subscriber before it counts as behind: at most
-/// `QUEUE * BATCH` = 1,024 events.
-pub const QUEUE: usize = 16;
+/// Events queued for one subscriber before it counts as behind: more than
+/// a second of 1,000 fires (each starts and ends), as pointers to the
+/// shared events.
+pub const QUEUE: usize = 4096;
 /// A comment line after this long without an event (proxies keep the
 /// connection).
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -191,7 +192,7 @@ pub async fn events(
         if ended {
             return None;
         }
-        match tokio::time::timeout(KEEP_ALIVE, rx.recv()).await {
+        match tokio::time::timeout(KEEP_ALIVE, next_write(&mut rx)).await {
             Err(_) => Some((Bytes::from_static(b":\n\n"), (rx, lagged, false))),
             Ok(Some(frames)) => Some((frames, (rx, lagged, false))),
             Ok(None) if lagged.load(Ordering::Acquire) => Some((
@@ -214,50 +215,31 @@ pub async fn events(
         .into_response())
 }
 
-/// Copies matching live events into the subscriber's queue — the frames
-/// of whatever is waiting, joined into one write — until the client
-/// goes, the server stops, or the queue is full (then `lagged`).
+/// Copies matching live events into the subscriber's queue until the
+/// client goes, the server stops, or the queue is full (then `lagged`).
 async fn forward(
     mut live: broadcast::Receiver<Arc<Event>>,
     filter: Filter,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Arc<Event>>,
     lagged: Arc<AtomicBool>,
     slot: Slot,
     stop: CancellationToken,
 ) {
-    'feed: loop {
+    loop {
         let received = tokio::select! {
             () = tx.closed() => break,
             () = stop.cancelled() => break,
             r = live.recv() => r,
         };
-        let mut batch = BytesMut::new();
-        let mut next = received.map_err(|e| match e {
-            broadcast::error::RecvError::Lagged(_) => broadcast::error::TryRecvError::Lagged(0),
-            broadcast::error::RecvError::Closed => broadcast::error::TryRecvError::Closed,
-        });
-        let mut taken = 0;
-        loop {
-            match next {
-                Ok(event) => {
-                    if filter.wants(&event) {
-                        batch.extend_from_slice(&event.frame());
-                    }
-                    taken += 1;
-                }
-                Err(broadcast::error::TryRecvError::Empty) => break,
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                    lagged.store(true, Ordering::Release);
-                    break 'feed;
-                }
-                Err(broadcast::error::TryRecvError::Closed) => break 'feed,
-            }
-            if taken == BATCH {
+        let event = match received {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                lagged.store(true, Ordering::Release);
                 break;
             }
-            next = live.try_recv();
-        }
-        if !batch.is_empty() && tx.try_send(batch.freeze()).is_err() {
+            Err(broadcast::error::RecvError::Closed) => break,
+        };
+        if filter.wants(&event) && tx.try_send(event).is_err() {
             // Full: the client reads slower than events come.
             lagged.store(true, Ordering::Release);
             break;
@@ -267,6 +249,20 @@ async fn forward(
         slot.0.dropped.inc();
         tracing::info!("an event subscriber fell behind and was disconnected");
     }
+}
+
+/// The frames of the next event and of those already waiting behind it
+/// (at most [`BATCH`]), joined into one write.
+async fn next_write(rx: &mut mpsc::Receiver<Arc<Event>>) -> Option<Bytes> {
+    let first = rx.recv().await?;
+    let mut write = BytesMut::from(&first.frame()[..]);
+    for _ in 1..BATCH {
+        match rx.try_recv() {
+            Ok(e) => write.extend_from_slice(&e.frame()),
+            Err(_) => break,
+        }
+    }
+    Some(write.freeze())
 }
 
 fn gap(g: &Gap) -> Bytes {
