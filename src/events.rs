@@ -29,6 +29,7 @@ pub const BROADCAST_CAPACITY: usize = 4096;
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[schema(as = EventKind)]
 pub enum Kind {
     /// A job was created.
     #[serde(rename = "job.created")]
@@ -230,6 +231,7 @@ impl Event {
 
 /// Why a subscriber's `Last-Event-ID` cannot be resumed from exactly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(as = EventGap)]
 pub struct Gap {
     /// The id the subscriber asked to resume after.
     pub last_event_id: String,

@@ -24,6 +24,7 @@ pub const MAX_DESTINATIONS: usize = 4;
 /// What a notification is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = NotificationEvent)]
 pub enum Event {
     /// A run failed or timed out after the job's last success (or its
     /// first run failed); every failed run with `every_failure`.
@@ -81,6 +82,7 @@ impl fmt::Display for Event {
 /// Where a notification stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = NotificationStatus)]
 pub enum Status {
     /// Recorded; not yet routed to its destinations.
     New,
@@ -123,6 +125,7 @@ impl std::str::FromStr for Status {
 /// What a destination receives.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = NotificationFormat)]
 pub enum Format {
     /// A JSON event (`type`, `timestamp`, `data`) signed per the Standard
     /// Webhooks specification when a secret is set.

@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use bytes::BytesMut;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
 use futures_util::{StreamExt, stream};
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{broadcast, mpsc};
@@ -182,7 +182,14 @@ pub async fn events(
     let sub = ctx.services.store.events().subscribe(last.as_deref());
     let (tx, rx) = mpsc::channel(QUEUE);
     let lagged = Arc::new(AtomicBool::new(false));
-    tokio::spawn(forward(sub.live, filter.clone(), tx, lagged.clone(), slot, ctx.feed.stop.clone()));
+    tokio::spawn(forward(
+        sub.live,
+        filter.clone(),
+        tx,
+        lagged.clone(),
+        slot,
+        ctx.feed.stop.clone(),
+    ));
     let mut first: Vec<Bytes> = sub.gap.iter().map(gap).collect();
     first.extend(sub.backlog.iter().filter(|e| filter.wants(e)).map(|e| e.frame()));
     // Frames are written once per event and shared by every subscriber:

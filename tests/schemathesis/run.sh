@@ -26,8 +26,15 @@ status=0
 # One worker: with two threads, Hypothesis's lambda introspection (ast.parse)
 # can hit CPython 3.11's "AST constructor recursion depth mismatch" race
 # (python/cpython#106905), an error of the tool, not of the API.
+# The two Server-Sent Events streams (GET /v1/events, GET
+# /v1/runs/{run}/output) answer a body that ends only when the client
+# leaves (or the run ends), which a request-response fuzzer cannot read:
+# they are left out here; their problems (400 on a bad filter, 404, 503
+# past the subscriber limit) are tested in tests/it/events.rs.
 schemathesis --config-file "$here/schemathesis.toml" run "$base/openapi.json" \
   -H "Authorization: Bearer $token" \
+  --exclude-path /v1/events \
+  --exclude-path '/v1/runs/{run}/output' \
   --checks all \
   --phases examples,coverage,fuzzing,stateful \
   --max-examples "$examples" \
