@@ -8,9 +8,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::ApiContext;
 use super::error::{ApiError, Problem};
 use super::extract::Params;
+use super::{ApiContext, PageParams};
 use crate::job::JobId;
 use crate::notification::{Event, Format, Status, Target};
 use crate::store::{Notice, NoticeFilter};
@@ -104,17 +104,12 @@ pub async fn list_notifications(
     params: Params,
 ) -> Result<Json<NotificationPage>, ApiError> {
     params.only(&["status", "job", "limit", "cursor"])?;
-    let limit = params.one::<u32>("limit")?.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::BadQuery {
-            name: "limit".into(),
-            detail: format!("{limit} is not between 1 and 500"),
-        });
-    }
+    let page = PageParams::<i64>::parse(&params)?;
+    let limit = page.limit;
     let filter = NoticeFilter {
         status: params.one::<Status>("status")?,
         job: params.one::<JobId>("job")?,
-        before: params.one::<i64>("cursor")?,
+        before: page.cursor,
         limit: limit + 1,
     };
     let mut found = ctx.services.store.notices().list(&filter).await?;
